@@ -1,0 +1,42 @@
+# kvmckpt: build, set-up and tests. `make demo` and `make test` each do all
+# the set-up they need on a fresh Debian bookworm machine (as root).
+
+GO        ?= go
+BUILD     := build
+# Kernel flavours the test bed boots: FLAVOUR=DEBIAN-PACKAGE (see scripts/deps.sh).
+KERNELS   ?= amd64=linux-image-6.1.0-47-amd64-unsigned cloud-amd64=linux-image-6.1.0-47-cloud-amd64-unsigned
+# Go test flags; `make test TESTFLAGS=-short` skips everything that boots a guest.
+TESTFLAGS ?=
+FUZZTIME  ?= 5s
+
+export KVMCKPT_INITRAMFS := $(abspath $(BUILD)/initramfs.cpio.gz)
+
+.PHONY: all deps build initramfs test vet fuzz demo bench clean
+
+all: build
+
+deps:
+	@scripts/deps.sh $(KERNELS)
+
+build:
+	$(GO) build -o $(BUILD)/kvmckpt ./cmd/kvmckpt
+
+$(BUILD)/workload: $(shell find internal/workload -name '*.go') go.mod
+	CGO_ENABLED=0 $(GO) build -trimpath -o $@ ./internal/workload
+
+$(BUILD)/initramfs.cpio.gz: $(BUILD)/workload internal/workload/initramfs/init scripts/initramfs.sh
+	scripts/initramfs.sh $(BUILD)/workload $@
+
+initramfs: $(BUILD)/initramfs.cpio.gz
+
+vet:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
+	$(GO) vet ./...
+
+test: deps initramfs vet
+	$(GO) test -timeout 25m $(TESTFLAGS) ./...
+	@scripts/leftovers.sh
+
+clean:
+	rm -rf $(BUILD)
