@@ -1,0 +1,212 @@
+package introspect
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/kvmckpt/kvmckpt/profiles"
+)
+
+var (
+	// ErrKernel means the guest kernel's memory does not look like what
+	// the profile describes.
+	ErrKernel = errors.New("guest kernel not understood")
+	// ErrBannerMismatch means a profile is for another kernel build.
+	ErrBannerMismatch = errors.New("profile does not match the guest kernel")
+)
+
+// BannerMismatchError means the profile was made for another kernel build
+// than the guest runs.
+type BannerMismatchError struct {
+	Guest, Profile string
+}
+
+func (e *BannerMismatchError) Error() string {
+	return fmt.Sprintf("profile does not match the guest kernel: guest runs %q, profile is for %q", e.Guest, e.Profile)
+}
+
+// Unwrap makes errors.Is(err, ErrBannerMismatch) hold.
+func (e *BannerMismatchError) Unwrap() error { return ErrBannerMismatch }
+
+// Kernel is a paused guest's kernel, seen through its RAM: KASLR resolved,
+// symbols relocated, kernel virtual memory readable. Not safe for concurrent
+// use.
+type Kernel struct {
+	Mem     *PhysMem
+	Tr      *Translator
+	Profile *profiles.Profile
+	// Slide is the virtual KASLR offset: runtime address minus linked
+	// address of every kernel image symbol.
+	Slide uint64
+	// PageOffsetBase and VmemmapBase are the randomized bases of the direct
+	// map and of the struct page array (CONFIG_RANDOMIZE_MEMORY).
+	PageOffsetBase, VmemmapBase uint64
+
+	layout    *layout
+	directEnd uint64 // end of the direct map: PageOffsetBase + highest GPA
+	tlb       map[VAddr]PAddr
+}
+
+// Unrelocated _text on x86-64: __START_KERNEL_map + CONFIG_PHYSICAL_START
+// for the default 16 MiB.
+const maxTLB = 1 << 16
+
+// OpenKernel finds the guest kernel in mem. cr3 is any vCPU's CR3: the
+// kernel half of every address space is the same. la57 is CR4.LA57.
+func OpenKernel(mem *PhysMem, cr3 uint64, la57 bool, p *profiles.Profile) (*Kernel, error) {
+	l, err := resolveLayout(p)
+	if err != nil {
+		return nil, err
+	}
+	// Bits 0-11 hold the PCID; with page-table isolation bit 12 selects the
+	// user half of an 8 KiB PGD pair (arch/x86/include/asm/pgtable_64.h,
+	// PTI_PGTABLE_SWITCH_BIT), whose kernel half lacks most mappings.
+	root := PAddr(cr3 &^ (1<<12 | 0xfff) & (1<<52 - 1))
+	k := &Kernel{Mem: mem, Tr: &Translator{Mem: mem, Root: root, LA57: la57}, Profile: p, layout: l, tlb: map[VAddr]PAddr{}}
+	text, _, err := FindKernelText(k.Tr)
+	if err != nil {
+		return nil, fmt.Errorf("find kernel text: %w", err)
+	}
+	linked, ok := p.Symbols["_text"]
+	if !ok {
+		return nil, fmt.Errorf("%w: no _text symbol", ErrProfile)
+	}
+	k.Slide = uint64(text) - linked
+	if err := k.checkBanner(); err != nil {
+		return nil, err
+	}
+	if k.PageOffsetBase, err = k.symUint64("page_offset_base"); err != nil {
+		return nil, err
+	}
+	if k.VmemmapBase, err = k.symUint64("vmemmap_base"); err != nil {
+		return nil, err
+	}
+	var top uint64
+	for _, m := range mem.Mappings() {
+		top = max(top, uint64(m.GPA)+m.Size)
+	}
+	k.directEnd = k.PageOffsetBase + top
+	if k.directEnd < k.PageOffsetBase || !k.Tr.Canonical(VAddr(k.PageOffsetBase)) || !k.Tr.Canonical(VAddr(k.VmemmapBase)) {
+		return nil, fmt.Errorf("%w: page_offset_base %#x or vmemmap_base %#x is not a kernel address", ErrKernel, k.PageOffsetBase, k.VmemmapBase)
+	}
+	return k, nil
+}
+
+// Banner reads linux_banner from guest memory.
+func (k *Kernel) Banner() (string, error) {
+	va, err := k.Sym("linux_banner")
+	if err != nil {
+		return "", err
+	}
+	buf := make([]byte, 512)
+	n, err := k.Tr.ReadVirt(buf, va)
+	if n == 0 {
+		return "", fmt.Errorf("read linux_banner: %w", err)
+	}
+	buf = buf[:n]
+	if i := bytes.IndexAny(buf, "\n\x00"); i >= 0 {
+		buf = buf[:i]
+	}
+	return string(buf), nil
+}
+
+func (k *Kernel) checkBanner() error {
+	got, err := k.Banner()
+	if err != nil {
+		return err
+	}
+	if got != k.Profile.Banner {
+		return &BannerMismatchError{Guest: got, Profile: k.Profile.Banner}
+	}
+	return nil
+}
+
+// Sym returns the runtime address of a kernel image symbol.
+func (k *Kernel) Sym(name string) (VAddr, error) {
+	a, ok := k.Profile.Symbols[name]
+	if !ok {
+		return 0, fmt.Errorf("%w: no symbol %s", ErrProfile, name)
+	}
+	return VAddr(a + k.Slide), nil
+}
+
+func (k *Kernel) symUint64(name string) (uint64, error) {
+	va, err := k.Sym(name)
+	if err != nil {
+		return 0, err
+	}
+	v, err := k.Uint64(va)
+	if err != nil {
+		return 0, fmt.Errorf("read %s: %w", name, err)
+	}
+	return v, nil
+}
+
+// phys translates a kernel virtual address: the direct map by arithmetic,
+// everything else through the page tables, with a small cache of 4 KiB
+// translations.
+func (k *Kernel) phys(va VAddr) (PAddr, error) {
+	if uint64(va) >= k.PageOffsetBase && uint64(va) < k.directEnd {
+		return PAddr(uint64(va) - k.PageOffsetBase), nil
+	}
+	page := va.RoundDown()
+	if pa, ok := k.tlb[page]; ok {
+		return pa + PAddr(va.PageOffset()), nil
+	}
+	pa, err := k.Tr.Translate(page)
+	if err != nil {
+		return 0, err
+	}
+	if len(k.tlb) >= maxTLB {
+		clear(k.tlb)
+	}
+	k.tlb[page] = pa
+	return pa + PAddr(va.PageOffset()), nil
+}
+
+// Read reads kernel virtual memory; p must not cross a 4 KiB page unless va
+// is in the direct map.
+func (k *Kernel) read(p []byte, va VAddr) error {
+	if va.PageOffset()+uint64(len(p)) > PageSize && !(uint64(va) >= k.PageOffsetBase && uint64(va)+uint64(len(p)) <= k.directEnd) {
+		_, err := k.Tr.ReadVirt(p, va)
+		return err
+	}
+	pa, err := k.phys(va)
+	if err != nil {
+		return err
+	}
+	_, err = k.Mem.ReadAt(p, pa)
+	return err
+}
+
+// Uint64 reads a little-endian uint64 of kernel virtual memory.
+func (k *Kernel) Uint64(va VAddr) (uint64, error) {
+	var b [8]byte
+	if err := k.read(b[:], va); err != nil {
+		return 0, err
+	}
+	return binary.LittleEndian.Uint64(b[:]), nil
+}
+
+// Uint32 reads a little-endian uint32 of kernel virtual memory.
+func (k *Kernel) Uint32(va VAddr) (uint32, error) {
+	var b [4]byte
+	if err := k.read(b[:], va); err != nil {
+		return 0, err
+	}
+	return binary.LittleEndian.Uint32(b[:]), nil
+}
+
+// ReadVirt reads len(p) bytes of kernel virtual memory at va.
+func (k *Kernel) ReadVirt(p []byte, va VAddr) error {
+	for len(p) > 0 {
+		n := min(uint64(len(p)), PageSize-va.PageOffset())
+		if err := k.read(p[:n], va); err != nil {
+			return err
+		}
+		p, va = p[n:], va+VAddr(n)
+	}
+	return nil
+}
