@@ -39,7 +39,7 @@ type layout struct {
 // Limits beyond which a profile is refused: no real kernel comes close, and
 // they keep sizes derived from a profile small.
 const (
-	maxStructSize = 64 << 10
+	maxStructSize = 1 << 20
 	maxOrderLimit = 16
 	maxListsLimit = 64
 	maxNodesLimit = 1 << 12
@@ -118,7 +118,7 @@ func resolveLayout(p *profiles.Profile) (*layout, error) {
 	l.maxNrZones = constant("MAX_NR_ZONES", 1, 8)
 	l.maxNumNodes = constant("MAX_NUMNODES", 1, maxNodesLimit)
 	l.costlyOrder = constant("PAGE_ALLOC_COSTLY_ORDER", 0, maxOrderLimit)
-	l.pageblockOrder = constant("pageblock_order", 0, maxOrderLimit)
+	l.pageblockOrder = constant("PAGEBLOCK_ORDER", 0, maxOrderLimit)
 	l.buddyMapcount = uint32(constant("PAGE_BUDDY_MAPCOUNT_VALUE", -1<<31, 1<<32-1))
 	if fa, ok := p.Structs["zone"].Fields["free_area"]; ok && fa.Count != 0 && fa.Count != l.maxOrder {
 		missing = append(missing, "zone.free_area count disagrees with MAX_ORDER")
@@ -147,19 +147,19 @@ func resolveLayout(p *profiles.Profile) (*layout, error) {
 	return l, nil
 }
 
-// pcpOrder is the page order of per-CPU list pindex: mm/page_alloc.c
-// order_to_pindex() in 6.1 puts orders 0..PAGE_ALLOC_COSTLY_ORDER at
-// order*MIGRATE_PCPTYPES+migratetype, and THP-sized blocks (pageblock_order)
-// of every migratetype on the one list after them (NR_LOWORDER_PCP_LISTS).
-// ok is false for a list whose order cannot be known (the kernel never
-// fills those); the walk then counts each of its pages as order 0, which can
-// only undercount free pages.
+// pcpOrder is the page order of per-CPU list pindex. mm/page_alloc.c
+// order_to_pindex() puts orders 0..PAGE_ALLOC_COSTLY_ORDER at
+// order*MIGRATE_PCPTYPES+migratetype (the NR_LOWORDER_PCP_LISTS) and
+// pageblock-order (THP) blocks on the lists after them: one list in 6.1 as
+// released, one per movable and unmovable in later kernels and 6.1 stable
+// (NR_PCP_THP, read from the length of per_cpu_pages.lists). ok is false
+// for an index past the lists.
 func (l *layout) pcpOrder(pindex uint64) (order uint64, ok bool) {
 	low := l.pcpTypes * (l.costlyOrder + 1)
 	if pindex < low {
 		return pindex / l.pcpTypes, true
 	}
-	if pindex == low {
+	if pindex < l.nrPCPLists {
 		return l.pageblockOrder, true
 	}
 	return 0, false

@@ -406,4 +406,3 @@ func (w *freeWalker) list(head VAddr, rep *ZoneReport, order uint64, pcp bool, s
 
 // Pages returns the number of free pages: Buddy + PCP.
 func (f *FreePages) Pages() uint64 { return f.Buddy + f.PCP }
-

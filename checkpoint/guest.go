@@ -1,0 +1,200 @@
+package checkpoint
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/kvmckpt/kvmckpt/introspect"
+	"github.com/kvmckpt/kvmckpt/qmp"
+)
+
+var (
+	// ErrBusy means another kvmckpt is working on the same guest.
+	ErrBusy = errors.New("another kvmckpt is working on this guest")
+	// ErrGuestState means the guest is in a run state kvmckpt cannot work in.
+	ErrGuestState = errors.New("guest not in a state to checkpoint")
+	// ErrRAMBackend means the guest's RAM is not a shared file kvmckpt can map.
+	ErrRAMBackend = errors.New("guest RAM is not a shared file backend")
+)
+
+// ramHint shows the QEMU options kvmckpt needs.
+const ramHint = "start QEMU with its RAM in a shared file, for example:\n" +
+	"  -object memory-backend-file,id=mem0,size=2G,mem-path=/dev/shm/vm.ram,share=on -machine memory-backend=mem0 -m 2G"
+
+// guest is a QEMU session with its RAM mapped, held under the per-guest lock.
+type guest struct {
+	sess     *qmp.Session
+	lock     *os.File
+	prior    qmp.Status
+	backends []qmp.Backend
+	layout   []qmp.Mapping
+	files    []*os.File
+	ram      [][]byte
+	unmaps   []func() error
+	mem      *introspect.PhysMem
+	log      *slog.Logger
+}
+
+// lockPath names the lock file of the guest behind a QMP socket: by the
+// socket's device and inode, so every path to the same socket shares it.
+func lockPath(socket string) (string, error) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(socket, &st); err != nil {
+		return "", fmt.Errorf("stat QMP socket: %w", err)
+	}
+	sum := sha256.Sum256(fmt.Appendf(nil, "%d:%d", st.Dev, st.Ino))
+	return filepath.Join(os.TempDir(), "kvmckpt-"+hex.EncodeToString(sum[:8])+".lock"), nil
+}
+
+// SocketPath strips an optional "unix:" prefix.
+func SocketPath(p string) string { return strings.TrimPrefix(p, "unix:") }
+
+// openGuest connects to QEMU and takes the per-guest lock. The caller must
+// close it.
+func openGuest(ctx context.Context, socket string, log *slog.Logger) (*guest, error) {
+	socket = SocketPath(socket)
+	lp, err := lockPath(socket)
+	if err != nil {
+		return nil, err
+	}
+	lf, err := os.OpenFile(lp, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open lock file: %w", err)
+	}
+	if err := syscall.Flock(int(lf.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lf.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w (lock %s held); wait for it to finish", ErrBusy, lp)
+		}
+		return nil, fmt.Errorf("lock %s: %w", lp, err)
+	}
+	sess, err := qmp.Dial(ctx, socket)
+	if err != nil {
+		lf.Close()
+		return nil, err
+	}
+	g := &guest{sess: sess, lock: lf, log: log}
+	if g.prior, err = sess.Status(ctx); err != nil {
+		g.close()
+		return nil, err
+	}
+	return g, nil
+}
+
+// mapRAM finds the guest's RAM backends and layout and maps the files.
+// writable maps them for writing (restore).
+func (g *guest) mapRAM(ctx context.Context, writable bool) error {
+	var err error
+	if g.backends, err = g.sess.RAMBackends(ctx); err != nil {
+		return err
+	}
+	if g.layout, err = g.sess.RAMLayout(ctx); err != nil {
+		return err
+	}
+	if len(g.backends) == 0 {
+		return fmt.Errorf("%w: QEMU reports no memory backend; %s", ErrRAMBackend, ramHint)
+	}
+	index := map[string]int{}
+	for i, b := range g.backends {
+		if b.MemPath == "" || !b.Share {
+			return fmt.Errorf("%w: backend %q is %s (mem-path %q, share=%v); %s", ErrRAMBackend, b.ID, b.Type, b.MemPath, b.Share, ramHint)
+		}
+		index[b.ID] = i
+		flag := os.O_RDONLY
+		if writable {
+			flag = os.O_RDWR
+		}
+		f, err := os.OpenFile(b.MemPath, flag|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("open RAM file of backend %q: %w", b.ID, err)
+		}
+		g.files = append(g.files, f)
+		m, unmap, err := mapFile(f, b.Size, writable)
+		if err != nil {
+			return fmt.Errorf("map RAM file %s: %w", b.MemPath, err)
+		}
+		g.ram = append(g.ram, m)
+		g.unmaps = append(g.unmaps, unmap)
+	}
+	var maps []introspect.Mapping
+	for _, m := range g.layout {
+		i, ok := index[m.Backend]
+		if !ok {
+			continue
+		}
+		maps = append(maps, introspect.Mapping{GPA: introspect.PAddr(m.GPA), Backend: i, Offset: m.Offset, Size: m.Size})
+	}
+	if len(maps) == 0 {
+		return fmt.Errorf("%w: no RAM backend appears in the guest-physical memory map", ErrRAMBackend)
+	}
+	g.mem, err = introspect.NewPhysMem(g.ram, maps)
+	return err
+}
+
+func mapFile(f *os.File, size uint64, writable bool) ([]byte, func() error, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return nil, nil, err
+	}
+	if uint64(st.Size()) < size {
+		return nil, nil, fmt.Errorf("file is %d bytes, the backend %d", st.Size(), size)
+	}
+	prot := syscall.PROT_READ
+	if writable {
+		prot |= syscall.PROT_WRITE
+	}
+	b, err := syscall.Mmap(int(f.Fd()), 0, int(size), prot, syscall.MAP_SHARED)
+	if err != nil {
+		return nil, nil, err
+	}
+	return b, func() error { return syscall.Munmap(b) }, nil
+}
+
+// pause stops the guest if it runs. The returned function puts it back in
+// its prior run state.
+func (g *guest) pause(ctx context.Context) (restore func(context.Context) error, err error) {
+	if !g.prior.Running {
+		return func(context.Context) error { return nil }, nil
+	}
+	if err := g.sess.Stop(ctx); err != nil {
+		return nil, fmt.Errorf("pause guest: %w", err)
+	}
+	return func(ctx context.Context) error {
+		if err := g.sess.Cont(ctx); err != nil {
+			return fmt.Errorf("resume guest: %w", err)
+		}
+		return nil
+	}, nil
+}
+
+func (g *guest) close() {
+	for _, u := range g.unmaps {
+		_ = u()
+	}
+	for _, f := range g.files {
+		f.Close()
+	}
+	if g.sess != nil {
+		g.sess.Close()
+	}
+	if g.lock != nil {
+		g.lock.Close()
+	}
+}
+
+// pages is the number of 4 KiB pages of all backends together.
+func (g *guest) pages() uint64 {
+	var n uint64
+	for _, b := range g.backends {
+		n += b.Size / introspect.PageSize
+	}
+	return n
+}

@@ -1,0 +1,113 @@
+package checkpoint
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+
+	"github.com/kvmckpt/kvmckpt/introspect"
+	"github.com/kvmckpt/kvmckpt/profiles"
+	"github.com/kvmckpt/kvmckpt/qmp"
+)
+
+// vmcoreinfoMax is VMCOREINFO_BYTES, one page (include/linux/crash_core.h).
+const vmcoreinfoMax = 4096
+
+// profile finds the kernel profile for the paused guest: the file the
+// operator named, or (for "auto") a stored profile whose banner matches the
+// guest's, or one built from the guest's own memory, which is then stored.
+func (g *guest) profile(ctx context.Context, opt ScanOptions, regs qmp.Registers) (*profiles.Profile, error) {
+	if opt.Profile != "" && opt.Profile != "auto" {
+		f, err := os.Open(opt.Profile)
+		if err != nil {
+			return nil, fmt.Errorf("open profile: %w", err)
+		}
+		defer f.Close()
+		p, err := profiles.Decode(f)
+		if err != nil {
+			return nil, fmt.Errorf("load profile %s: %w", opt.Profile, err)
+		}
+		return p, nil
+	}
+	img, err := introspect.ReadKernelImage(g.mem, regs.CR3, regs.LA57())
+	if err != nil {
+		return nil, err
+	}
+	store := profiles.Store{Dir: opt.ProfileDir}
+	if store.Dir == "" {
+		if store, err = profiles.DefaultStore(); err != nil {
+			return nil, err
+		}
+	}
+	if p := lookupStored(store, img, g.log); p != nil {
+		return p, nil
+	}
+	g.log.Info("no stored profile fits this kernel; building one from guest memory")
+	p, err := profiles.BuildFromKernelMemory(img.Data, uint64(img.Text), nil)
+	if err != nil {
+		return nil, fmt.Errorf("build profile from guest memory: %w", err)
+	}
+	if vmci := readVmcoreinfo(img, p); vmci != nil {
+		if withInfo, err := profiles.BuildFromKernelMemory(img.Data, uint64(img.Text), vmci); err == nil {
+			p = withInfo
+		} else {
+			return nil, fmt.Errorf("build profile from guest memory: %w", err)
+		}
+	}
+	if _, err := store.Save(p); err != nil {
+		g.log.Warn("could not store the profile", "err", err)
+	}
+	return p, nil
+}
+
+// readVmcoreinfo reads the kernel's vmcoreinfo text (what makedumpfile
+// reads): vmcoreinfo_data points to a zeroed page the kernel fills at boot.
+// It returns nil when the kernel has none.
+func readVmcoreinfo(img *introspect.KernelImage, p *profiles.Profile) []byte {
+	sym, ok := p.Symbols["vmcoreinfo_data"]
+	text, ok2 := p.Symbols["_text"]
+	if !ok || !ok2 {
+		return nil
+	}
+	ptr, err := img.Translator.Uint64Virt(introspect.VAddr(sym - text + uint64(img.Text)))
+	if err != nil || ptr == 0 {
+		return nil
+	}
+	buf := make([]byte, vmcoreinfoMax)
+	n, _ := img.Translator.ReadVirt(buf, introspect.VAddr(ptr))
+	buf = buf[:n]
+	if i := bytes.IndexByte(buf, 0); i >= 0 {
+		buf = buf[:i]
+	}
+	if !bytes.HasPrefix(buf, []byte("OSRELEASE=")) {
+		return nil
+	}
+	return buf
+}
+
+// lookupStored finds a stored profile whose banner is in guest memory at
+// that profile's linux_banner: the guest runs the build it describes.
+func lookupStored(store profiles.Store, img *introspect.KernelImage, log *slog.Logger) *profiles.Profile {
+	list, err := store.List()
+	if err != nil {
+		log.Warn("cannot list stored profiles", "err", err)
+		return nil
+	}
+	for _, e := range list {
+		if !bytes.Contains(img.Data, []byte(e.Banner)) {
+			continue
+		}
+		p, err := store.Lookup(e.Banner)
+		if err != nil {
+			continue
+		}
+		off := p.Symbols["linux_banner"] - p.Symbols["_text"]
+		if off < uint64(len(img.Data)) && bytes.HasPrefix(img.Data[off:], []byte(p.Banner)) {
+			log.Debug("using stored profile", "profile", p.Name)
+			return p
+		}
+	}
+	return nil
+}

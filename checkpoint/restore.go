@@ -1,0 +1,170 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kvmckpt/kvmckpt/introspect"
+	"github.com/kvmckpt/kvmckpt/writer"
+)
+
+// ErrInvalid means a checkpoint file is invalid or corrupt, or does not fit
+// the restore target.
+var ErrInvalid = errors.New("checkpoint invalid")
+
+// RestoreOptions say which checkpoint goes into which QEMU.
+type RestoreOptions struct {
+	// Input is the checkpoint file.
+	Input string
+	// QMP is the QMP socket of a QEMU started with -incoming defer (and -S,
+	// so that it waits for Resume).
+	QMP string
+	// Resume starts the guest once its state is loaded.
+	Resume   bool
+	Progress func(done, total uint64)
+	Log      *slog.Logger
+}
+
+// RestoreResult is what a restore did.
+type RestoreResult struct {
+	PagesRestored    uint64 `json:"pages_restored"`
+	PagesTotal       uint64 `json:"pages_total"`
+	DeviceStateBytes int64  `json:"device_state_bytes"`
+	PagesMS          int64  `json:"pages_ms"`
+	DeviceStateMS    int64  `json:"device_state_ms"`
+	DurationMS       int64  `json:"duration_ms"`
+	GuestState       string `json:"guest_state"`
+}
+
+// Restore loads a checkpoint into a waiting QEMU: it checks the file and
+// the target's RAM against each other, writes the saved pages into the
+// target's RAM file, clears every other page to the fill byte, feeds QEMU
+// the device state and waits until QEMU has loaded it. Nothing reaches QEMU
+// before the device state's checksum has been verified.
+func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
+	start := time.Now()
+	r, err := writer.Open(opt.Input)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	defer r.Close()
+	h := r.Header()
+	// Check the device state before anything touches the target: it is
+	// small, and QEMU must never be fed a corrupt one.
+	if _, err := io.Copy(io.Discard, r.DeviceState()); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	g, err := openGuest(ctx, opt.QMP, logger(opt.Log))
+	if err != nil {
+		return nil, err
+	}
+	defer g.close()
+	if g.prior.State != "inmigrate" {
+		return nil, fmt.Errorf("%w: target QEMU is %q; start it with -incoming defer -S (and its own RAM file) to restore into it", ErrGuestState, g.prior.State)
+	}
+	if err := g.mapRAM(ctx, true); err != nil {
+		return nil, err
+	}
+	if err := g.matches(ctx, h); err != nil {
+		return nil, err
+	}
+	t0 := time.Now()
+	if err := r.RestorePages(g.ram, writer.RestoreOptions{Progress: opt.Progress}); err != nil {
+		return nil, fmt.Errorf("%w: restore pages (the target's RAM now holds a partial restore; its guest was not started): %w", ErrInvalid, err)
+	}
+	if err := g.clearUnsaved(r, h.FillByte); err != nil {
+		return nil, err
+	}
+	tPages := time.Since(t0)
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("restore interrupted before the device state was loaded: %w", err)
+	}
+	t1 := time.Now()
+	if err := g.sess.LoadDeviceState(ctx, r.DeviceState()); err != nil {
+		return nil, fmt.Errorf("load device state: %w", err)
+	}
+	tDev := time.Since(t1)
+	if opt.Resume {
+		if err := g.sess.Cont(ctx); err != nil {
+			return nil, fmt.Errorf("resume restored guest: %w", err)
+		}
+	}
+	res := &RestoreResult{
+		PagesRestored:    h.Pages.Saved,
+		PagesTotal:       h.Pages.Total,
+		DeviceStateBytes: r.DeviceStateLen(),
+		PagesMS:          tPages.Milliseconds(),
+		DeviceStateMS:    tDev.Milliseconds(),
+	}
+	if st, err := g.sess.Status(ctx); err == nil {
+		res.GuestState = st.State
+	}
+	res.DurationMS = time.Since(start).Milliseconds()
+	return res, nil
+}
+
+// matches checks that the target's RAM has the checkpoint's geometry:
+// the same backends, of the same sizes, and the same machine type. (The
+// guest-physical map itself is not compared: it depends on chipset state,
+// such as the PAM registers that put RAM or ROM at 0xc0000-0xfffff, which a
+// target waiting for its device state does not have yet.)
+func (g *guest) matches(ctx context.Context, h writer.Header) error {
+	if len(g.backends) != len(h.Regions) {
+		return fmt.Errorf("%w: checkpoint has %d RAM backends, the target %d", ErrInvalid, len(h.Regions), len(g.backends))
+	}
+	for i, r := range h.Regions {
+		b := g.backends[i]
+		if b.Size != r.Size {
+			return fmt.Errorf("%w: RAM backend %q is %d MiB in the checkpoint, backend %q of the target %d MiB; start the target with -m and size=%dM",
+				ErrInvalid, r.ID, r.Size>>20, b.ID, b.Size>>20, r.Size>>20)
+		}
+	}
+	m, err := g.sess.MachineType(ctx)
+	if err != nil {
+		return err
+	}
+	if h.MachineType != "" && m.Type != h.MachineType {
+		return fmt.Errorf("%w: checkpoint is of a %s machine, the target is %s; start the target with -machine %s", ErrInvalid, h.MachineType, m.Type, h.MachineType)
+	}
+	return nil
+}
+
+// clearUnsaved makes every page the checkpoint does not hold read as the
+// fill byte. For zero it punches holes, which frees the target's memory
+// instead of writing it.
+func (g *guest) clearUnsaved(r *writer.Reader, fill byte) error {
+	if fill != 0 {
+		if err := r.FillUnsaved(g.ram); err != nil {
+			return fmt.Errorf("fill unsaved pages: %w", err)
+		}
+		return nil
+	}
+	base := make([]uint64, len(g.backends))
+	var total uint64
+	for i, b := range g.backends {
+		base[i] = total
+		total += b.Size / introspect.PageSize
+	}
+	for start, count := range r.UnsavedRuns() {
+		for i := range g.backends {
+			lo, hi := base[i], base[i]+g.backends[i].Size/introspect.PageSize
+			s, e := max(start, lo), min(start+count, hi)
+			if s >= e {
+				continue
+			}
+			off, n := int64((s-lo)*introspect.PageSize), int64((e-s)*introspect.PageSize)
+			err := unix.Fallocate(int(g.files[i].Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+			if err != nil {
+				// No hole punching here: write the zeros.
+				clear(g.ram[i][off : off+n])
+			}
+		}
+	}
+	return nil
+}

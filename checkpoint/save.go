@@ -1,0 +1,240 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/kvmckpt/kvmckpt/qmp"
+	"github.com/kvmckpt/kvmckpt/writer"
+)
+
+// After says what a save does with the guest once the checkpoint is
+// durable.
+type After int
+
+const (
+	// AfterPriorState puts the guest back in the run state it had.
+	AfterPriorState After = iota
+	// AfterKeepPaused leaves it paused.
+	AfterKeepPaused
+	// AfterQuit ends QEMU, like `virsh save`.
+	AfterQuit
+)
+
+// SaveOptions say which guest to save where.
+type SaveOptions struct {
+	ScanOptions
+	// Output is the checkpoint file. An older file of that name survives
+	// any failure.
+	Output string
+	After  After
+	// Compression is "lz4" (default) or "none".
+	Compression writer.Compression
+	// Progress, if not nil, is called as pages are written.
+	Progress func(done, total uint64)
+}
+
+// SaveResult is what a save did. The JSON names are part of the CLI.
+type SaveResult struct {
+	PagesTotal       uint64 `json:"pages_total"`
+	PagesSaved       uint64 `json:"pages_saved"`
+	PagesFree        uint64 `json:"pages_free"`
+	PagesFreeBuddy   uint64 `json:"pages_free_buddy"`
+	PagesFreePCP     uint64 `json:"pages_free_pcp"`
+	PagesZero        uint64 `json:"pages_zero"`
+	PagesHole        uint64 `json:"pages_hole"`
+	BytesWritten     int64  `json:"bytes_written"`
+	DeviceStateBytes int64  `json:"device_state_bytes"`
+	PauseMS          int64  `json:"pause_ms"`
+	DurationMS       int64  `json:"duration_ms"`
+	ScanMS           int64  `json:"scan_ms"`
+	PagesMS          int64  `json:"pages_ms"`
+	DeviceStateMS    int64  `json:"device_state_ms"`
+	SyncMS           int64  `json:"sync_ms"`
+	Output           string `json:"output"`
+	Profile          string `json:"profile"`
+	KernelBanner     string `json:"kernel_banner"`
+	// GuestState is the guest's run state when kvmckpt left it.
+	GuestState string   `json:"guest_state"`
+	Warnings   []string `json:"warnings,omitempty"`
+}
+
+// Save checkpoints a guest: it pauses it, finds the pages in use, writes
+// them and QEMU's device state durably to opt.Output, and then does what
+// opt.After says. On any failure the guest goes back to its prior run state
+// and no partial file is left.
+func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
+	start := time.Now()
+	if opt.Output == "" {
+		return nil, errors.New("save: no output file")
+	}
+	log := logger(opt.Log)
+	g, err := openGuest(ctx, opt.QMP, log)
+	if err != nil {
+		return nil, err
+	}
+	defer g.close()
+	if err := g.prior.CheckSaveable(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrGuestState, err)
+	}
+	if removed, err := writer.CleanStale(opt.Output); err != nil {
+		log.Warn("cleaning stale temporary files", "err", err)
+	} else {
+		for _, r := range removed {
+			log.Info("removed a temporary file left by an interrupted save", "path", r)
+		}
+	}
+	caps, err := g.sess.MigrationCapabilities(ctx)
+	if err != nil {
+		return nil, err
+	}
+	restore, err := g.pause(ctx)
+	if err != nil {
+		return nil, err
+	}
+	paused := time.Now()
+	res, saveErr := g.save(ctx, opt, caps)
+	// Whatever happened, and even if a signal cancelled ctx, the guest goes
+	// back to a defined run state.
+	bg := context.WithoutCancel(ctx)
+	var afterErr error
+	switch {
+	case saveErr != nil || opt.After == AfterPriorState:
+		afterErr = restore(bg)
+	case opt.After == AfterQuit:
+		afterErr = g.sess.Quit(bg)
+	}
+	if saveErr != nil {
+		if afterErr != nil {
+			return nil, fmt.Errorf("%w; and the guest could not be resumed: %v (run `kvmckpt resume --qmp %s`)", saveErr, afterErr, opt.QMP)
+		}
+		return nil, saveErr
+	}
+	if afterErr != nil {
+		return nil, fmt.Errorf("checkpoint %s is complete, but: %w", opt.Output, afterErr)
+	}
+	res.PauseMS = time.Since(paused).Milliseconds()
+	if opt.After == AfterQuit {
+		res.GuestState = "quit"
+	} else if st, err := g.sess.Status(bg); err == nil {
+		res.GuestState = st.State
+	}
+	res.DurationMS = time.Since(start).Milliseconds()
+	return res, nil
+}
+
+func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool) (*SaveResult, error) {
+	t0 := time.Now()
+	scan, err := g.scan(ctx, opt.ScanOptions)
+	if err != nil {
+		return nil, err
+	}
+	tScan := time.Since(t0)
+	h := writer.Header{
+		FillByte:     scan.FillByte,
+		KernelBanner: scan.Banner,
+		Profile:      scan.Profile,
+		Pages: writer.PageCounts{
+			FreeBuddy: scan.FreeBuddy, FreePCP: scan.FreePCP,
+			Zero: scan.PagesZero, Hole: scan.PagesHole,
+		},
+	}
+	for _, b := range g.backends {
+		r := writer.Region{ID: b.ID, Size: b.Size, MemPath: b.MemPath}
+		for _, m := range g.layout {
+			if m.Backend == b.ID {
+				r.Mappings = append(r.Mappings, writer.Mapping{GPA: m.GPA, Offset: m.Offset, Size: m.Size})
+			}
+		}
+		h.Regions = append(h.Regions, r)
+	}
+	if h.QEMUVersion, err = g.sess.Version(ctx); err != nil {
+		return nil, err
+	}
+	m, err := g.sess.MachineType(ctx)
+	if err != nil {
+		return nil, err
+	}
+	h.MachineType = m.Type
+	if pid, err := g.sess.PeerPID(); err == nil {
+		h.CommandLine, _ = qmp.ProcessCmdline(pid)
+	}
+	w, err := writer.Create(opt.Output, h, writer.Options{Compression: opt.Compression})
+	if err != nil {
+		return nil, fmt.Errorf("create checkpoint: %w", err)
+	}
+	defer w.Abort()
+	t1 := time.Now()
+	if err := w.WritePages(g.ram, scan.save, opt.Progress); err != nil {
+		return nil, fmt.Errorf("write pages: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("save interrupted: %w", err)
+	}
+	tPages := time.Since(t1)
+	t2 := time.Now()
+	devBytes, err := g.saveDevice(ctx, w, caps)
+	if err != nil {
+		return nil, err
+	}
+	tDev := time.Since(t2)
+	t3 := time.Now()
+	if err := w.Commit(); err != nil {
+		return nil, fmt.Errorf("commit checkpoint: %w", err)
+	}
+	st := w.Stats()
+	return &SaveResult{
+		PagesTotal:       scan.PagesTotal,
+		PagesSaved:       st.PagesWritten,
+		PagesFree:        scan.PagesFree,
+		PagesFreeBuddy:   scan.FreeBuddy,
+		PagesFreePCP:     scan.FreePCP,
+		PagesZero:        scan.PagesZero,
+		PagesHole:        scan.PagesHole,
+		BytesWritten:     st.BytesWritten,
+		DeviceStateBytes: devBytes,
+		ScanMS:           tScan.Milliseconds(),
+		PagesMS:          tPages.Milliseconds(),
+		DeviceStateMS:    tDev.Milliseconds(),
+		SyncMS:           time.Since(t3).Milliseconds(),
+		Output:           opt.Output,
+		Profile:          scan.Profile,
+		KernelBanner:     scan.Banner,
+		Warnings:         scan.Warnings,
+	}, nil
+}
+
+// saveDevice streams QEMU's device state into the checkpoint and puts the
+// migration capabilities back as they were, so a later ordinary migration
+// of this guest still carries its RAM.
+func (g *guest) saveDevice(ctx context.Context, w *writer.Writer, caps map[string]bool) (int64, error) {
+	pr, pw := io.Pipe()
+	type result struct {
+		n   int64
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		n, err := w.WriteDeviceState(pr)
+		pr.CloseWithError(err)
+		done <- result{n, err}
+	}()
+	_, qerr := g.sess.SaveDeviceState(ctx, pw)
+	pw.CloseWithError(qerr)
+	r := <-done
+	if ignore, ok := caps[qmp.CapIgnoreShared]; ok {
+		if err := g.sess.SetMigrationCapabilities(context.WithoutCancel(ctx), map[string]bool{qmp.CapIgnoreShared: ignore}); err != nil {
+			g.log.Warn("could not reset the migration capability", "capability", qmp.CapIgnoreShared, "err", err)
+		}
+	}
+	if qerr != nil {
+		return 0, fmt.Errorf("save device state: %w", qerr)
+	}
+	if r.err != nil {
+		return 0, fmt.Errorf("write device state: %w", r.err)
+	}
+	return r.n, nil
+}

@@ -1,0 +1,237 @@
+package checkpoint
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/kvmckpt/kvmckpt/introspect"
+	"github.com/kvmckpt/kvmckpt/pagemap"
+)
+
+// ScanOptions say which guest to scan and how.
+type ScanOptions struct {
+	// QMP is the path of the guest's QMP socket ("unix:" prefix allowed).
+	QMP string
+	// Profile is "auto" (or empty): a stored profile whose banner matches
+	// the guest's, else one built from guest memory and stored; or the
+	// path of a profile file.
+	Profile string
+	// ProfileDir is where profiles are stored; empty means the default.
+	ProfileDir string
+	// Map, if set, is a PNG file to draw guest memory into.
+	Map string
+	// WalkTimeout bounds the free-list walk; zero means 10 s.
+	WalkTimeout time.Duration
+	Log         *slog.Logger
+}
+
+// ScanStats are a scan's counts, in 4 KiB pages.
+type ScanStats struct {
+	PagesTotal uint64 `json:"pages_total"`
+	// PagesUsed are the pages that must be saved: neither free in the
+	// guest nor zero nor holes on the host.
+	PagesUsed  uint64 `json:"pages_used"`
+	PagesFree  uint64 `json:"pages_free"`
+	FreeBuddy  uint64 `json:"pages_free_buddy"`
+	FreePCP    uint64 `json:"pages_free_pcp"`
+	PagesZero  uint64 `json:"pages_zero"`
+	PagesHole  uint64 `json:"pages_hole"`
+	RAMBytes   uint64 `json:"ram_bytes"`
+	Banner     string `json:"kernel_banner"`
+	Profile    string `json:"profile"`
+	FillByte   byte   `json:"fill_byte"`
+	WalkMS     int64  `json:"walk_ms"`
+	PauseMS    int64  `json:"pause_ms"`
+	DurationMS int64  `json:"duration_ms"`
+
+	Zones    []introspect.ZoneReport `json:"zones"`
+	Warnings []string                `json:"warnings,omitempty"`
+}
+
+// scanResult is a scan with its bitmaps over RAM file pages (all backends
+// in order).
+type scanResult struct {
+	ScanStats
+	// save has a bit for every page to be written; free for every page the
+	// guest holds free.
+	save, free *pagemap.Bitmap
+	// zero and hole have a bit for every page that would be saved but
+	// reads as zero, or is a hole in the RAM file.
+	zero, hole *pagemap.Bitmap
+}
+
+// Scan pauses the guest, finds the pages in use, and puts the guest back
+// in its prior run state.
+func Scan(ctx context.Context, opt ScanOptions) (*ScanStats, error) {
+	start := time.Now()
+	log := logger(opt.Log)
+	g, err := openGuest(ctx, opt.QMP, log)
+	if err != nil {
+		return nil, err
+	}
+	defer g.close()
+	if err := g.prior.CheckSaveable(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrGuestState, err)
+	}
+	restore, err := g.pause(ctx)
+	if err != nil {
+		return nil, err
+	}
+	paused := time.Now()
+	res, scanErr := g.scan(ctx, opt)
+	// The guest goes back to its run state whatever happened, even when ctx
+	// was cancelled by a signal.
+	rerr := restore(context.WithoutCancel(ctx))
+	if scanErr != nil {
+		if rerr != nil {
+			return nil, fmt.Errorf("%w (and: %v)", scanErr, rerr)
+		}
+		return nil, scanErr
+	}
+	if rerr != nil {
+		return nil, rerr
+	}
+	res.PauseMS = time.Since(paused).Milliseconds()
+	res.DurationMS = time.Since(start).Milliseconds()
+	return &res.ScanStats, nil
+}
+
+// scan builds the bitmaps of a paused guest.
+func (g *guest) scan(ctx context.Context, opt ScanOptions) (*scanResult, error) {
+	if err := g.mapRAM(ctx, false); err != nil {
+		return nil, err
+	}
+	regs, err := g.sess.CPURegisters(ctx, 0)
+	if err != nil {
+		return nil, err
+	}
+	prof, err := g.profile(ctx, opt, regs)
+	if err != nil {
+		return nil, err
+	}
+	k, err := introspect.OpenKernel(g.mem, regs.CR3, regs.LA57(), prof)
+	if err != nil {
+		return nil, err
+	}
+	fp, err := k.WalkFree(ctx, introspect.WalkOptions{Timeout: opt.WalkTimeout})
+	if err != nil {
+		return nil, err
+	}
+	for _, w := range fp.Warnings {
+		g.log.Warn(w)
+	}
+	res := &scanResult{ScanStats: ScanStats{
+		PagesTotal: g.pages(),
+		FreeBuddy:  fp.Buddy,
+		FreePCP:    fp.PCP,
+		Banner:     prof.Banner,
+		Profile:    prof.Name,
+		FillByte:   fp.FillByte,
+		WalkMS:     fp.Duration.Milliseconds(),
+		Zones:      fp.Zones,
+		Warnings:   fp.Warnings,
+	}}
+	res.RAMBytes = res.PagesTotal * introspect.PageSize
+	res.free = g.fileFree(fp.Free)
+	res.PagesFree = res.free.Count()
+	res.save = pagemap.NewBitmap(res.PagesTotal)
+	res.save.SetRange(0, res.PagesTotal)
+	res.save.AndNot(res.free)
+	g.excludeHost(res)
+	res.PagesUsed = res.save.Count()
+	if opt.Map != "" {
+		err := drawMap(opt.Map, res.save, res.free, func(p uint64) (bool, bool) { return res.zero.Test(p), res.hole.Test(p) })
+		if err != nil {
+			return nil, err
+		}
+	}
+	return res, nil
+}
+
+// fileFree turns a bitmap of free guest frames into one of free RAM file
+// pages. A file page that no guest-physical range maps (under a ROM, say)
+// stays used: the guest kernel does not manage it.
+func (g *guest) fileFree(frames *pagemap.Bitmap) *pagemap.Bitmap {
+	base := make([]uint64, len(g.backends))
+	var total uint64
+	for i, b := range g.backends {
+		base[i] = total
+		total += b.Size / introspect.PageSize
+	}
+	free := pagemap.NewBitmap(total)
+	for _, m := range g.mem.Mappings() {
+		first := uint64(m.GPA) / introspect.PageSize
+		n := m.Size / introspect.PageSize
+		off := base[m.Backend] + m.Offset/introspect.PageSize
+		for pfn := first; pfn < first+n && pfn < frames.Len(); {
+			s, ok := frames.NextSet(pfn)
+			if !ok || s >= first+n {
+				break
+			}
+			e, ok := frames.NextClear(s)
+			if !ok || e > first+n {
+				e = first + n
+			}
+			free.SetRange(off+(s-first), e-s)
+			pfn = e
+		}
+	}
+	return free
+}
+
+// excludeHost takes holes and all-zero pages out of the pages to save.
+// Holes are found first, so the zero scan never reads (and so never makes
+// the host allocate) a hole. With a fill byte other than zero, a restore
+// fills every page it does not write with it, so zero pages must then be
+// saved like any other.
+func (g *guest) excludeHost(res *scanResult) {
+	total := res.save.Len()
+	res.zero, res.hole = pagemap.NewBitmap(total), pagemap.NewBitmap(total)
+	var base uint64
+	for i, b := range g.backends {
+		n := b.Size / introspect.PageSize
+		cand := pagemap.NewBitmap(n)
+		for s, c := range res.save.Runs() {
+			if s >= base+n || s+c <= base {
+				continue
+			}
+			lo, hi := max(s, base), min(s+c, base+n)
+			cand.SetRange(lo-base, hi-lo)
+		}
+		holes, err := pagemap.Holes(g.files[i], int64(b.Size))
+		if err != nil {
+			g.log.Warn("hole detection failed; holes are read as zero pages", "backend", b.ID, "err", err)
+		}
+		for _, h := range holes {
+			c := min(h.Count, n-min(h.Start, n))
+			res.hole.SetRange(base+h.Start, c)
+			cand.ClearRange(h.Start, c)
+		}
+		zero, err := pagemap.ZeroPages(g.ram[i], cand, 0)
+		if err != nil {
+			g.log.Warn("zero page detection failed; all pages are saved", "backend", b.ID, "err", err)
+			zero = pagemap.NewBitmap(n)
+		}
+		for s, c := range zero.Runs() {
+			res.zero.SetRange(base+s, c)
+		}
+		base += n
+	}
+	// Only pages that would have been saved count as holes.
+	res.hole.And(res.save)
+	res.PagesHole = res.hole.Count()
+	res.PagesZero = res.zero.Count()
+	if res.FillByte == 0 {
+		res.save.AndNot(res.hole)
+		res.save.AndNot(res.zero)
+	}
+}
+
+func logger(l *slog.Logger) *slog.Logger {
+	if l == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return l
+}

@@ -1,0 +1,83 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/kvmckpt/kvmckpt/checkpoint"
+)
+
+func cmdInspect(ctx context.Context, e *env, args []string) error {
+	fs, verbose := e.flags("inspect")
+	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
+	pos, err := e.parse(fs, verbose, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return usagef("inspect takes one checkpoint file")
+	}
+	info, err := checkpoint.Inspect(pos[0])
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return e.printJSON(info)
+	}
+	w := e.stdout
+	fmt.Fprintf(w, "checkpoint:   %s (%s)\n", info.Path, mib(info.FileBytes))
+	fmt.Fprintf(w, "created:      %s\n", info.Created.Format("2006-01-02 15:04:05 MST"))
+	fmt.Fprintf(w, "kernel:       %s\n", info.KernelBanner)
+	fmt.Fprintf(w, "profile:      %s\n", info.Profile)
+	fmt.Fprintf(w, "qemu:         %s, machine %s\n", info.QEMUVersion, info.MachineType)
+	for _, r := range info.Regions {
+		fmt.Fprintf(w, "ram:          %s %d MiB (source %s)\n", r.ID, r.Size>>20, r.MemPath)
+		for _, m := range r.Mappings {
+			fmt.Fprintf(w, "                guest-physical [%#x, %#x) at offset %#x\n", m.GPA, m.GPA+m.Size, m.Offset)
+		}
+	}
+	p := info.Pages
+	fmt.Fprintf(w, "pages:        %d total, %d saved, %d free (%d buddy, %d per-CPU), %d zero, %d hole\n",
+		p.Total, p.Saved, p.FreeBuddy+p.FreePCP, p.FreeBuddy, p.FreePCP, p.Zero, p.Hole)
+	fmt.Fprintf(w, "storage:      %d chunks, %s, fill byte %#02x, device state %s\n", info.Chunks, info.Compression, info.FillByte, mib(info.DeviceStateBytes))
+	if len(info.RestoreCommandLine) > 0 {
+		fmt.Fprintf(w, "restore into: %s\n", shellJoin(info.RestoreCommandLine))
+		fmt.Fprintf(w, "              (give it its own mem-path and QMP socket, then: kvmckpt restore -i %s --qmp SOCKET --resume)\n", info.Path)
+	}
+	return nil
+}
+
+func cmdVerify(ctx context.Context, e *env, args []string) error {
+	fs, verbose := e.flags("verify")
+	pos, err := e.parse(fs, verbose, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return usagef("verify takes one checkpoint file")
+	}
+	bar := newProgress(e.stderr, "verifying")
+	err = checkpoint.Verify(pos[0], bar.update)
+	bar.done()
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "%s: every checksum holds\n", pos[0])
+	return nil
+}
+
+// shellJoin quotes argv for a POSIX shell.
+func shellJoin(argv []string) string {
+	q := make([]string, len(argv))
+	for i, a := range argv {
+		if a != "" && strings.IndexFunc(a, func(r rune) bool {
+			return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_./=,:@+", r))
+		}) < 0 {
+			q[i] = a
+		} else {
+			q[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
+		}
+	}
+	return strings.Join(q, " ")
+}

@@ -1,0 +1,122 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+)
+
+// errSilent is an error already reported to the user.
+var errSilent = errors.New("reported")
+
+// usageError is a mistake on the command line: exit code 2.
+type usageError struct{ msg string }
+
+func (e *usageError) Error() string { return e.msg }
+
+func usagef(format string, args ...any) error { return &usageError{fmt.Sprintf(format, args...)} }
+
+const usage = `kvmckpt checkpoints KVM/QEMU guests by saving only the pages the guest uses.
+
+Usage:
+  kvmckpt scan    --qmp PATH [--json] [--profile auto|FILE] [--map FILE.png]
+  kvmckpt save    --qmp PATH -o FILE [--profile auto|FILE] [--keep-paused | --quit] [--compress lz4|none] [--json]
+  kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR]) [--resume] [--json]
+  kvmckpt inspect FILE [--json]
+  kvmckpt verify  FILE
+  kvmckpt resume  --qmp PATH
+  kvmckpt profile build --kernel PATH [-o FILE]
+  kvmckpt profile list
+  kvmckpt profile show NAME|FILE
+
+Every command takes -v for structured logs on stderr.
+Exit codes: 0 done; 1 failed; 2 usage; 3 checkpoint invalid; 4 guest busy or in the wrong state; 130 interrupted.
+`
+
+// env is what every command gets.
+type env struct {
+	stdout, stderr io.Writer
+	log            *slog.Logger
+}
+
+type command func(ctx context.Context, e *env, args []string) error
+
+func commands() map[string]command {
+	return map[string]command{
+		"scan":    cmdScan,
+		"save":    cmdSave,
+		"restore": cmdRestore,
+		"resume":  cmdResume,
+		"inspect": cmdInspect,
+		"verify":  cmdVerify,
+		"profile": cmdProfile,
+	}
+}
+
+func run(ctx context.Context, stdout, stderr io.Writer, args []string) error {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprint(stdout, usage)
+		if len(args) == 0 {
+			return usagef("no command given")
+		}
+		return nil
+	}
+	cmd, ok := commands()[args[0]]
+	if !ok {
+		return usagef("unknown command %q (see kvmckpt --help)", args[0])
+	}
+	e := &env{stdout: stdout, stderr: stderr, log: slog.New(slog.DiscardHandler)}
+	return cmd(ctx, e, args[1:])
+}
+
+// flags makes a flag set for a subcommand with the common -v flag; parse
+// it with e.parse.
+func (e *env) flags(name string) (*flag.FlagSet, *bool) {
+	fs := flag.NewFlagSet("kvmckpt "+name, flag.ContinueOnError)
+	fs.SetOutput(e.stderr)
+	verbose := fs.Bool("v", false, "structured logs on stderr")
+	return fs, verbose
+}
+
+// parse parses args, allowing flags after positional arguments, and turns
+// on logging for -v.
+func (e *env) parse(fs *flag.FlagSet, verbose *bool, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, errSilent
+			}
+			return nil, &usageError{err.Error()}
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			break
+		}
+		pos = append(pos, args[0])
+		args = args[1:]
+	}
+	if *verbose {
+		e.log = slog.New(slog.NewTextHandler(e.stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return pos, nil
+}
+
+// printJSON writes v as one JSON object on stdout.
+func (e *env) printJSON(v any) error {
+	enc := json.NewEncoder(e.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func required(name, value string) error {
+	if strings.TrimSpace(value) == "" {
+		return usagef("--%s is required", name)
+	}
+	return nil
+}

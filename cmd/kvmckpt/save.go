@@ -1,0 +1,68 @@
+package main
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/kvmckpt/kvmckpt/checkpoint"
+	"github.com/kvmckpt/kvmckpt/writer"
+)
+
+func cmdSave(ctx context.Context, e *env, args []string) error {
+	fs, verbose := e.flags("save")
+	qmpPath := fs.String("qmp", "", "QMP socket of the guest (PATH or unix:PATH)")
+	out := fs.String("o", "", "checkpoint file to write")
+	profile := fs.String("profile", "auto", "kernel profile: auto, or a profile file")
+	keepPaused := fs.Bool("keep-paused", false, "leave the guest paused after the save")
+	quit := fs.Bool("quit", false, "end QEMU once the checkpoint is durable")
+	compress := fs.String("compress", "lz4", "page compression: lz4 or none")
+	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
+	if _, err := e.parse(fs, verbose, args); err != nil {
+		return err
+	}
+	if err := required("qmp", *qmpPath); err != nil {
+		return err
+	}
+	if err := required("o", *out); err != nil {
+		return err
+	}
+	if *keepPaused && *quit {
+		return usagef("--keep-paused and --quit exclude each other")
+	}
+	if *compress != "lz4" && *compress != "none" {
+		return usagef("--compress must be lz4 or none, not %q", *compress)
+	}
+	after := checkpoint.AfterPriorState
+	switch {
+	case *keepPaused:
+		after = checkpoint.AfterKeepPaused
+	case *quit:
+		after = checkpoint.AfterQuit
+	}
+	bar := newProgress(e.stderr, "saving")
+	res, err := checkpoint.Save(ctx, checkpoint.SaveOptions{
+		ScanOptions: checkpoint.ScanOptions{QMP: *qmpPath, Profile: *profile, Log: e.log},
+		Output:      *out,
+		After:       after,
+		Compression: writer.Compression(*compress),
+		Progress:    bar.update,
+	})
+	bar.done()
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return e.printJSON(res)
+	}
+	fmt.Fprintf(e.stdout, "saved %s: %d of %d pages (%d free, %d zero, %d hole), %s written, device state %s\n",
+		res.Output, res.PagesSaved, res.PagesTotal, res.PagesFree, res.PagesZero, res.PagesHole,
+		mib(res.BytesWritten), mib(res.DeviceStateBytes))
+	fmt.Fprintf(e.stdout, "guest paused %d ms (scan %d, pages %d, device state %d, sync %d), total %d ms; guest is %s\n",
+		res.PauseMS, res.ScanMS, res.PagesMS, res.DeviceStateMS, res.SyncMS, res.DurationMS, res.GuestState)
+	for _, w := range res.Warnings {
+		fmt.Fprintf(e.stderr, "warning: %s\n", w)
+	}
+	return nil
+}
+
+func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }

@@ -1,0 +1,52 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"text/tabwriter"
+
+	"github.com/kvmckpt/kvmckpt/checkpoint"
+)
+
+func cmdScan(ctx context.Context, e *env, args []string) error {
+	fs, verbose := e.flags("scan")
+	qmpPath := fs.String("qmp", "", "QMP socket of the guest (PATH or unix:PATH)")
+	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
+	profile := fs.String("profile", "auto", "kernel profile: auto, or a profile file")
+	mapPNG := fs.String("map", "", "draw guest memory into this PNG file")
+	if _, err := e.parse(fs, verbose, args); err != nil {
+		return err
+	}
+	if err := required("qmp", *qmpPath); err != nil {
+		return err
+	}
+	st, err := checkpoint.Scan(ctx, checkpoint.ScanOptions{QMP: *qmpPath, Profile: *profile, Map: *mapPNG, Log: e.log})
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return e.printJSON(st)
+	}
+	pct := func(n uint64) string { return fmt.Sprintf("%5.1f%%", 100*float64(n)/float64(max(st.PagesTotal, 1))) }
+	tw := tabwriter.NewWriter(e.stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(e.stdout, "kernel:  %s\nprofile: %s\n", st.Banner, st.Profile)
+	fmt.Fprintf(tw, "\tpages\tMiB\tshare\t\n")
+	for _, r := range []struct {
+		name string
+		n    uint64
+	}{
+		{"total", st.PagesTotal}, {"to save", st.PagesUsed}, {"free", st.PagesFree},
+		{"  buddy", st.FreeBuddy}, {"  per-CPU", st.FreePCP}, {"zero", st.PagesZero}, {"hole", st.PagesHole},
+	} {
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t\n", r.name, r.n, r.n>>8, pct(r.n))
+	}
+	tw.Flush()
+	fmt.Fprintf(e.stdout, "walk %d ms, guest paused %d ms, total %d ms\n", st.WalkMS, st.PauseMS, st.DurationMS)
+	for _, w := range st.Warnings {
+		fmt.Fprintf(e.stderr, "warning: %s\n", w)
+	}
+	if *mapPNG != "" {
+		fmt.Fprintf(e.stdout, "map: %s\n", *mapPNG)
+	}
+	return nil
+}
