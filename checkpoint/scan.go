@@ -60,6 +60,8 @@ type scanResult struct {
 	// zero and hole have a bit for every page that would be saved but
 	// reads as zero, or is a hole in the RAM file.
 	zero, hole *pagemap.Bitmap
+	// frames is the walk's result by guest page frame.
+	frames *introspect.FreePages
 }
 
 // Scan pauses the guest, finds the pages in use, and puts the guest back
@@ -133,6 +135,7 @@ func (g *guest) scan(ctx context.Context, opt ScanOptions) (*scanResult, error) 
 		Zones:      fp.Zones,
 		Warnings:   fp.Warnings,
 	}}
+	res.frames = fp
 	res.RAMBytes = res.PagesTotal * introspect.PageSize
 	res.free = g.fileFree(fp.Free)
 	res.PagesFree = res.free.Count()

@@ -27,8 +27,36 @@ type KernelImage struct {
 // maps its image, text to bss, as one run of 2 MiB pages and clears the rest
 // of its mapping: arch/x86/mm/init_64.c cleanup_highmap).
 func ReadKernelImage(mem *PhysMem, cr3 uint64, la57 bool) (*KernelImage, error) {
-	root := PAddr(cr3 &^ (1<<12 | 0xfff) & (1<<52 - 1))
-	tr := &Translator{Mem: mem, Root: root, LA57: la57}
+	var firstErr error
+	for _, root := range rootCandidates(cr3) {
+		img, err := readKernelImage(&Translator{Mem: mem, Root: root, LA57: la57})
+		if err == nil {
+			if _, err = img.Banner(); err == nil {
+				return img, nil
+			}
+		}
+		if firstErr == nil {
+			firstErr = err
+		}
+	}
+	return nil, firstErr
+}
+
+// rootCandidates are the top-level page tables to try for a CR3 value. With
+// page-table isolation a vCPU in user mode runs on the user half of an
+// 8 KiB PGD pair, bit 12 set, which maps almost none of the kernel
+// (arch/x86/mm/pti.c); without PTI, bit 12 is an ordinary address bit. So
+// with bit 12 set, the kernel half is tried first, and the result is
+// accepted only when the kernel's banner is where it belongs.
+func rootCandidates(cr3 uint64) []PAddr {
+	root := RootFromCR3(cr3)
+	if root&(1<<12) != 0 {
+		return []PAddr{root &^ (1 << 12), root}
+	}
+	return []PAddr{root}
+}
+
+func readKernelImage(tr *Translator) (*KernelImage, error) {
 	text, textPhys, err := FindKernelText(tr)
 	if err != nil {
 		return nil, fmt.Errorf("find kernel text: %w", err)

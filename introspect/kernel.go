@@ -60,10 +60,20 @@ func OpenKernel(mem *PhysMem, cr3 uint64, la57 bool, p *profiles.Profile) (*Kern
 	if err != nil {
 		return nil, err
 	}
-	// Bits 0-11 hold the PCID; with page-table isolation bit 12 selects the
-	// user half of an 8 KiB PGD pair (arch/x86/include/asm/pgtable_64.h,
-	// PTI_PGTABLE_SWITCH_BIT), whose kernel half lacks most mappings.
-	root := PAddr(cr3 &^ (1<<12 | 0xfff) & (1<<52 - 1))
+	var k *Kernel
+	for _, root := range rootCandidates(cr3) {
+		k, err = openKernel(mem, root, la57, p, l)
+		if err == nil {
+			break
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	return k, nil
+}
+
+func openKernel(mem *PhysMem, root PAddr, la57 bool, p *profiles.Profile, l *layout) (*Kernel, error) {
 	k := &Kernel{Mem: mem, Tr: &Translator{Mem: mem, Root: root, LA57: la57}, Profile: p, layout: l, tlb: map[VAddr]PAddr{}}
 	text, _, err := FindKernelText(k.Tr)
 	if err != nil {

@@ -1,0 +1,172 @@
+package checkpoint
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"regexp"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvmckpt/kvmckpt/internal/vmtest"
+	"github.com/kvmckpt/kvmckpt/qmp"
+)
+
+func TestMain(m *testing.M) { vmtest.Main(m) }
+
+// kernelTrouble matches kernel messages that mean a restored guest is not
+// intact.
+var kernelTrouble = regexp.MustCompile(`(?i)BUG:|Oops|bad page|corrupt|general protection|Kernel panic|VERIFY FAIL`)
+
+// guestConfigs are the machines the acceptance criteria name.
+var guestConfigs = []struct {
+	name string
+	cfg  vmtest.Config
+}{
+	{"pc-1G-1cpu", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}},
+	{"q35-3G-2cpu", vmtest.Config{Machine: "q35", MemMiB: 3072, CPUs: 2}},
+	{"pc-1G-cpumax-la57", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, CPU: "max"}},
+}
+
+// dirtyFree is the workload of the acceptance tests: about 60% of RAM
+// filled with non-zero data and freed, some incompressible data kept.
+func dirtyFree(memMiB int) vmtest.Workload {
+	return vmtest.Workload{Churn: memMiB * 6 / 10, Anon: memMiB / 16, Tmpfs: memMiB / 16, Text: memMiB / 32, Interval: 1}
+}
+
+func memFreePages(t *testing.T, g *vmtest.Guest) uint64 {
+	t.Helper()
+	m := regexp.MustCompile(`KW MEM when=kept total_kb=(\d+) free_kb=(\d+)`).FindStringSubmatch(g.Serial())
+	require.NotNil(t, m, "no MEM line")
+	var free uint64
+	for _, c := range m[2] {
+		free = free*10 + uint64(c-'0')
+	}
+	return free / 4
+}
+
+func TestSaveRestore(t *testing.T) {
+	for _, gc := range guestConfigs {
+		t.Run(gc.name, func(t *testing.T) {
+			cfg := gc.cfg
+			cfg.Workload = dirtyFree(cfg.MemMiB)
+			src := vmtest.Boot(t, cfg)
+			src.WaitReady(t)
+			free := memFreePages(t, src)
+			ctx := context.Background()
+			out := filepath.Join(t.TempDir(), "guest.kvmckpt")
+			res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: t.TempDir()}, Output: out})
+			require.NoError(t, err)
+			t.Logf("save: %+v", *res)
+			assert.Equal(t, "running", res.GuestState, "save must put a running guest back to running")
+			used := res.PagesTotal - free
+			assert.LessOrEqual(t, float64(res.PagesSaved), 1.02*float64(used),
+				"checkpoint holds %d pages, guest uses %d", res.PagesSaved, used)
+			assert.Greater(t, res.PagesFree, res.PagesTotal/2, "most of the churned memory is free")
+			st, err := os.Stat(out)
+			require.NoError(t, err)
+			assert.Equal(t, os.FileMode(0o600), st.Mode().Perm())
+			require.NoError(t, Verify(out, nil))
+
+			// The source keeps running and verifying.
+			_, _, err = src.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK`), len(src.Serial()), time.Minute)
+			require.NoError(t, err)
+
+			tcfg := gc.cfg
+			tcfg.Workload = cfg.Workload
+			tcfg.Incoming = true
+			dst := vmtest.Boot(t, tcfg)
+			rres, err := Restore(ctx, RestoreOptions{Input: out, QMP: dst.QMPPath, Resume: true})
+			require.NoError(t, err)
+			t.Logf("restore: %+v", *rres)
+			assert.Equal(t, "running", rres.GuestState)
+			// Two rounds of verification of all kept data after the restore.
+			_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK`), 0, 2*time.Minute)
+			require.NoError(t, err, "restored guest does not verify its data")
+			assert.NotRegexp(t, kernelTrouble, dst.Serial(), "restored guest's console shows trouble")
+		})
+	}
+}
+
+func TestSaveKeepsPausedGuestPaused(t *testing.T) {
+	g := vmtest.Boot(t, vmtest.Config{MemMiB: 512, Workload: vmtest.Workload{Churn: 128, Anon: 16}})
+	g.WaitReady(t)
+	ctx := context.Background()
+	s, err := qmp.Dial(ctx, g.QMPPath)
+	require.NoError(t, err)
+	require.NoError(t, s.Stop(ctx))
+	s.Close()
+	dir := t.TempDir()
+	res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: filepath.Join(dir, "a.kvmckpt")})
+	require.NoError(t, err)
+	assert.NotEqual(t, "running", res.GuestState)
+	s, err = qmp.Dial(ctx, g.QMPPath)
+	require.NoError(t, err)
+	st, err := s.Status(ctx)
+	require.NoError(t, err)
+	assert.False(t, st.Running, "a paused guest must stay paused, is %s", st.State)
+
+	// --keep-paused from running, and resume. (QEMU serves one QMP client
+	// at a time: close ours first.)
+	require.NoError(t, s.Cont(ctx))
+	s.Close()
+	res, err = Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: filepath.Join(dir, "b.kvmckpt"), After: AfterKeepPaused})
+	require.NoError(t, err)
+	assert.NotEqual(t, "running", res.GuestState)
+	state, err := Resume(ctx, g.QMPPath)
+	require.NoError(t, err)
+	assert.Equal(t, "running", state)
+
+	// --quit ends QEMU, after the file is durable.
+	out := filepath.Join(dir, "c.kvmckpt")
+	res, err = Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: out, After: AfterQuit})
+	require.NoError(t, err)
+	require.NoError(t, g.Wait(30*time.Second), "QEMU must end after --quit")
+	require.NoError(t, Verify(out, nil))
+}
+
+func TestSaveIntoReadOnlyDirFailsCleanly(t *testing.T) {
+	g := vmtest.Boot(t, vmtest.Config{MemMiB: 512, Workload: vmtest.Workload{Churn: 64, Anon: 16}})
+	g.WaitReady(t)
+	dir := readOnlyDir(t)
+	ctx := context.Background()
+	_, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: t.TempDir()}, Output: filepath.Join(dir, "x.kvmckpt")})
+	require.Error(t, err)
+	t.Log(err)
+	entries, _ := os.ReadDir(dir)
+	assert.Empty(t, entries, "no file may be left")
+	s, err := qmp.Dial(ctx, g.QMPPath)
+	require.NoError(t, err)
+	defer s.Close()
+	st, err := s.Status(ctx)
+	require.NoError(t, err)
+	assert.True(t, st.Running, "guest must run again, is %s", st.State)
+}
+
+func TestSaveIntoFullDiskFailsCleanly(t *testing.T) {
+	g := vmtest.Boot(t, vmtest.Config{MemMiB: 512, Workload: vmtest.Workload{Churn: 64, Anon: 48}})
+	g.WaitReady(t)
+	dir := tmpfsDir(t, "16m", 0)
+	out := filepath.Join(dir, "x.kvmckpt")
+	older := []byte("an older checkpoint of the same name")
+	require.NoError(t, os.WriteFile(out, older, 0o600))
+	ctx := context.Background()
+	_, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: t.TempDir()}, Output: out})
+	require.Error(t, err)
+	t.Log(err)
+	assert.Contains(t, err.Error(), "no space left")
+	got, err := os.ReadFile(out)
+	require.NoError(t, err)
+	assert.Equal(t, older, got, "the older checkpoint must survive")
+	entries, _ := os.ReadDir(dir)
+	assert.Len(t, entries, 1, "no temporary file may be left")
+	s, err := qmp.Dial(ctx, g.QMPPath)
+	require.NoError(t, err)
+	defer s.Close()
+	st, err := s.Status(ctx)
+	require.NoError(t, err)
+	assert.True(t, st.Running, "guest must run again, is %s", st.State)
+}

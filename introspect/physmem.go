@@ -1,0 +1,238 @@
+package introspect
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"slices"
+)
+
+// Sentinel errors of guest memory access and address translation. Returned
+// errors wrap them; test with errors.Is.
+var (
+	// ErrNotMapped means a guest-physical address is not backed by any
+	// [Mapping]: a hole in the guest's physical address space, MMIO, or a
+	// garbage pointer read from guest memory.
+	ErrNotMapped = errors.New("guest-physical address not mapped")
+	// ErrBadMapping means the mapping list given to [NewPhysMem] is
+	// inconsistent.
+	ErrBadMapping = errors.New("invalid guest memory mapping")
+	// ErrFileSize means [MapFile] was asked for a size the file cannot back.
+	ErrFileSize = errors.New("mapping size does not fit the file")
+	// ErrNotPresent means a page-table entry on the way to a virtual address
+	// has its present bit clear.
+	ErrNotPresent = errors.New("page not present")
+	// ErrReservedBit means a page-table entry sets a bit the processor would
+	// fault on (SDM Vol. 3A 4.5.4, reserved-bit violation).
+	ErrReservedBit = errors.New("reserved bit set in page-table entry")
+	// ErrNonCanonical means a virtual address is not sign-extended from the
+	// top bit of the paging mode's linear address width.
+	ErrNonCanonical = errors.New("non-canonical virtual address")
+	// ErrWalkLimit means [Translator.Walk] read more entries than its bound.
+	ErrWalkLimit = errors.New("page-table walk limit exceeded")
+	// ErrNoKernelText means [FindKernelText] found no mapping in the kernel
+	// image region.
+	ErrNoKernelText = errors.New("kernel text mapping not found")
+)
+
+// ReadError reports a failed access to guest-physical memory at Addr.
+type ReadError struct {
+	Addr PAddr  // first byte that could not be read
+	Op   string // what was being read, e.g. "read", "read uint64"
+	Err  error  // the cause, usually [ErrNotMapped]
+}
+
+func (e *ReadError) Error() string {
+	return fmt.Sprintf("%s guest-physical %v: %v", e.Op, e.Addr, e.Err)
+}
+
+func (e *ReadError) Unwrap() error { return e.Err }
+
+// Mapping places Size bytes of a backend, starting at Offset, at
+// guest-physical address GPA. This mirrors a KVM memory slot: QEMU's
+// RAMBlock for "pc.ram" is typically split into a part below the 32-bit PCI
+// hole and a part above 4 GiB, both backed by the same file.
+type Mapping struct {
+	GPA     PAddr  // first guest-physical address
+	Backend int    // index into the backends given to NewPhysMem
+	Offset  uint64 // byte offset into the backend
+	Size    uint64 // length in bytes
+}
+
+// Range returns the guest-physical range m covers.
+func (m Mapping) Range() PAddrRange {
+	return PAddrRange{m.GPA, m.GPA + PAddr(m.Size)}
+}
+
+func (m Mapping) String() string {
+	return fmt.Sprintf("%v -> backend %d offset %#x", m.Range(), m.Backend, m.Offset)
+}
+
+// PhysMem is the guest's physical memory, backed by host byte slices
+// (normally read-only mmaps of the RAM files from [MapFile]).
+//
+// The contents are untrusted: PhysMem only bounds-checks, it never
+// interprets. A PhysMem is immutable after [NewPhysMem] and safe for
+// concurrent use, provided nothing writes the backends concurrently (the
+// guest is paused while kvmckpt reads it).
+type PhysMem struct {
+	backends [][]byte
+	maps     []Mapping // sorted by GPA, non-overlapping, page-aligned
+}
+
+// NewPhysMem returns guest-physical memory laid out by maps over backends.
+// Every mapping must be non-empty, page-aligned (GPA, Offset and Size, as KVM
+// requires of memory slots), lie within its backend, and not overlap another
+// mapping in guest-physical space. Mappings may appear in any order; two
+// mappings may share backend bytes. An inconsistent list gives an error
+// wrapping [ErrBadMapping].
+func NewPhysMem(backends [][]byte, maps []Mapping) (*PhysMem, error) {
+	ms := slices.Clone(maps)
+	for _, m := range ms {
+		if m.Backend < 0 || m.Backend >= len(backends) {
+			return nil, fmt.Errorf("mapping %v: no backend %d: %w", m.GPA, m.Backend, ErrBadMapping)
+		}
+		if m.Size == 0 {
+			return nil, fmt.Errorf("mapping %v: empty: %w", m.GPA, ErrBadMapping)
+		}
+		if !m.GPA.IsPageAligned() || m.Offset&PageMask != 0 || m.Size&PageMask != 0 {
+			return nil, fmt.Errorf("mapping %v: not page-aligned: %w", m, ErrBadMapping)
+		}
+		if _, ok := m.GPA.AddLength(m.Size); !ok {
+			return nil, fmt.Errorf("mapping %v size %#x: overflows: %w", m.GPA, m.Size, ErrBadMapping)
+		}
+		blen := uint64(len(backends[m.Backend]))
+		if m.Offset > blen || m.Size > blen-m.Offset {
+			return nil, fmt.Errorf("mapping %v size %#x: beyond backend %d of %#x bytes: %w",
+				m, m.Size, m.Backend, blen, ErrBadMapping)
+		}
+	}
+	slices.SortFunc(ms, func(a, b Mapping) int {
+		switch {
+		case a.GPA < b.GPA:
+			return -1
+		case a.GPA > b.GPA:
+			return 1
+		}
+		return 0
+	})
+	for i := 1; i < len(ms); i++ {
+		if ms[i-1].Range().Overlaps(ms[i].Range()) {
+			return nil, fmt.Errorf("mappings %v and %v overlap: %w",
+				ms[i-1].Range(), ms[i].Range(), ErrBadMapping)
+		}
+	}
+	return &PhysMem{backends: slices.Clone(backends), maps: ms}, nil
+}
+
+// Mappings returns the mappings sorted by guest-physical address.
+func (m *PhysMem) Mappings() []Mapping { return slices.Clone(m.maps) }
+
+// Size returns the total number of mapped bytes.
+func (m *PhysMem) Size() uint64 {
+	var n uint64
+	for _, mp := range m.maps {
+		n += mp.Size
+	}
+	return n
+}
+
+// find returns the index of the mapping containing pa, or -1.
+func (m *PhysMem) find(pa PAddr) int {
+	// A typical guest has one or two slots (below and above the PCI
+	// hole): scan them. Binary search keeps many slots (memory hotplug,
+	// NUMA) cheap.
+	if len(m.maps) <= 4 {
+		for i := range m.maps {
+			if mp := &m.maps[i]; pa >= mp.GPA && uint64(pa-mp.GPA) < mp.Size {
+				return i
+			}
+		}
+		return -1
+	}
+	// First mapping that ends after pa.
+	i, _ := slices.BinarySearchFunc(m.maps, pa, func(mp Mapping, pa PAddr) int {
+		if mp.GPA+PAddr(mp.Size) <= pa {
+			return -1
+		}
+		return 1
+	})
+	if i < len(m.maps) && m.maps[i].GPA <= pa {
+		return i
+	}
+	return -1
+}
+
+// host returns the backend bytes from pa to the end of its mapping.
+func (m *PhysMem) host(pa PAddr) ([]byte, bool) {
+	i := m.find(pa)
+	if i < 0 {
+		return nil, false
+	}
+	mp := m.maps[i]
+	off := mp.Offset + uint64(pa-mp.GPA)
+	return m.backends[mp.Backend][off : mp.Offset+mp.Size : mp.Offset+mp.Size], true
+}
+
+// Contains reports whether pa is backed by guest RAM.
+func (m *PhysMem) Contains(pa PAddr) bool { return m.find(pa) >= 0 }
+
+// Slice returns the n bytes at pa without copying, if they lie inside one
+// mapping. The slice aliases guest memory: do not write to it (the backend
+// is normally a read-only mmap) and do not keep it past the backend's
+// lifetime.
+func (m *PhysMem) Slice(pa PAddr, n uint64) ([]byte, bool) {
+	b, ok := m.host(pa)
+	if !ok || n > uint64(len(b)) {
+		return nil, false
+	}
+	return b[:n:n], true
+}
+
+// ReadAt copies guest-physical memory starting at pa into p, crossing
+// mapping boundaries where mappings are contiguous. It returns the number of
+// bytes copied; if that is less than len(p), the error is a [*ReadError]
+// naming the first unmapped address and wrapping [ErrNotMapped].
+func (m *PhysMem) ReadAt(p []byte, pa PAddr) (int, error) {
+	return m.readAt(p, pa, "read")
+}
+
+func (m *PhysMem) readAt(p []byte, pa PAddr, op string) (int, error) {
+	if _, ok := pa.AddLength(uint64(len(p))); !ok {
+		return 0, &ReadError{Addr: pa, Op: op, Err: ErrNotMapped}
+	}
+	n := 0
+	for n < len(p) {
+		cur := pa + PAddr(n)
+		b, ok := m.host(cur)
+		if !ok {
+			return n, &ReadError{Addr: cur, Op: op, Err: ErrNotMapped}
+		}
+		n += copy(p[n:], b)
+	}
+	return n, nil
+}
+
+// Uint64 reads the little-endian 64-bit value at pa.
+func (m *PhysMem) Uint64(pa PAddr) (uint64, error) {
+	if b, ok := m.Slice(pa, 8); ok {
+		return binary.LittleEndian.Uint64(b), nil
+	}
+	var buf [8]byte
+	if _, err := m.readAt(buf[:], pa, "read uint64"); err != nil {
+		return 0, err
+	}
+	return binary.LittleEndian.Uint64(buf[:]), nil
+}
+
+// Uint32 reads the little-endian 32-bit value at pa.
+func (m *PhysMem) Uint32(pa PAddr) (uint32, error) {
+	if b, ok := m.Slice(pa, 4); ok {
+		return binary.LittleEndian.Uint32(b), nil
+	}
+	var buf [4]byte
+	if _, err := m.readAt(buf[:], pa, "read uint32"); err != nil {
+		return 0, err
+	}
+	return binary.LittleEndian.Uint32(buf[:]), nil
+}

@@ -1,0 +1,459 @@
+package writer
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"hash/crc32"
+	"iter"
+	"sort"
+	"time"
+
+	"github.com/pierrec/lz4/v4"
+
+	"github.com/kvmckpt/kvmckpt/pagemap"
+)
+
+// FormatVersion is the version of the format this package writes and the
+// newest it reads.
+const FormatVersion = 1
+
+// Limits of the format; see the package documentation.
+const (
+	// PageSize is the only page size of version 1.
+	PageSize = 4096
+	// MaxHeaderBody bounds the JSON header body.
+	MaxHeaderBody = 1 << 20
+	// MaxRegions bounds the number of RAM regions.
+	MaxRegions = 256
+	// MaxMappings bounds the number of guest-physical mappings of a region.
+	MaxMappings = 256
+	// MaxPages bounds the total number of pages, 256 TiB of 4 KiB pages.
+	MaxPages = 1 << 36
+	// MaxChunkPages bounds the pages per chunk, so a chunk is at most
+	// 16 MiB uncompressed.
+	MaxChunkPages = 4096
+	// DefaultChunkPages is the chunk size of [Create] unless
+	// [Options].ChunkPages says otherwise: 1 MiB, large enough for LZ4 to
+	// find matches and for I/O to be efficient, small enough that a few
+	// per core stay in cache.
+	DefaultChunkPages = 256
+	// DefaultMaxDeviceState bounds the device state unless
+	// [Options].MaxDeviceState says otherwise.
+	DefaultMaxDeviceState = 4 << 30
+)
+
+var magic = [8]byte{'K', 'V', 'M', 'C', 'K', 'P', 'T', 0}
+
+// Sizes of the fixed parts of the format.
+const (
+	fixedHeaderLen = 16 // magic, version, bodyLen
+	crcLen         = 4
+	indexEntryLen  = 32
+	trailerLen     = 48
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+func crc(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+
+// Compression says how the writer stores chunks.
+type Compression string
+
+const (
+	// CompressionLZ4 stores each chunk as an LZ4 block, or raw where that
+	// saves less than 1/16 of it.
+	CompressionLZ4 Compression = "lz4"
+	// CompressionNone stores every chunk raw.
+	CompressionNone Compression = "none"
+)
+
+// Encoding is how one chunk is stored.
+type Encoding uint8
+
+const (
+	// EncodingRaw is a chunk stored as is.
+	EncodingRaw Encoding = 0
+	// EncodingLZ4 is a chunk stored as one LZ4 block.
+	EncodingLZ4 Encoding = 1
+)
+
+func (e Encoding) String() string {
+	switch e {
+	case EncodingRaw:
+		return "raw"
+	case EncodingLZ4:
+		return "lz4"
+	}
+	return fmt.Sprintf("Encoding(%d)", uint8(e))
+}
+
+// Header describes a checkpoint: its body is the JSON header of the file.
+// Fields marked "set by the writer" are ignored in the argument of
+// [Create].
+type Header struct {
+	// PageSize is the page size in bytes; 0 in [Create] means [PageSize],
+	// the only value allowed.
+	PageSize uint32 `json:"page_size"`
+	// ChunkPages is the number of pages per chunk. Set by the writer.
+	ChunkPages uint32 `json:"chunk_pages"`
+	// Compression is how chunks were stored. Set by the writer.
+	Compression Compression `json:"compression"`
+	// FillByte is the value of every byte of the pages not saved: 0, or
+	// for example 0xaa for a guest booted with page poisoning, which fills
+	// freed pages with PAGE_POISON (include/linux/poison.h).
+	FillByte uint8 `json:"fill_byte"`
+	// Regions are the guest's RAM backends. The bitmap covers their pages,
+	// concatenated in this order.
+	Regions []Region `json:"regions"`
+	// Pages counts pages by what the checkpointer decided about them.
+	Pages PageCounts `json:"pages"`
+
+	KernelBanner string `json:"kernel_banner,omitempty"`
+	// Profile names the kernel profile used to find free pages.
+	Profile     string `json:"profile,omitempty"`
+	QEMUVersion string `json:"qemu_version,omitempty"`
+	MachineType string `json:"machine_type,omitempty"`
+	// CommandLine is the source QEMU's argv.
+	CommandLine []string `json:"command_line,omitempty"`
+	// Created is when the checkpoint was taken; if zero in [Create], the
+	// writer sets it to the current time.
+	Created time.Time `json:"created"`
+}
+
+// Region is one RAM backend of the guest.
+type Region struct {
+	// ID is the QEMU memory backend id, for example "pc.ram" or "mem0".
+	ID string `json:"id"`
+	// Size is the backend's size in bytes, a multiple of the page size.
+	Size uint64 `json:"size"`
+	// MemPath is the backend's mem-path at the source.
+	MemPath string `json:"mem_path,omitempty"`
+	// Mappings place the backend in the guest-physical address space.
+	Mappings []Mapping `json:"mappings,omitempty"`
+}
+
+// Mapping says that guest-physical [GPA, GPA+Size) is the bytes
+// [Offset, Offset+Size) of its region.
+type Mapping struct {
+	GPA    uint64 `json:"gpa"`
+	Offset uint64 `json:"offset"`
+	Size   uint64 `json:"size"`
+}
+
+// PageCounts counts pages. Total and Saved are set by the writer and
+// checked by the reader; the others are the checkpointer's statistics.
+type PageCounts struct {
+	// Total is the number of pages of all regions.
+	Total uint64 `json:"total"`
+	// Saved is the number of pages in the file.
+	Saved uint64 `json:"saved"`
+	// FreeBuddy and FreePCP are pages skipped as free in the guest's buddy
+	// allocator and per-CPU page lists.
+	FreeBuddy uint64 `json:"free_buddy"`
+	FreePCP   uint64 `json:"free_pcp"`
+	// Zero is pages skipped because all their bytes were zero.
+	Zero uint64 `json:"zero"`
+	// Hole is pages skipped because the RAM file had no block there.
+	Hole uint64 `json:"hole"`
+}
+
+// clone returns a deep copy of h, so that a caller's later changes to its
+// slices cannot reach a Writer or Reader, nor the reverse.
+func (h *Header) clone() Header {
+	c := *h
+	c.Regions = make([]Region, len(h.Regions))
+	for i, r := range h.Regions {
+		r.Mappings = append([]Mapping(nil), r.Mappings...)
+		c.Regions[i] = r
+	}
+	c.CommandLine = append([]string(nil), h.CommandLine...)
+	return c
+}
+
+// totalPages returns the number of pages of the regions, checking the
+// region and mapping geometry on the way.
+func (h *Header) totalPages() (uint64, error) {
+	if h.PageSize != PageSize {
+		return 0, fmt.Errorf("page size %d, want %d", h.PageSize, PageSize)
+	}
+	if len(h.Regions) > MaxRegions {
+		return 0, fmt.Errorf("%d regions, more than %d", len(h.Regions), MaxRegions)
+	}
+	ps := uint64(h.PageSize)
+	var total uint64
+	for i, r := range h.Regions {
+		if r.Size == 0 || r.Size%ps != 0 {
+			return 0, fmt.Errorf("region %d (%q): size %#x is not a positive multiple of the page size", i, r.ID, r.Size)
+		}
+		if r.Size/ps > MaxPages-total {
+			return 0, fmt.Errorf("regions exceed %d pages", MaxPages)
+		}
+		total += r.Size / ps
+		if len(r.Mappings) > MaxMappings {
+			return 0, fmt.Errorf("region %d (%q): %d mappings, more than %d", i, r.ID, len(r.Mappings), MaxMappings)
+		}
+		for j, m := range r.Mappings {
+			if m.Size == 0 || m.GPA%ps != 0 || m.Offset%ps != 0 || m.Size%ps != 0 {
+				return 0, fmt.Errorf("region %d (%q): mapping %d is empty or not page aligned", i, r.ID, j)
+			}
+			if m.Offset > r.Size || m.Size > r.Size-m.Offset {
+				return 0, fmt.Errorf("region %d (%q): mapping %d: [%#x, %#x+%#x) past the region's end %#x", i, r.ID, j, m.Offset, m.Offset, m.Size, r.Size)
+			}
+			if m.GPA+m.Size < m.GPA {
+				return 0, fmt.Errorf("region %d (%q): mapping %d: guest-physical range wraps", i, r.ID, j)
+			}
+		}
+	}
+	return total, nil
+}
+
+// check validates everything in h that does not depend on the bitmap.
+func (h *Header) check() error {
+	total, err := h.totalPages()
+	if err != nil {
+		return err
+	}
+	if h.ChunkPages == 0 || h.ChunkPages > MaxChunkPages {
+		return fmt.Errorf("chunk_pages %d not in [1, %d]", h.ChunkPages, MaxChunkPages)
+	}
+	if h.Compression != CompressionLZ4 && h.Compression != CompressionNone {
+		return fmt.Errorf("unknown compression %q", h.Compression)
+	}
+	p := h.Pages
+	if p.Total != total {
+		return fmt.Errorf("pages.total %d, but the regions hold %d pages", p.Total, total)
+	}
+	for _, c := range []uint64{p.Saved, p.FreeBuddy, p.FreePCP, p.Zero, p.Hole} {
+		if c > total {
+			return fmt.Errorf("page count %d exceeds the total of %d", c, total)
+		}
+	}
+	return nil
+}
+
+// chunkCount returns the number of chunks of a checkpoint with saved pages
+// cut into chunks of chunkPages.
+func chunkCount(saved uint64, chunkPages uint32) uint64 {
+	return (saved + uint64(chunkPages) - 1) / uint64(chunkPages)
+}
+
+// encodeHeader returns the header section: fixed part, JSON body, CRC.
+func encodeHeader(h *Header) ([]byte, error) {
+	body, err := json.Marshal(h)
+	if err != nil {
+		return nil, fmt.Errorf("encode header: %w", err)
+	}
+	if len(body) > MaxHeaderBody {
+		return nil, fmt.Errorf("encode header: body of %d bytes exceeds %d: %w", len(body), MaxHeaderBody, ErrTooLarge)
+	}
+	b := make([]byte, 0, fixedHeaderLen+len(body)+crcLen)
+	b = append(b, magic[:]...)
+	b = binary.LittleEndian.AppendUint32(b, FormatVersion)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(body)))
+	b = append(b, body...)
+	return binary.LittleEndian.AppendUint32(b, crc(b)), nil
+}
+
+// parseFixedHeader checks the fixed part of the header and returns the body
+// length. avail is the file size: fixed may be shorter than fixedHeaderLen
+// if the file is.
+func parseFixedHeader(fixed []byte, avail int64) (uint32, error) {
+	n := min(len(fixed), len(magic))
+	if string(fixed[:n]) != string(magic[:n]) {
+		return 0, formatErr(PartHeader, 0, 0, ErrBadMagic, "magic %q", fixed[:n])
+	}
+	if len(fixed) < fixedHeaderLen {
+		return 0, formatErr(PartHeader, 0, 0, ErrTruncated, "file of %d bytes", avail)
+	}
+	switch v := binary.LittleEndian.Uint32(fixed[8:]); {
+	case v > FormatVersion:
+		return 0, formatErr(PartHeader, 0, 8, ErrNewerVersion, "version %d, newest supported %d", v, FormatVersion)
+	case v < FormatVersion:
+		return 0, formatErr(PartHeader, 0, 8, ErrCorrupt, "version %d", v)
+	}
+	bodyLen := binary.LittleEndian.Uint32(fixed[12:])
+	if bodyLen > MaxHeaderBody {
+		return 0, formatErr(PartHeader, 0, 12, ErrCorrupt, "body length %d exceeds %d", bodyLen, MaxHeaderBody)
+	}
+	if int64(fixedHeaderLen)+int64(bodyLen)+crcLen > avail {
+		return 0, formatErr(PartHeader, 0, 12, ErrTruncated, "body length %d past the end of a %d-byte file", bodyLen, avail)
+	}
+	return bodyLen, nil
+}
+
+// decodeHeader checks the CRC of the header section b (fixed part, body,
+// CRC) and decodes and validates its body.
+func decodeHeader(b []byte) (Header, error) {
+	var h Header
+	n := len(b) - crcLen
+	if got, want := crc(b[:n]), binary.LittleEndian.Uint32(b[n:]); got != want {
+		return h, formatErr(PartHeader, 0, int64(n), ErrCorrupt, "crc %#08x, stored %#08x", got, want)
+	}
+	if err := json.Unmarshal(b[fixedHeaderLen:n], &h); err != nil {
+		return h, formatErr(PartHeader, 0, fixedHeaderLen, ErrCorrupt, "decode body: %v", err)
+	}
+	if err := h.check(); err != nil {
+		return h, formatErr(PartHeader, 0, fixedHeaderLen, ErrCorrupt, "%v", err)
+	}
+	return h, nil
+}
+
+// indexEntry is the on-disk form of [ChunkInfo].
+type indexEntry struct {
+	offset    uint64
+	firstPage uint64
+	rawLen    uint32
+	storedLen uint32
+	crc       uint32
+	encoding  Encoding
+}
+
+func (e *indexEntry) append(b []byte) []byte {
+	b = binary.LittleEndian.AppendUint64(b, e.offset)
+	b = binary.LittleEndian.AppendUint64(b, e.firstPage)
+	b = binary.LittleEndian.AppendUint32(b, e.rawLen)
+	b = binary.LittleEndian.AppendUint32(b, e.storedLen)
+	b = binary.LittleEndian.AppendUint32(b, e.crc)
+	return append(b, byte(e.encoding), 0, 0, 0)
+}
+
+// parseIndexEntry decodes an entry; it reports false if reserved bytes
+// are set.
+func parseIndexEntry(b []byte) (indexEntry, bool) {
+	e := indexEntry{
+		offset:    binary.LittleEndian.Uint64(b),
+		firstPage: binary.LittleEndian.Uint64(b[8:]),
+		rawLen:    binary.LittleEndian.Uint32(b[16:]),
+		storedLen: binary.LittleEndian.Uint32(b[20:]),
+		crc:       binary.LittleEndian.Uint32(b[24:]),
+		encoding:  Encoding(b[28]),
+	}
+	return e, b[29]|b[30]|b[31] == 0
+}
+
+type trailer struct {
+	indexOff, indexLen uint64
+	devOff, devLen     uint64
+	fileCRC            uint32
+}
+
+func (t *trailer) append(b []byte) []byte {
+	start := len(b)
+	b = binary.LittleEndian.AppendUint64(b, t.indexOff)
+	b = binary.LittleEndian.AppendUint64(b, t.indexLen)
+	b = binary.LittleEndian.AppendUint64(b, t.devOff)
+	b = binary.LittleEndian.AppendUint64(b, t.devLen)
+	b = binary.LittleEndian.AppendUint32(b, t.fileCRC)
+	b = binary.LittleEndian.AppendUint32(b, crc(b[start:]))
+	return append(b, magic[:]...)
+}
+
+// parseTrailer decodes and checks the trailer b, found at offset off.
+func parseTrailer(b []byte, off int64) (trailer, error) {
+	if string(b[40:]) != string(magic[:]) {
+		return trailer{}, formatErr(PartTrailer, 0, off+40, ErrTruncated, "no trailer magic (file cut short or never committed)")
+	}
+	if got, want := crc(b[:36]), binary.LittleEndian.Uint32(b[36:]); got != want {
+		return trailer{}, formatErr(PartTrailer, 0, off+36, ErrCorrupt, "crc %#08x, stored %#08x", got, want)
+	}
+	return trailer{
+		indexOff: binary.LittleEndian.Uint64(b),
+		indexLen: binary.LittleEndian.Uint64(b[8:]),
+		devOff:   binary.LittleEndian.Uint64(b[16:]),
+		devLen:   binary.LittleEndian.Uint64(b[24:]),
+		fileCRC:  binary.LittleEndian.Uint32(b[32:]),
+	}, nil
+}
+
+// maxStored is the largest stored length of a chunk of rawLen bytes.
+func maxStored(rawLen uint32) uint32 {
+	return uint32(lz4.CompressBlockBound(int(rawLen)))
+}
+
+// chunkSpans returns an iterator over the chunks of the saved pages of
+// used, cut into chunks of n pages: the first page of each chunk and its
+// number of pages. The writer cuts chunks with it and the reader checks the
+// index against it.
+func chunkSpans(used *pagemap.Bitmap, n uint64) iter.Seq2[uint64, uint64] {
+	return func(yield func(first, pages uint64) bool) {
+		var first, have uint64
+		for start, count := range used.Runs() {
+			for count > 0 {
+				if have == 0 {
+					first = start
+				}
+				take := min(count, n-have)
+				have, start, count = have+take, start+take, count-take
+				if have == n {
+					if !yield(first, have) {
+						return
+					}
+					have = 0
+				}
+			}
+		}
+		if have > 0 {
+			yield(first, have)
+		}
+	}
+}
+
+// chunkRuns returns an iterator over the runs of set pages of used that
+// make up the chunk of the given pages starting at first.
+func chunkRuns(used *pagemap.Bitmap, first, pages uint64) iter.Seq2[uint64, uint64] {
+	return func(yield func(start, count uint64) bool) {
+		for p := first; pages > 0; {
+			start, ok := used.NextSet(p)
+			if !ok {
+				return
+			}
+			end, _ := used.NextClear(start)
+			count := min(end-start, pages)
+			if !yield(start, count) {
+				return
+			}
+			pages -= count
+			p = start + count
+		}
+	}
+}
+
+// contiguous reports whether the pages of used from first on are all set.
+func contiguous(used *pagemap.Bitmap, first, pages uint64) bool {
+	end, _ := used.NextClear(first)
+	return end-first >= pages
+}
+
+// space maps page numbers of the concatenated regions to the memory that
+// holds them: the writer's source or the reader's restore target.
+type space struct {
+	mem    [][]byte
+	starts []uint64 // starts[i] is region i's first page; one more, the total
+}
+
+func newSpace(mem [][]byte, h *Header) (*space, error) {
+	if len(mem) != len(h.Regions) {
+		return nil, fmt.Errorf("%d memory slices for %d regions", len(mem), len(h.Regions))
+	}
+	s := &space{mem: mem, starts: make([]uint64, 0, len(mem)+1)}
+	var p uint64
+	for i, m := range mem {
+		if uint64(len(m)) != h.Regions[i].Size {
+			return nil, fmt.Errorf("region %d (%q): memory of %d bytes, want %d", i, h.Regions[i].ID, len(m), h.Regions[i].Size)
+		}
+		s.starts = append(s.starts, p)
+		p += h.Regions[i].Size / PageSize
+	}
+	s.starts = append(s.starts, p)
+	return s, nil
+}
+
+// span returns the memory of the longest prefix of pages [p, p+n) that
+// lies in one region, and the number of pages in it.
+func (s *space) span(p, n uint64) ([]byte, uint64) {
+	i := sort.Search(len(s.mem), func(i int) bool { return s.starts[i+1] > p })
+	c := min(n, s.starts[i+1]-p)
+	off := (p - s.starts[i]) * PageSize
+	return s.mem[i][off : off+c*PageSize], c
+}

@@ -1,0 +1,698 @@
+package writer
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"iter"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+
+	"github.com/pierrec/lz4/v4"
+
+	"github.com/kvmckpt/kvmckpt/pagemap"
+)
+
+// ChunkInfo describes one chunk, from the index.
+type ChunkInfo struct {
+	// Offset is the file offset of the stored bytes.
+	Offset int64
+	// FirstPage is the page number of the chunk's first page; the others
+	// are the next saved pages in page order.
+	FirstPage uint64
+	// Pages is the number of pages in the chunk.
+	Pages uint64
+	// RawLen is Pages times the page size; StoredLen is the stored size.
+	RawLen, StoredLen uint32
+	// CRC is the CRC-32C of the stored bytes.
+	CRC      uint32
+	Encoding Encoding
+}
+
+// Reader reads a checkpoint. Its methods are safe for concurrent use if
+// the underlying io.ReaderAt is, as an *os.File is.
+type Reader struct {
+	ra     io.ReaderAt
+	size   int64
+	closer io.Closer
+
+	h         Header
+	used      *pagemap.Bitmap
+	bitmapOff int64 // end of the header, start of the bitmap
+	chunksOff int64 // start of chunk 0
+	chunks    []ChunkInfo
+	tr        trailer
+}
+
+// Open opens the checkpoint at path and checks its header, bitmap, trailer
+// and index; see [NewReader]. The caller must Close the Reader.
+func Open(path string) (*Reader, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open checkpoint: %w", err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open checkpoint: %w", err)
+	}
+	r, err := NewReader(f, fi.Size())
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open checkpoint %s: %w", path, err)
+	}
+	r.closer = f
+	return r, nil
+}
+
+// Close closes the file opened by [Open]. For a Reader from [NewReader] it
+// does nothing.
+func (r *Reader) Close() error {
+	if r.closer == nil {
+		return nil
+	}
+	return r.closer.Close()
+}
+
+// NewReader reads the checkpoint of size bytes in ra. It checks the
+// header, bitmap, trailer and index, their checksums and that they agree
+// with each other and with size; it returns a [*FormatError] if they do
+// not. The chunks and the device state are checked when read, or all at
+// once by [Reader.Verify].
+func NewReader(ra io.ReaderAt, size int64) (*Reader, error) {
+	if size < 0 {
+		return nil, fmt.Errorf("read checkpoint: negative size %d", size)
+	}
+	r := &Reader{ra: ra, size: size}
+
+	fixed := make([]byte, min(size, fixedHeaderLen))
+	if err := r.readAt(PartHeader, 0, fixed, 0); err != nil {
+		return nil, err
+	}
+	bodyLen, err := parseFixedHeader(fixed, size)
+	if err != nil {
+		return nil, err
+	}
+	// parseFixedHeader bounded bodyLen by MaxHeaderBody and size.
+	hdr := make([]byte, fixedHeaderLen+int(bodyLen)+crcLen)
+	if err := r.readAt(PartHeader, 0, hdr, 0); err != nil {
+		return nil, err
+	}
+	if r.h, err = decodeHeader(hdr); err != nil {
+		return nil, err
+	}
+	r.bitmapOff = int64(len(hdr))
+	if err := r.readBitmap(); err != nil {
+		return nil, err
+	}
+	if err := r.readTrailer(); err != nil {
+		return nil, err
+	}
+	if err := r.readIndex(); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// readAt reads len(b) bytes at off, part of part.
+func (r *Reader) readAt(part Part, idx int, b []byte, off int64) error {
+	n, err := r.ra.ReadAt(b, off)
+	if n == len(b) {
+		return nil
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		err = ErrTruncated
+	}
+	return formatErr(part, idx, off+int64(n), err, "read %d bytes at %#x", len(b), off)
+}
+
+func (r *Reader) readBitmap() error {
+	// totalPages <= MaxPages, so the length fits.
+	n, _ := pagemap.EncodedLen(r.h.Pages.Total)
+	if uint64(r.size-r.bitmapOff) < n+crcLen+trailerLen {
+		return formatErr(PartBitmap, 0, r.bitmapOff, ErrTruncated,
+			"%d-byte bitmap and trailer past the end of a %d-byte file", n, r.size)
+	}
+	b := make([]byte, n+crcLen)
+	if err := r.readAt(PartBitmap, 0, b, r.bitmapOff); err != nil {
+		return err
+	}
+	if got, want := crc(b[:n]), binary.LittleEndian.Uint32(b[n:]); got != want {
+		return formatErr(PartBitmap, 0, r.bitmapOff+int64(n), ErrCorrupt, "crc %#08x, stored %#08x", got, want)
+	}
+	r.used = new(pagemap.Bitmap)
+	if err := r.used.UnmarshalBinary(b[:n]); err != nil {
+		return formatErr(PartBitmap, 0, r.bitmapOff, ErrCorrupt, "%v", err)
+	}
+	if r.used.Len() != r.h.Pages.Total {
+		return formatErr(PartBitmap, 0, r.bitmapOff, ErrCorrupt, "covers %d pages, header says %d", r.used.Len(), r.h.Pages.Total)
+	}
+	if c := r.used.Count(); c != r.h.Pages.Saved {
+		return formatErr(PartBitmap, 0, r.bitmapOff, ErrCorrupt, "has %d pages set, header says %d saved", c, r.h.Pages.Saved)
+	}
+	r.chunksOff = r.bitmapOff + int64(n) + crcLen
+	return nil
+}
+
+func (r *Reader) readTrailer() error {
+	off := r.size - trailerLen // readBitmap made sure this is past the bitmap
+	b := make([]byte, trailerLen)
+	if err := r.readAt(PartTrailer, 0, b, off); err != nil {
+		return err
+	}
+	t, err := parseTrailer(b, off)
+	if err != nil {
+		return err
+	}
+	// All offsets and lengths are below the file size, so sums of two do
+	// not overflow.
+	u := uint64(off)
+	nChunks := chunkCount(r.h.Pages.Saved, r.h.ChunkPages)
+	switch {
+	case t.indexOff > u || t.indexLen > u || t.devOff > u || t.devLen > u:
+		return formatErr(PartTrailer, 0, off, ErrCorrupt, "offset or length past the end of the file")
+	case t.indexLen != nChunks*indexEntryLen:
+		return formatErr(PartTrailer, 0, off, ErrCorrupt, "index of %d bytes for %d chunks", t.indexLen, nChunks)
+	case t.indexOff < uint64(r.chunksOff):
+		return formatErr(PartTrailer, 0, off, ErrCorrupt, "index at %#x before the chunks at %#x", t.indexOff, r.chunksOff)
+	case t.indexOff+t.indexLen+crcLen != t.devOff:
+		return formatErr(PartTrailer, 0, off, ErrCorrupt, "device state at %#x, index ends at %#x", t.devOff, t.indexOff+t.indexLen+crcLen)
+	case t.devOff+t.devLen+crcLen != u:
+		return formatErr(PartTrailer, 0, off, ErrCorrupt, "device state ends at %#x, trailer at %#x", t.devOff+t.devLen+crcLen, u)
+	}
+	r.tr = t
+	return nil
+}
+
+func (r *Reader) readIndex() error {
+	off := int64(r.tr.indexOff)
+	// readTrailer bounded indexLen by the file size.
+	b := make([]byte, r.tr.indexLen+crcLen)
+	if err := r.readAt(PartIndex, 0, b, off); err != nil {
+		return err
+	}
+	n := len(b) - crcLen
+	if got, want := crc(b[:n]), binary.LittleEndian.Uint32(b[n:]); got != want {
+		return formatErr(PartIndex, 0, off+int64(n), ErrCorrupt, "crc %#08x, stored %#08x", got, want)
+	}
+	r.chunks = make([]ChunkInfo, 0, n/indexEntryLen)
+	next := uint64(r.chunksOff)
+	for first, pages := range chunkSpans(r.used, uint64(r.h.ChunkPages)) {
+		i := len(r.chunks)
+		eOff := off + int64(i*indexEntryLen)
+		e, ok := parseIndexEntry(b[i*indexEntryLen:])
+		rawLen := pages * uint64(r.h.PageSize)
+		var msg string
+		switch {
+		case !ok:
+			msg = "reserved bytes set"
+		case e.offset != next:
+			msg = fmt.Sprintf("offset %#x, previous chunk ends at %#x", e.offset, next)
+		case e.firstPage != first:
+			msg = fmt.Sprintf("first page %d, bitmap says %d", e.firstPage, first)
+		case uint64(e.rawLen) != rawLen:
+			msg = fmt.Sprintf("raw length %d for %d pages", e.rawLen, pages)
+		case e.encoding == EncodingRaw && e.storedLen != e.rawLen:
+			msg = fmt.Sprintf("raw chunk stores %d bytes of %d", e.storedLen, e.rawLen)
+		case e.encoding == EncodingLZ4 && r.h.Compression == CompressionNone:
+			msg = "lz4 chunk in a file without compression"
+		case e.encoding == EncodingLZ4 && (e.storedLen == 0 || e.storedLen > maxStored(e.rawLen)):
+			msg = fmt.Sprintf("lz4 chunk stores %d bytes of %d", e.storedLen, e.rawLen)
+		case e.encoding != EncodingRaw && e.encoding != EncodingLZ4:
+			msg = fmt.Sprintf("unknown encoding %d", e.encoding)
+		case uint64(e.storedLen) > r.tr.indexOff-next:
+			msg = fmt.Sprintf("%d stored bytes at %#x run into the index at %#x", e.storedLen, next, r.tr.indexOff)
+		}
+		if msg != "" {
+			return formatErr(PartIndex, 0, eOff, ErrCorrupt, "entry %d: %s", i, msg)
+		}
+		r.chunks = append(r.chunks, ChunkInfo{
+			Offset:    int64(e.offset),
+			FirstPage: e.firstPage,
+			Pages:     pages,
+			RawLen:    e.rawLen,
+			StoredLen: e.storedLen,
+			CRC:       e.crc,
+			Encoding:  e.encoding,
+		})
+		next += uint64(e.storedLen)
+	}
+	if next != r.tr.indexOff {
+		return formatErr(PartIndex, 0, off, ErrCorrupt, "chunks end at %#x, index starts at %#x", next, r.tr.indexOff)
+	}
+	return nil
+}
+
+// Header returns the checkpoint's header.
+func (r *Reader) Header() Header { return r.h.clone() }
+
+// Bitmap returns a copy of the bitmap of saved pages.
+func (r *Reader) Bitmap() *pagemap.Bitmap { return r.used.Clone() }
+
+// UnsavedRuns returns an iterator over the runs of pages not saved, as
+// (first page, count): the pages [Reader.FillUnsaved] fills, for callers
+// that punch holes instead (fallocate FALLOC_FL_PUNCH_HOLE) when the fill
+// byte is 0.
+func (r *Reader) UnsavedRuns() iter.Seq2[uint64, uint64] { return r.used.ClearRuns() }
+
+// NumChunks returns the number of chunks.
+func (r *Reader) NumChunks() int { return len(r.chunks) }
+
+// Chunk returns the index entry of chunk i, which must be in
+// [0, NumChunks()).
+func (r *Reader) Chunk(i int) ChunkInfo { return r.chunks[i] }
+
+// DeviceStateLen returns the length of the device state.
+func (r *Reader) DeviceStateLen() int64 { return int64(r.tr.devLen) }
+
+// ReadChunk reads, checks and decodes chunk i, and returns its pages,
+// concatenated in page order. It uses dst if it has room.
+func (r *Reader) ReadChunk(i int, dst []byte) ([]byte, error) {
+	if i < 0 || i >= len(r.chunks) {
+		return nil, fmt.Errorf("read chunk %d: not in [0, %d)", i, len(r.chunks))
+	}
+	c := &r.chunks[i]
+	if cap(dst) < int(c.RawLen) {
+		dst = make([]byte, c.RawLen)
+	}
+	dst = dst[:c.RawLen]
+	stored := make([]byte, c.StoredLen)
+	if err := r.readAt(PartChunk, i, stored, c.Offset); err != nil {
+		return nil, err
+	}
+	if err := r.decodeChunk(i, stored, dst); err != nil {
+		return nil, err
+	}
+	return dst, nil
+}
+
+// decodeChunk checks the stored bytes of chunk i and decodes them into
+// raw, of the chunk's raw length. stored and raw may be the same slice
+// for a raw chunk.
+func (r *Reader) decodeChunk(i int, stored, raw []byte) error {
+	c := &r.chunks[i]
+	if got := crc(stored); got != c.CRC {
+		return formatErr(PartChunk, i, c.Offset, ErrCorrupt, "crc %#08x, index says %#08x", got, c.CRC)
+	}
+	switch c.Encoding {
+	case EncodingRaw:
+		if &stored[0] != &raw[0] {
+			copy(raw, stored)
+		}
+	case EncodingLZ4:
+		n, err := lz4.UncompressBlock(stored, raw)
+		if err != nil || n != len(raw) {
+			return formatErr(PartChunk, i, c.Offset, ErrCorrupt, "lz4 block decodes to %d bytes of %d (%v)", n, len(raw), err)
+		}
+	}
+	return nil
+}
+
+// RestoreOptions tunes [Reader.RestorePages].
+type RestoreOptions struct {
+	// Workers is the number of goroutines decoding chunks; 0 means
+	// runtime.GOMAXPROCS(0).
+	Workers int
+	// Progress, if not nil, is called after each chunk with the number of
+	// pages restored and the number to restore. Calls are serialized, from
+	// the workers' goroutines.
+	Progress func(done, total uint64)
+}
+
+// RestorePages writes the saved pages into dst, where dst[i] is the
+// memory of region i of the header, of its size: typically the mapping of
+// the restore target's RAM file. It reads, checks and decodes chunks in
+// parallel and writes each page at its offset in its region.
+//
+// It writes only the saved pages. Unless dst is known to hold the fill
+// byte already (a new sparse file and fill byte 0), call
+// [Reader.FillUnsaved] too, or punch holes over [Reader.UnsavedRuns].
+//
+// On error, dst holds a partial restore. A fault writing dst (a tmpfs out
+// of space) is returned as an error.
+func (r *Reader) RestorePages(dst [][]byte, opts RestoreOptions) error {
+	sp, err := newSpace(dst, &r.h)
+	if err != nil {
+		return fmt.Errorf("restore pages: %w", err)
+	}
+	return r.restore(memSink{sp}, opts)
+}
+
+// RestorePagesTo is [Reader.RestorePages] for a target written with
+// WriteAt, at page number times page size: the offset in the RAM file of a
+// single-region guest. dst must be safe for concurrent WriteAt calls, as an
+// *os.File is.
+func (r *Reader) RestorePagesTo(dst io.WriterAt, opts RestoreOptions) error {
+	return r.restore(writerAtSink{dst}, opts)
+}
+
+// sink is a restore target.
+type sink interface {
+	// direct returns the memory of pages [first, first+pages) if it is
+	// contiguous, so that chunks can be decoded in place, or nil.
+	direct(first, pages uint64) []byte
+	// put writes data, whole pages, at page first.
+	put(first uint64, data []byte) error
+}
+
+type memSink struct{ sp *space }
+
+func (s memSink) direct(first, pages uint64) []byte {
+	if mem, n := s.sp.span(first, pages); n == pages {
+		return mem
+	}
+	return nil
+}
+
+func (s memSink) put(first uint64, data []byte) error {
+	for len(data) > 0 {
+		mem, _ := s.sp.span(first, uint64(len(data))/PageSize)
+		n := copy(mem, data)
+		data = data[n:]
+		first += uint64(n) / PageSize
+	}
+	return nil
+}
+
+type writerAtSink struct{ w io.WriterAt }
+
+func (writerAtSink) direct(uint64, uint64) []byte { return nil }
+
+func (s writerAtSink) put(first uint64, data []byte) error {
+	_, err := s.w.WriteAt(data, int64(first*PageSize))
+	return err
+}
+
+// chunkBuffers are a restore worker's buffers, grown as needed.
+type chunkBuffers struct{ stored, raw []byte }
+
+func grow(b []byte, n uint32) []byte {
+	if cap(b) < int(n) {
+		return make([]byte, n)
+	}
+	return b[:n]
+}
+
+func (r *Reader) restore(s sink, opts RestoreOptions) error {
+	workers := opts.Workers
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	workers = min(workers, len(r.chunks))
+
+	var (
+		next     atomic.Int64
+		failed   atomic.Bool
+		firstErr error
+		mu       sync.Mutex // guards firstErr, done and calls of Progress
+		done     uint64
+		wg       sync.WaitGroup
+	)
+	for range workers {
+		wg.Go(func() {
+			defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+			var b chunkBuffers
+			for !failed.Load() {
+				i := int(next.Add(1) - 1)
+				if i >= len(r.chunks) {
+					return
+				}
+				err := r.restoreChunk(i, s, &b)
+				mu.Lock()
+				if err != nil {
+					if firstErr == nil {
+						firstErr = err
+					}
+					failed.Store(true)
+				} else if done += r.chunks[i].Pages; opts.Progress != nil {
+					opts.Progress(done, r.h.Pages.Saved)
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return fmt.Errorf("restore pages: %w", firstErr)
+	}
+	return nil
+}
+
+func (r *Reader) restoreChunk(i int, s sink, b *chunkBuffers) (err error) {
+	defer catchFault(&err)
+	c := &r.chunks[i]
+	var direct []byte
+	if contiguous(r.used, c.FirstPage, c.Pages) {
+		direct = s.direct(c.FirstPage, c.Pages)
+	}
+	if direct != nil && c.Encoding == EncodingRaw {
+		// Read straight into place; decodeChunk then only checks the CRC.
+		if err := r.readAt(PartChunk, i, direct, c.Offset); err != nil {
+			return err
+		}
+		return r.decodeChunk(i, direct, direct)
+	}
+	b.stored = grow(b.stored, c.StoredLen)
+	if err := r.readAt(PartChunk, i, b.stored, c.Offset); err != nil {
+		return err
+	}
+	raw := direct
+	if raw == nil {
+		b.raw = grow(b.raw, c.RawLen)
+		raw = b.raw
+	}
+	if err := r.decodeChunk(i, b.stored, raw); err != nil {
+		return err
+	}
+	if direct != nil {
+		return nil
+	}
+	off := uint64(0)
+	for start, count := range chunkRuns(r.used, c.FirstPage, c.Pages) {
+		n := count * PageSize
+		if err := s.put(start, raw[off:off+n]); err != nil {
+			return fmt.Errorf("chunk %d: write pages [%d, %d): %w", i, start, start+count, err)
+		}
+		off += n
+	}
+	return nil
+}
+
+// FillUnsaved sets every byte of the pages not saved to the header's fill
+// byte, in dst as for [Reader.RestorePages]. It is the step after
+// RestorePages for targets that do not hold the fill byte already.
+func (r *Reader) FillUnsaved(dst [][]byte) (err error) {
+	sp, err := newSpace(dst, &r.h)
+	if err != nil {
+		return fmt.Errorf("fill unsaved pages: %w", err)
+	}
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer catchFault(&err)
+	fill := r.h.FillByte
+	for start, count := range r.used.ClearRuns() {
+		for count > 0 {
+			mem, n := sp.span(start, count)
+			if fill == 0 {
+				clear(mem)
+			} else {
+				mem[0] = fill
+				for k := 1; k < len(mem); k *= 2 {
+					copy(mem[k:], mem[:k])
+				}
+			}
+			start, count = start+n, count-n
+		}
+	}
+	return nil
+}
+
+// FillUnsavedTo is [Reader.FillUnsaved] for a target written with
+// WriteAt, as for [Reader.RestorePagesTo].
+func (r *Reader) FillUnsavedTo(dst io.WriterAt) error {
+	var pattern []byte
+	for start, count := range r.used.ClearRuns() {
+		if pattern == nil {
+			pattern = make([]byte, min(count*PageSize, 1<<20))
+			for k := range pattern {
+				pattern[k] = r.h.FillByte
+			}
+		}
+		off, n := start*PageSize, count*PageSize
+		for n > 0 {
+			k := min(n, uint64(len(pattern)))
+			if _, err := dst.WriteAt(pattern[:k], int64(off)); err != nil {
+				return fmt.Errorf("fill unsaved pages: %w", err)
+			}
+			off, n = off+k, n-k
+		}
+	}
+	return nil
+}
+
+// DeviceState returns a reader of the device state. It checks the CRC when
+// it reaches the end: its last Read returns a [*FormatError] instead of
+// io.EOF if the state is corrupt. The bytes before are delivered
+// unchecked; call [Reader.Verify] first to know before feeding them to
+// QEMU.
+func (r *Reader) DeviceState() io.Reader {
+	return &deviceStateReader{r: r, sr: io.NewSectionReader(r.ra, int64(r.tr.devOff), int64(r.tr.devLen))}
+}
+
+type deviceStateReader struct {
+	r   *Reader
+	sr  *io.SectionReader
+	crc uint32
+	n   int64
+	err error
+}
+
+func (d *deviceStateReader) Read(p []byte) (int, error) {
+	if d.err != nil {
+		return 0, d.err
+	}
+	n, err := d.sr.Read(p)
+	d.crc = crc32.Update(d.crc, castagnoli, p[:n])
+	d.n += int64(n)
+	switch {
+	case errors.Is(err, io.EOF):
+		err = d.r.checkDeviceState(d.n, d.crc)
+	case err != nil:
+		err = formatErr(PartDeviceState, 0, int64(d.r.tr.devOff)+d.n, err, "read")
+	}
+	d.err = err
+	return n, err
+}
+
+// checkDeviceState checks n bytes of device state with the CRC got; it
+// returns io.EOF if they are right.
+func (r *Reader) checkDeviceState(n int64, got uint32) error {
+	end := int64(r.tr.devOff + r.tr.devLen)
+	if n != int64(r.tr.devLen) {
+		return formatErr(PartDeviceState, 0, int64(r.tr.devOff)+n, ErrTruncated, "%d bytes of %d", n, r.tr.devLen)
+	}
+	var b [crcLen]byte
+	if err := r.readAt(PartDeviceState, 0, b[:], end); err != nil {
+		return err
+	}
+	if want := binary.LittleEndian.Uint32(b[:]); got != want {
+		return formatErr(PartDeviceState, 0, end, ErrCorrupt, "crc %#08x, stored %#08x", got, want)
+	}
+	return io.EOF
+}
+
+// Verify reads the whole file and checks every part: the checksums of the
+// header, bitmap, every chunk, the index and the device state, that every
+// chunk decodes to its length, the trailer and the whole-file checksum.
+// It returns a [*FormatError] for the first bad part in file order.
+// progress, if not nil, is called with the bytes checked and the file
+// size.
+func (r *Reader) Verify(progress func(done, total uint64)) error {
+	v := verifier{r: r, progress: progress, buf: make([]byte, min(1<<20, r.size))}
+	if err := v.section(PartHeader, 0, r.bitmapOff-crcLen); err != nil {
+		return err
+	}
+	if err := v.section(PartBitmap, r.bitmapOff, r.chunksOff-crcLen-r.bitmapOff); err != nil {
+		return err
+	}
+	var b chunkBuffers
+	for i := range r.chunks {
+		if err := v.chunk(i, &b); err != nil {
+			return err
+		}
+	}
+	if err := v.section(PartIndex, int64(r.tr.indexOff), int64(r.tr.indexLen)); err != nil {
+		return err
+	}
+	if err := v.section(PartDeviceState, int64(r.tr.devOff), int64(r.tr.devLen)); err != nil {
+		return err
+	}
+	off := r.size - trailerLen
+	tb := make([]byte, trailerLen)
+	if err := r.readAt(PartTrailer, 0, tb, off); err != nil {
+		return err
+	}
+	t, err := parseTrailer(tb, off)
+	if err != nil {
+		return err
+	}
+	if t != r.tr {
+		return formatErr(PartTrailer, 0, off, ErrCorrupt, "changed since the file was opened")
+	}
+	if v.fileCRC != t.fileCRC {
+		return formatErr(PartTrailer, 0, off+32, ErrCorrupt, "file crc %#08x, stored %#08x", v.fileCRC, t.fileCRC)
+	}
+	v.advance(trailerLen)
+	return nil
+}
+
+// verifier reads a checkpoint front to back for [Reader.Verify].
+type verifier struct {
+	r        *Reader
+	progress func(done, total uint64)
+	buf      []byte
+	pos      int64 // bytes checked
+	fileCRC  uint32
+}
+
+func (v *verifier) advance(n int64) {
+	v.pos += n
+	if v.progress != nil {
+		v.progress(uint64(v.pos), uint64(v.r.size))
+	}
+}
+
+// section checks the n bytes at off followed by their CRC.
+func (v *verifier) section(part Part, off, n int64) error {
+	if off != v.pos {
+		// The layout checks of NewReader rule this out.
+		return formatErr(part, 0, off, ErrCorrupt, "starts at %#x, previous part ends at %#x", off, v.pos)
+	}
+	var sum uint32
+	for n > 0 {
+		b := v.buf[:min(n, int64(len(v.buf)))]
+		if err := v.r.readAt(part, 0, b, v.pos); err != nil {
+			return err
+		}
+		sum = crc32.Update(sum, castagnoli, b)
+		v.fileCRC = crc32.Update(v.fileCRC, castagnoli, b)
+		n -= int64(len(b))
+		v.advance(int64(len(b)))
+	}
+	b := v.buf[:crcLen]
+	if err := v.r.readAt(part, 0, b, v.pos); err != nil {
+		return err
+	}
+	v.fileCRC = crc32.Update(v.fileCRC, castagnoli, b)
+	if want := binary.LittleEndian.Uint32(b); sum != want {
+		return formatErr(part, 0, v.pos, ErrCorrupt, "crc %#08x, stored %#08x", sum, want)
+	}
+	v.advance(crcLen)
+	return nil
+}
+
+func (v *verifier) chunk(i int, b *chunkBuffers) error {
+	c := &v.r.chunks[i]
+	if c.Offset != v.pos {
+		return formatErr(PartChunk, i, c.Offset, ErrCorrupt, "starts at %#x, previous part ends at %#x", c.Offset, v.pos)
+	}
+	b.stored = grow(b.stored, c.StoredLen)
+	if err := v.r.readAt(PartChunk, i, b.stored, c.Offset); err != nil {
+		return err
+	}
+	v.fileCRC = crc32.Update(v.fileCRC, castagnoli, b.stored)
+	raw := b.stored // a raw chunk needs only its CRC checked
+	if c.Encoding != EncodingRaw {
+		b.raw = grow(b.raw, c.RawLen)
+		raw = b.raw
+	}
+	if err := v.r.decodeChunk(i, b.stored, raw); err != nil {
+		return err
+	}
+	v.advance(int64(c.StoredLen))
+	return nil
+}

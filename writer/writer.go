@@ -1,0 +1,566 @@
+package writer
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"sync"
+	"time"
+
+	"github.com/pierrec/lz4/v4"
+	"golang.org/x/sys/unix"
+
+	"github.com/kvmckpt/kvmckpt/pagemap"
+)
+
+// Options tunes a [Writer]. The zero value means the defaults.
+type Options struct {
+	// Compression is how chunks are stored; "" means [CompressionLZ4].
+	Compression Compression
+	// ChunkPages is the number of pages per chunk; 0 means
+	// [DefaultChunkPages].
+	ChunkPages int
+	// Workers is the number of goroutines compressing chunks; 0 means
+	// runtime.GOMAXPROCS(0).
+	Workers int
+	// MaxDeviceState bounds the device state in bytes; 0 means
+	// [DefaultMaxDeviceState].
+	MaxDeviceState int64
+}
+
+func (o Options) withDefaults() (Options, error) {
+	if o.Compression == "" {
+		o.Compression = CompressionLZ4
+	}
+	if o.Compression != CompressionLZ4 && o.Compression != CompressionNone {
+		return o, fmt.Errorf("unknown compression %q", o.Compression)
+	}
+	if o.ChunkPages == 0 {
+		o.ChunkPages = DefaultChunkPages
+	}
+	if o.ChunkPages < 0 || o.ChunkPages > MaxChunkPages {
+		return o, fmt.Errorf("chunk pages %d not in [1, %d]", o.ChunkPages, MaxChunkPages)
+	}
+	if o.Workers <= 0 {
+		o.Workers = runtime.GOMAXPROCS(0)
+	}
+	if o.MaxDeviceState == 0 {
+		o.MaxDeviceState = DefaultMaxDeviceState
+	}
+	if o.MaxDeviceState < 0 {
+		return o, fmt.Errorf("negative device state limit %d", o.MaxDeviceState)
+	}
+	return o, nil
+}
+
+// Stats counts what a [Writer] wrote.
+type Stats struct {
+	// BytesWritten is the size of the file so far; after Commit, its size.
+	BytesWritten int64
+	// PagesWritten is the number of pages saved.
+	PagesWritten uint64
+	// ChunksRaw and ChunksLZ4 count chunks by how they were stored.
+	ChunksRaw, ChunksLZ4 int
+	// PageBytes is the size of the saved pages, StoredBytes what they
+	// took in the file.
+	PageBytes, StoredBytes int64
+	// DeviceStateBytes is the size of the device state.
+	DeviceStateBytes int64
+}
+
+type writerState uint8
+
+const (
+	stateOpen      writerState = iota // created; WritePages next
+	statePages                        // WriteDeviceState next
+	stateDevice                       // Commit next
+	stateCommitted                    // done
+	stateAborted                      // temporary file removed by Abort
+	stateFailed                       // temporary file removed after an error
+)
+
+// Writer writes one checkpoint: [Create], then [Writer.WritePages],
+// [Writer.WriteDeviceState] and [Writer.Commit], in that order. Any error
+// in these calls removes the temporary file and makes later calls fail;
+// the target is only replaced by a successful Commit. Call [Writer.Abort]
+// (deferred) to remove the temporary file on other paths.
+//
+// A Writer is not safe for concurrent use.
+type Writer struct {
+	dir     *targetDir
+	f       *os.File
+	tmp     string // name of f in dir
+	bw      *bufio.Writer
+	off     int64  // bytes written to bw
+	fileCRC uint32 // of the bytes written to bw
+	err     error  // first write error, sticky
+
+	h     Header
+	opts  Options
+	state writerState
+	index []byte // encoded index entries
+	tr    trailer
+	stats Stats
+}
+
+// Create starts writing a checkpoint to be committed at path, with the
+// header h (see [Header] for the fields the writer sets). It creates a
+// temporary file in the directory of path, with mode 0600; it refuses a
+// path that exists and is not a regular file, so it never writes through
+// a symlink. Callers should remove temporary files of crashed writers with
+// [CleanStale].
+func Create(path string, h Header, opts Options) (*Writer, error) {
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, fmt.Errorf("create checkpoint: %w", err)
+	}
+	h = h.clone()
+	if h.PageSize == 0 {
+		h.PageSize = PageSize
+	}
+	h.ChunkPages = uint32(opts.ChunkPages)
+	h.Compression = opts.Compression
+	if h.Created.IsZero() {
+		h.Created = time.Now().UTC()
+	}
+	h.Pages.Saved = 0
+	if h.Pages.Total, err = h.totalPages(); err != nil {
+		return nil, fmt.Errorf("create checkpoint: header: %w", err)
+	}
+	if err := h.check(); err != nil {
+		return nil, fmt.Errorf("create checkpoint: header: %w", err)
+	}
+
+	dir, err := openTargetDir(path)
+	if err != nil {
+		return nil, fmt.Errorf("create checkpoint: %w", err)
+	}
+	if err := dir.checkTarget(); err != nil {
+		dir.close()
+		return nil, fmt.Errorf("create checkpoint: %w", err)
+	}
+	f, tmp, err := dir.createTemp()
+	if err != nil {
+		dir.close()
+		return nil, fmt.Errorf("create checkpoint: %w", err)
+	}
+	return &Writer{
+		dir:  dir,
+		f:    f,
+		tmp:  tmp,
+		bw:   bufio.NewWriterSize(f, 1<<20),
+		h:    h,
+		opts: opts,
+	}, nil
+}
+
+// TempPath returns the path of the temporary file being written.
+func (w *Writer) TempPath() string { return w.dir.join(w.tmp) }
+
+// Stats returns what w has written so far.
+func (w *Writer) Stats() Stats {
+	s := w.stats
+	s.BytesWritten = w.off
+	return s
+}
+
+func (w *Writer) expect(s writerState, op string) error {
+	switch {
+	case w.state == s:
+		return nil
+	case w.state == stateFailed:
+		return fmt.Errorf("%s: checkpoint writer failed earlier: %w", op, w.err)
+	case w.state >= stateCommitted:
+		return fmt.Errorf("%s: checkpoint writer closed", op)
+	}
+	return fmt.Errorf("%s: called out of order", op)
+}
+
+// fail records err as the writer's error, removes the temporary file and
+// returns err.
+func (w *Writer) fail(err error) error {
+	w.err = err
+	w.state = stateFailed
+	w.cleanup()
+	return err
+}
+
+// cleanup closes and removes the temporary file and closes the directory.
+func (w *Writer) cleanup() error {
+	var errs []error
+	if w.f != nil {
+		w.f.Close()
+		w.f = nil
+		if err := unix.Unlinkat(w.dir.fd, w.tmp, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, &os.PathError{Op: "remove", Path: w.TempPath(), Err: err})
+		}
+	}
+	w.dir.close()
+	return errors.Join(errs...)
+}
+
+// Abort removes the temporary file, unless Commit succeeded, and makes the
+// Writer unusable. It may be called more than once and after Commit, so a
+// deferred Abort is the way to clean up on every path.
+func (w *Writer) Abort() error {
+	if w.state >= stateCommitted {
+		return nil
+	}
+	w.state = stateAborted
+	if err := w.cleanup(); err != nil {
+		return fmt.Errorf("abort checkpoint: %w", err)
+	}
+	return nil
+}
+
+// write appends p to the file. Errors are sticky in w.err.
+func (w *Writer) write(p []byte) {
+	if w.err != nil {
+		return
+	}
+	w.fileCRC = crc32.Update(w.fileCRC, castagnoli, p)
+	n, err := w.bw.Write(p)
+	w.off += int64(n)
+	if err != nil {
+		w.err = fmt.Errorf("write %s: %w", w.TempPath(), err)
+	}
+}
+
+func (w *Writer) writeCRC(v uint32) {
+	w.write(binary.LittleEndian.AppendUint32(nil, v))
+}
+
+// WritePages writes the header, the bitmap and the pages of used, read
+// from ram: ram[i] is the memory of region i of the header, of its size,
+// typically the host mapping of the region's RAM file. The caller clears
+// the pages it does not save (free, zero) from used. ram must not change
+// until WritePages returns: pause the guest.
+//
+// Chunks are compressed by [Options].Workers goroutines and written in
+// order; memory use is two chunk buffers per worker. progress, if not nil,
+// is called on the calling goroutine after each chunk with the number of
+// pages written and the number to write.
+//
+// A fault reading ram (its file truncated) is returned as an error.
+func (w *Writer) WritePages(ram [][]byte, used *pagemap.Bitmap, progress func(done, total uint64)) error {
+	if err := w.expect(stateOpen, "write pages"); err != nil {
+		return err
+	}
+	sp, err := newSpace(ram, &w.h)
+	if err != nil {
+		return fmt.Errorf("write pages: %w", err)
+	}
+	if used.Len() != w.h.Pages.Total {
+		return fmt.Errorf("write pages: bitmap of %d pages, regions hold %d", used.Len(), w.h.Pages.Total)
+	}
+	w.h.Pages.Saved = used.Count()
+	if err := w.h.check(); err != nil {
+		return fmt.Errorf("write pages: header: %w", err)
+	}
+	hdr, err := encodeHeader(&w.h)
+	if err != nil {
+		return fmt.Errorf("write pages: %w", err)
+	}
+	w.write(hdr)
+	bm, err := used.MarshalBinary()
+	if err != nil {
+		return w.fail(fmt.Errorf("write pages: %w", err))
+	}
+	w.write(bm)
+	w.writeCRC(crc(bm))
+
+	if err := w.writeChunks(sp, used, progress); err != nil {
+		return w.fail(fmt.Errorf("write pages: %w", err))
+	}
+
+	w.tr.indexOff = uint64(w.off)
+	w.tr.indexLen = uint64(len(w.index))
+	w.write(w.index)
+	w.writeCRC(crc(w.index))
+	if w.err != nil {
+		return w.fail(w.err)
+	}
+	w.state = statePages
+	return nil
+}
+
+// chunkJob is one chunk on its way through the pipeline of
+// [Writer.writeChunks]. The producer fills in first and pages, a worker
+// out, enc, crc and err, and the in-order writer consumes it.
+type chunkJob struct {
+	first, pages uint64
+	buf          []byte // owned by the job; out is a prefix of it
+	out          []byte
+	enc          Encoding
+	crc          uint32
+	err          error
+	done         chan struct{} // a worker sends when the job is ready
+}
+
+// writeChunks runs the pipeline: a producer cuts the bitmap into chunks,
+// workers gather and compress them in any order, and the calling goroutine
+// writes them in order. A fixed set of jobs circulates, so memory is
+// bounded: jobs not yet written hold their stored bytes, and the producer
+// waits for a free job.
+func (w *Writer) writeChunks(sp *space, used *pagemap.Bitmap, progress func(done, total uint64)) error {
+	workers := w.opts.Workers
+	nJobs := 2 * workers
+	free := make(chan *chunkJob, nJobs)
+	for range nJobs {
+		free <- &chunkJob{done: make(chan struct{}, 1)}
+	}
+	work := make(chan *chunkJob, nJobs)
+	ordered := make(chan *chunkJob, nJobs)
+	stop := make(chan struct{})
+
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			// Reading a mapping whose file shrank faults; turn that into
+			// an error rather than a crash.
+			defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+			c := compressor{lz4: w.h.Compression == CompressionLZ4}
+			for j := range work {
+				c.do(j, sp, used)
+				j.done <- struct{}{}
+			}
+		})
+	}
+	wg.Go(func() {
+		defer close(work)
+		defer close(ordered)
+		for first, pages := range chunkSpans(used, uint64(w.h.ChunkPages)) {
+			var j *chunkJob
+			select {
+			case <-stop:
+				return
+			case j = <-free:
+			}
+			j.first, j.pages = first, pages
+			// Both sends succeed at once: neither channel can hold more
+			// than the nJobs jobs in circulation.
+			work <- j
+			ordered <- j
+		}
+	})
+
+	var err error
+	var done uint64
+	saved := w.h.Pages.Saved
+	for j := range ordered {
+		<-j.done
+		if err == nil {
+			if err = j.err; err == nil {
+				err = w.writeChunk(j)
+			}
+			if err != nil {
+				close(stop)
+			} else if done += j.pages; progress != nil {
+				progress(done, saved)
+			}
+		}
+		free <- j
+	}
+	wg.Wait()
+	return err
+}
+
+func (w *Writer) writeChunk(j *chunkJob) error {
+	e := indexEntry{
+		offset:    uint64(w.off),
+		firstPage: j.first,
+		rawLen:    uint32(j.pages * PageSize),
+		storedLen: uint32(len(j.out)),
+		crc:       j.crc,
+		encoding:  j.enc,
+	}
+	w.write(j.out)
+	if w.err != nil {
+		return w.err
+	}
+	w.index = e.append(w.index)
+	w.stats.PagesWritten += j.pages
+	w.stats.PageBytes += int64(e.rawLen)
+	w.stats.StoredBytes += int64(e.storedLen)
+	if j.enc == EncodingLZ4 {
+		w.stats.ChunksLZ4++
+	} else {
+		w.stats.ChunksRaw++
+	}
+	return nil
+}
+
+// compressor is a worker's state: its LZ4 tables and a scratch buffer for
+// gathering scattered pages.
+type compressor struct {
+	lz4 bool
+	c   lz4.Compressor
+	raw []byte
+}
+
+// do gathers the pages of j and stores them compressed or raw in j.buf.
+func (c *compressor) do(j *chunkJob, sp *space, used *pagemap.Bitmap) {
+	j.err = nil
+	defer catchFault(&j.err)
+	rawLen := j.pages * PageSize
+	bufLen := lz4.CompressBlockBound(int(rawLen))
+	if cap(j.buf) < bufLen {
+		j.buf = make([]byte, bufLen)
+	}
+	if cap(c.raw) < bufLen {
+		c.raw = make([]byte, bufLen)
+	}
+
+	// src is the chunk's pages: straight from ram if they are one run in
+	// one region, else gathered into c.raw, or into j.buf if they will be
+	// stored raw.
+	var src []byte
+	if mem, n := sp.span(j.first, j.pages); n == j.pages && contiguous(used, j.first, j.pages) {
+		src = mem
+	} else {
+		dst := c.raw[:rawLen]
+		if !c.lz4 {
+			dst = j.buf[:rawLen]
+		}
+		off := uint64(0)
+		for start, count := range chunkRuns(used, j.first, j.pages) {
+			for count > 0 {
+				mem, n := sp.span(start, count)
+				off += uint64(copy(dst[off:], mem))
+				start, count = start+n, count-n
+			}
+		}
+		src = dst
+	}
+
+	j.enc = EncodingRaw
+	if c.lz4 {
+		// Offer LZ4 only 15/16 of the raw size, so it gives up early on
+		// data where it would save less.
+		limit := int(rawLen - rawLen/16)
+		if n, _ := c.c.CompressBlock(src, j.buf[:limit]); n > 0 {
+			j.enc = EncodingLZ4
+			j.out = j.buf[:n]
+		}
+	}
+	if j.enc == EncodingRaw {
+		switch {
+		case &src[0] == &j.buf[0]:
+			// Gathered in place.
+		case &src[0] == &c.raw[0]:
+			// Gathered into scratch: trade buffers instead of copying.
+			j.buf, c.raw = c.raw, j.buf
+		default:
+			// Copy out of ram, so that the CRC is of bytes that cannot
+			// change before they are written.
+			copy(j.buf, src)
+		}
+		j.out = j.buf[:rawLen]
+	}
+	j.crc = crc(j.out)
+}
+
+// catchFault turns the panic of a memory fault, made by
+// debug.SetPanicOnFault, into *err. A fault on a file mapping means the
+// file is shorter than the mapping, or, when writing to tmpfs or
+// hugetlbfs, out of space. Other panics propagate.
+func catchFault(err *error) {
+	r := recover()
+	if r == nil {
+		return
+	}
+	if f, ok := r.(interface{ Addr() uintptr }); ok {
+		*err = fmt.Errorf("memory fault at %#x: RAM file truncated or out of space", f.Addr())
+		return
+	}
+	panic(r)
+}
+
+// WriteDeviceState writes QEMU's device state, read from r until EOF, and
+// returns its length. It fails with an error wrapping [ErrTooLarge] if r
+// has more than [Options].MaxDeviceState bytes.
+func (w *Writer) WriteDeviceState(r io.Reader) (int64, error) {
+	if err := w.expect(statePages, "write device state"); err != nil {
+		return 0, err
+	}
+	w.tr.devOff = uint64(w.off)
+	s := sectionWriter{w: w}
+	n, err := io.CopyBuffer(&s, io.LimitReader(r, w.opts.MaxDeviceState+1), make([]byte, 1<<20))
+	switch {
+	case w.err != nil:
+		return n, w.fail(w.err)
+	case err != nil:
+		return n, w.fail(fmt.Errorf("read device state: %w", err))
+	case n > w.opts.MaxDeviceState:
+		return n, w.fail(fmt.Errorf("write device state: more than %d bytes: %w", w.opts.MaxDeviceState, ErrTooLarge))
+	}
+	w.tr.devLen = uint64(n)
+	w.writeCRC(s.crc)
+	if w.err != nil {
+		return n, w.fail(w.err)
+	}
+	w.stats.DeviceStateBytes = n
+	w.state = stateDevice
+	return n, nil
+}
+
+// sectionWriter writes to the file and keeps the CRC of what it wrote.
+type sectionWriter struct {
+	w   *Writer
+	crc uint32
+}
+
+func (s *sectionWriter) Write(p []byte) (int, error) {
+	s.w.write(p)
+	if s.w.err != nil {
+		return 0, s.w.err
+	}
+	s.crc = crc32.Update(s.crc, castagnoli, p)
+	return len(p), nil
+}
+
+// Commit writes the trailer, syncs the file, renames it over the target
+// and syncs the directory. Until the rename, the previous file at the
+// target, if any, is untouched; an error from the final directory sync
+// means the new file is in place but may not survive a crash.
+func (w *Writer) Commit() error {
+	if err := w.expect(stateDevice, "commit checkpoint"); err != nil {
+		return err
+	}
+	w.tr.fileCRC = w.fileCRC
+	w.write(w.tr.append(nil))
+	if w.err != nil {
+		return w.fail(fmt.Errorf("commit checkpoint: %w", w.err))
+	}
+	if err := w.bw.Flush(); err != nil {
+		return w.fail(fmt.Errorf("commit checkpoint: write %s: %w", w.TempPath(), err))
+	}
+	if err := w.f.Sync(); err != nil {
+		return w.fail(fmt.Errorf("commit checkpoint: %w", err))
+	}
+	err := w.f.Close()
+	w.f = nil
+	if err != nil {
+		// The file is closed, so fail's cleanup would not remove it.
+		unix.Unlinkat(w.dir.fd, w.tmp, 0)
+		return w.fail(fmt.Errorf("commit checkpoint: %w", err))
+	}
+	if err := unix.Renameat(w.dir.fd, w.tmp, w.dir.fd, w.dir.base); err != nil {
+		unix.Unlinkat(w.dir.fd, w.tmp, 0)
+		return w.fail(fmt.Errorf("commit checkpoint: %w", &os.LinkError{Op: "rename", Old: w.TempPath(), New: w.dir.join(w.dir.base), Err: err}))
+	}
+	w.state = stateCommitted
+	w.stats.BytesWritten = w.off
+	err = unix.Fsync(w.dir.fd)
+	w.dir.close()
+	if err != nil {
+		return fmt.Errorf("commit checkpoint: sync directory %s: %w", w.dir.path, err)
+	}
+	return nil
+}
