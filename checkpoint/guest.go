@@ -81,7 +81,7 @@ func openGuest(ctx context.Context, socket string, log *slog.Logger) (*guest, er
 		lf.Close()
 		return nil, err
 	}
-	g := &guest{sess: sess, lock: lf, log: log}
+	g := &guest{sess: sess, lock: lf, log: logger(log)}
 	if g.prior, err = sess.Status(ctx); err != nil {
 		g.close()
 		return nil, err

@@ -85,6 +85,19 @@ func run(out *bufio.Writer) error {
 	}
 	say("START churn=%d anon=%d tmpfs=%d text=%d truth=%v", cfg.churn, cfg.anon, cfg.tmpfs, cfg.text, cfg.truth)
 	reportMem(say, "boot")
+	if cfg.truth {
+		// Transparent huge pages come and go behind the workload's back:
+		// khugepaged allocates a huge page ahead of a collapse and frees it
+		// later. Turn them off so the snapshot stays true.
+		for path, v := range map[string]string{
+			"/sys/kernel/mm/transparent_hugepage/enabled":           "never",
+			"/sys/kernel/mm/transparent_hugepage/khugepaged/defrag": "0",
+		} {
+			if err := os.WriteFile(path, []byte(v), 0); err != nil {
+				say("WARN %v", err)
+			}
+		}
+	}
 
 	if cfg.churn > 0 {
 		start := time.Now()

@@ -1,0 +1,132 @@
+package checkpoint
+
+import (
+	"context"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvmckpt/kvmckpt/internal/vmtest"
+	"github.com/kvmckpt/kvmckpt/introspect"
+	"github.com/kvmckpt/kvmckpt/profiles"
+)
+
+// TestScanAgainstGuestTruth compares what kvmckpt finds from outside with
+// what the guest itself reports (its /proc/kallsyms, /proc/kpageflags,
+// /proc/meminfo and /proc/self/pagemap), on the machines the acceptance
+// criteria name. It also checks that the profile built from guest memory is
+// the profile built from the kernel image.
+func TestScanAgainstGuestTruth(t *testing.T) {
+	cases := []struct {
+		name string
+		cfg  vmtest.Config
+	}{
+		{"pc-1G-1cpu", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}},
+		{"q35-3G-2cpu", vmtest.Config{Machine: "q35", MemMiB: 3072, CPUs: 2}},
+		{"pc-1G-cpumax-la57", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, CPU: "max"}},
+		{"pc-1G-cloud-kernel", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, Kernel: "cloud-amd64"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := c.cfg
+			cfg.Workload = vmtest.Workload{Churn: cfg.MemMiB / 2, Anon: 32, Tmpfs: 32, Truth: true}
+			g := vmtest.Boot(t, cfg)
+			truth := g.Truth(t)
+			ctx := context.Background()
+
+			gst, err := openGuest(ctx, g.QMPPath, nil)
+			require.NoError(t, err)
+			defer gst.close()
+			restore, err := gst.pause(ctx)
+			require.NoError(t, err)
+			defer restore(ctx)
+			require.NoError(t, gst.mapRAM(ctx, false))
+			regs, err := gst.sess.CPURegisters(ctx, 0)
+			require.NoError(t, err)
+			if c.cfg.CPU == "max" {
+				require.True(t, regs.LA57(), "-cpu max must turn on 5-level paging")
+			}
+			// An empty store: the profile is built from guest memory.
+			prof, err := gst.profile(ctx, ScanOptions{ProfileDir: t.TempDir()}, regs)
+			require.NoError(t, err)
+			k, err := introspect.OpenKernel(gst.mem, regs.CR3, regs.LA57(), prof)
+			require.NoError(t, err)
+
+			// Every symbol the guest shows is the profile's address plus
+			// the KASLR slide.
+			require.NotEmpty(t, truth.Symbols)
+			for name, addr := range truth.Symbols {
+				linked, ok := prof.Symbols[name]
+				if !ok {
+					continue
+				}
+				assert.Equal(t, addr, linked+k.Slide, "symbol %s: guest %#x, profile %#x + slide %#x", name, addr, linked, k.Slide)
+			}
+			for _, name := range []string{"_text", "node_data", "page_offset_base", "vmemmap_base", "init_top_pgt", "__per_cpu_offset"} {
+				assert.Contains(t, truth.Symbols, name)
+			}
+
+			// The profile from guest memory is the profile from the image.
+			kpath, err := vmtest.KernelPath(cfg.Kernel)
+			require.NoError(t, err)
+			fromImage, err := profiles.BuildFromImage(kpath)
+			require.NoError(t, err)
+			assert.Equal(t, fromImage.Banner, prof.Banner)
+			assert.Equal(t, fromImage.Structs, prof.Structs, "struct layouts differ between image and memory")
+			for name, a := range fromImage.Symbols {
+				if b, ok := prof.Symbols[name]; ok {
+					assert.Equal(t, a, b, "symbol %s", name)
+				}
+			}
+			for name, v := range fromImage.Constants {
+				if w, ok := prof.Constants[name]; ok && name != "PAGE_BUDDY_MAPCOUNT_VALUE" {
+					assert.Equal(t, v, w, "constant %s", name)
+				}
+			}
+
+			fp, err := k.WalkFree(ctx, introspect.WalkOptions{})
+			require.NoError(t, err)
+			for _, z := range fp.Zones {
+				assert.True(t, z.Trusted, "zone %s not trusted: %s", z.Name, z.Reason)
+			}
+			assert.Empty(t, fp.Warnings)
+
+			// Completeness: nearly all of the guest's free memory is found.
+			memFree := truth.MemFreeKB / 4
+			t.Logf("found %d free pages (buddy %d, per-CPU %d); guest: MemFree %d pages, kpageflags buddy %d; walk %v",
+				fp.Pages(), fp.Buddy, fp.PCP, memFree, truth.BuddyPages, fp.Duration)
+			assert.GreaterOrEqual(t, float64(fp.Pages()), 0.97*float64(memFree))
+
+			// Safety: no page called free that the guest shows in use.
+			// Free pages on per-CPU lists carry no flag at all.
+			var wrong, pcpLike uint64
+			for pfn := range fp.Free.All() {
+				switch {
+				case vmtest.Contains(truth.Buddy, pfn):
+				case vmtest.Contains(truth.NoFlags, pfn):
+					pcpLike++
+				default:
+					if wrong < 10 {
+						t.Errorf("pfn %#x called free, the guest's kpageflags show it in use", pfn)
+					}
+					wrong++
+				}
+			}
+			assert.Zero(t, wrong, "pages wrongly called free")
+			assert.LessOrEqual(t, pcpLike, fp.PCP, "only per-CPU pages may lack the buddy flag")
+
+			// The data the workload keeps sits in pages marked used.
+			for region, runs := range truth.Frames {
+				require.NotEmpty(t, runs, region)
+				for _, r := range runs {
+					for pfn := r.Start; pfn < r.Start+r.Count; pfn++ {
+						if fp.Free.Test(pfn) {
+							t.Fatalf("pfn %#x holds the workload's %s data but is called free", pfn, region)
+						}
+					}
+				}
+			}
+		})
+	}
+}
