@@ -35,8 +35,15 @@ vet:
 	$(GO) vet ./...
 
 test: deps initramfs vet
+	@FUZZTIME=$(FUZZTIME) GO=$(GO) scripts/fuzz.sh
 	$(GO) test -timeout 25m $(TESTFLAGS) ./...
 	@scripts/leftovers.sh
+
+fuzz:
+	@FUZZTIME=$(FUZZTIME) GO=$(GO) scripts/fuzz.sh
+
+demo: deps initramfs build
+	$(GO) run ./internal/demo
 
 clean:
 	rm -rf $(BUILD)

@@ -1,16 +1,19 @@
 package checkpoint
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/kvmckpt/kvmckpt/introspect"
 	"github.com/kvmckpt/kvmckpt/qmp"
@@ -41,14 +44,23 @@ type guest struct {
 	unmaps   []func() error
 	mem      *introspect.PhysMem
 	log      *slog.Logger
+	// stale is the pause record of a killed kvmckpt, if any.
+	stale string
 }
 
-// lockPath names the lock file of the guest behind a QMP socket: by the
-// socket's device and inode, so every path to the same socket shares it.
+// LockPath names the lock file of the guest behind a QMP socket, by the
+// socket's device and inode so that every path to the same socket shares
+// it. A kvmckpt holds an exclusive flock on it while it works on the guest.
+// It returns "" if the socket does not exist.
+func LockPath(socket string) string {
+	p, _ := lockPath(SocketPath(socket))
+	return p
+}
+
 func lockPath(socket string) (string, error) {
 	var st syscall.Stat_t
 	if err := syscall.Stat(socket, &st); err != nil {
-		return "", fmt.Errorf("stat QMP socket: %w", err)
+		return "", fmt.Errorf("QMP socket %s: %w", socket, err)
 	}
 	sum := sha256.Sum256(fmt.Appendf(nil, "%d:%d", st.Dev, st.Ino))
 	return filepath.Join(os.TempDir(), "kvmckpt-"+hex.EncodeToString(sum[:8])+".lock"), nil
@@ -86,7 +98,47 @@ func openGuest(ctx context.Context, socket string, log *slog.Logger) (*guest, er
 		g.close()
 		return nil, err
 	}
+	g.checkStale()
 	return g, nil
+}
+
+// The lock file doubles as a record of a pause in progress: kvmckpt writes
+// one line into it when it pauses a running guest and empties it when the
+// guest runs again. A line found by the next kvmckpt, which holds the lock,
+// means the one before it was killed while the guest was paused for it.
+const pauseRecord = "paused a running guest: pid %d at %s\n"
+
+// checkStale reports a pause left by a killed kvmckpt and takes the guest's
+// run state from before it as the prior state, so that this run puts the
+// guest back to running.
+func (g *guest) checkStale() {
+	b, err := io.ReadAll(io.LimitReader(g.lock, 4096))
+	if err != nil || len(bytes.TrimSpace(b)) == 0 {
+		return
+	}
+	if g.prior.Running {
+		g.clearPauseRecord()
+		return
+	}
+	g.stale = strings.TrimSpace(string(b))
+	g.log.Warn("an earlier kvmckpt was stopped while it held this guest paused; this run puts the guest back to running ("+
+		"or run `kvmckpt resume --qmp PATH`)", "record", g.stale)
+	g.prior.Running = true
+	g.prior.State = "running"
+}
+
+func (g *guest) writePauseRecord() {
+	rec := fmt.Sprintf(pauseRecord, os.Getpid(), time.Now().UTC().Format(time.RFC3339))
+	if err := g.lock.Truncate(0); err == nil {
+		if _, err := g.lock.WriteAt([]byte(rec), 0); err == nil {
+			_ = g.lock.Sync()
+		}
+	}
+}
+
+func (g *guest) clearPauseRecord() {
+	_ = g.lock.Truncate(0)
+	g.stale = ""
 }
 
 // mapRAM finds the guest's RAM backends and layout and maps the files.
@@ -164,13 +216,18 @@ func (g *guest) pause(ctx context.Context) (restore func(context.Context) error,
 	if !g.prior.Running {
 		return func(context.Context) error { return nil }, nil
 	}
-	if err := g.sess.Stop(ctx); err != nil {
-		return nil, fmt.Errorf("pause guest: %w", err)
+	g.writePauseRecord()
+	if g.stale == "" {
+		if err := g.sess.Stop(ctx); err != nil {
+			g.clearPauseRecord()
+			return nil, fmt.Errorf("pause guest: %w", err)
+		}
 	}
 	return func(ctx context.Context) error {
 		if err := g.sess.Cont(ctx); err != nil {
 			return fmt.Errorf("resume guest: %w", err)
 		}
+		g.clearPauseRecord()
 		return nil
 	}, nil
 }

@@ -94,8 +94,9 @@ func Resume(ctx context.Context, socket string) (string, error) {
 		return "", err
 	}
 	defer g.close()
-	if g.prior.Running {
-		return g.prior.State, nil
+	if st, err := g.sess.Status(ctx); err == nil && st.Running {
+		g.clearPauseRecord()
+		return st.State, nil
 	}
 	if g.prior.State == "inmigrate" {
 		return "", fmt.Errorf("%w: the guest is waiting for an incoming migration; restore a checkpoint into it with `kvmckpt restore`", ErrGuestState)
@@ -103,6 +104,7 @@ func Resume(ctx context.Context, socket string) (string, error) {
 	if err := g.sess.Cont(ctx); err != nil {
 		return "", fmt.Errorf("resume guest: %w", err)
 	}
+	g.clearPauseRecord()
 	st, err := g.sess.Status(ctx)
 	if err != nil {
 		return "", err

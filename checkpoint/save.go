@@ -106,6 +106,10 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 		afterErr = restore(bg)
 	case opt.After == AfterQuit:
 		afterErr = g.sess.Quit(bg)
+		g.clearPauseRecord()
+	default:
+		// Paused on purpose: not a pause to report later.
+		g.clearPauseRecord()
 	}
 	if saveErr != nil {
 		if afterErr != nil {
@@ -164,12 +168,12 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 	}
 	w, err := writer.Create(opt.Output, h, writer.Options{Compression: opt.Compression})
 	if err != nil {
-		return nil, fmt.Errorf("create checkpoint: %w", err)
+		return nil, err
 	}
 	defer w.Abort()
 	t1 := time.Now()
 	if err := w.WritePages(g.ram, scan.save, opt.Progress); err != nil {
-		return nil, fmt.Errorf("write pages: %w", err)
+		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("save interrupted: %w", err)
@@ -183,7 +187,7 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 	tDev := time.Since(t2)
 	t3 := time.Now()
 	if err := w.Commit(); err != nil {
-		return nil, fmt.Errorf("commit checkpoint: %w", err)
+		return nil, err
 	}
 	st := w.Stats()
 	return &SaveResult{

@@ -102,9 +102,11 @@ func Scan(ctx context.Context, opt ScanOptions) (*ScanStats, error) {
 
 // scan builds the bitmaps of a paused guest.
 func (g *guest) scan(ctx context.Context, opt ScanOptions) (*scanResult, error) {
+	t0 := time.Now()
 	if err := g.mapRAM(ctx, false); err != nil {
 		return nil, err
 	}
+	g.log.Debug("mapped guest RAM", "ms", time.Since(t0).Milliseconds())
 	regs, err := g.sess.CPURegisters(ctx, 0)
 	if err != nil {
 		return nil, err
@@ -113,6 +115,7 @@ func (g *guest) scan(ctx context.Context, opt ScanOptions) (*scanResult, error) 
 	if err != nil {
 		return nil, err
 	}
+	g.log.Debug("profile ready", "profile", prof.Name, "ms", time.Since(t0).Milliseconds())
 	k, err := introspect.OpenKernel(g.mem, regs.CR3, regs.LA57(), prof)
 	if err != nil {
 		return nil, err
@@ -142,7 +145,9 @@ func (g *guest) scan(ctx context.Context, opt ScanOptions) (*scanResult, error) 
 	res.save = pagemap.NewBitmap(res.PagesTotal)
 	res.save.SetRange(0, res.PagesTotal)
 	res.save.AndNot(res.free)
+	g.log.Debug("free lists walked", "ms", time.Since(t0).Milliseconds(), "walk_ms", fp.Duration.Milliseconds())
 	g.excludeHost(res)
+	g.log.Debug("holes and zero pages found", "ms", time.Since(t0).Milliseconds())
 	res.PagesUsed = res.save.Count()
 	if opt.Map != "" {
 		err := drawMap(opt.Map, res.save, res.free, func(p uint64) (bool, bool) { return res.zero.Test(p), res.hole.Test(p) })

@@ -1,0 +1,216 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvmckpt/kvmckpt/checkpoint"
+	"github.com/kvmckpt/kvmckpt/internal/vmtest"
+	"github.com/kvmckpt/kvmckpt/qmp"
+)
+
+// binary is the kvmckpt command built for the tests that need a process of
+// their own (to kill it).
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "kvmckpt-bin-")
+	if err != nil {
+		panic(err)
+	}
+	binary = filepath.Join(dir, "kvmckpt")
+	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build kvmckpt: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	defer os.RemoveAll(dir)
+	vmtest.Main(m)
+}
+
+// cli runs kvmckpt in-process and returns its exit code and output.
+func cli(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var o, e bytes.Buffer
+	ctx := context.Background()
+	err := run(ctx, &o, &e, args)
+	return exitCode(ctx, err), o.String(), e.String() + errString(err)
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+func TestUsage(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{nil, exitUsage, "no command"},
+		{[]string{"--help"}, exitOK, "Usage:"},
+		{[]string{"frobnicate"}, exitUsage, "unknown command"},
+		{[]string{"save", "-o", "x"}, exitUsage, "--qmp is required"},
+		{[]string{"save", "--qmp", "x"}, exitUsage, "--o is required"},
+		{[]string{"save", "--qmp", "x", "-o", "y", "--quit", "--keep-paused"}, exitUsage, "exclude each other"},
+		{[]string{"save", "--qmp", "x", "-o", "y", "--compress", "zip"}, exitUsage, "lz4 or none"},
+		{[]string{"save", "--bogus"}, exitUsage, "not defined"},
+		{[]string{"restore", "--qmp", "x"}, exitUsage, "--i is required"},
+		{[]string{"inspect"}, exitUsage, "one checkpoint file"},
+		{[]string{"profile"}, exitUsage, "subcommand"},
+		{[]string{"profile", "build"}, exitUsage, "--kernel or --isf"},
+	} {
+		t.Run(strings.Join(c.args, " "), func(t *testing.T) {
+			code, stdout, stderr := cli(t, c.args...)
+			assert.Equal(t, c.code, code)
+			assert.Contains(t, stdout+stderr, c.want)
+		})
+	}
+}
+
+func TestNotAQMPSocket(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "fake.sock")
+	l, err := net.Listen("unix", sock)
+	require.NoError(t, err)
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("220 smtp.example.com ESMTP\r\n"))
+			go func() { time.Sleep(10 * time.Second); c.Close() }()
+		}
+	}()
+	start := time.Now()
+	code, _, stderr := cli(t, "scan", "--qmp", "unix:"+sock)
+	assert.Equal(t, exitFailed, code)
+	assert.Contains(t, stderr, "QMP")
+	assert.Less(t, time.Since(start), 8*time.Second, "must not hang on a socket that is not QMP")
+
+	code, _, stderr = cli(t, "scan", "--qmp", filepath.Join(t.TempDir(), "missing.sock"))
+	assert.Equal(t, exitFailed, code)
+	assert.Contains(t, stderr, "no such file")
+}
+
+func TestVerifyCorruptFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "bad.kvmckpt")
+	require.NoError(t, os.WriteFile(path, []byte("KVMCKPT\x00 but not really a checkpoint"), 0o600))
+	code, _, stderr := cli(t, "verify", path)
+	assert.Equal(t, exitInvalid, code)
+	assert.Contains(t, stderr, "checkpoint invalid")
+	code, _, _ = cli(t, "inspect", path)
+	assert.Equal(t, exitInvalid, code)
+	code, _, _ = cli(t, "restore", "-i", path, "--qmp", "/nonexistent")
+	assert.Equal(t, exitInvalid, code, "restore refuses a corrupt file before touching any QEMU")
+}
+
+// TestCLIOnGuest drives the command on a real guest: scan and save with
+// JSON output, inspect, verify, a second kvmckpt refused while one holds the
+// guest, and a save killed half-way.
+func TestCLIOnGuest(t *testing.T) {
+	g := vmtest.Boot(t, vmtest.Config{MemMiB: 1024, Workload: vmtest.Workload{Churn: 512, Anon: 128, Tmpfs: 64}})
+	g.WaitReady(t)
+	dir := t.TempDir()
+	t.Setenv("XDG_CACHE_HOME", dir)
+
+	code, stdout, stderr := cli(t, "scan", "--qmp", g.QMPPath, "--json", "--map", filepath.Join(dir, "map.png"))
+	require.Equal(t, exitOK, code, stderr)
+	var scan map[string]any
+	require.NoError(t, json.Unmarshal([]byte(stdout), &scan))
+	assert.Greater(t, scan["pages_free"], float64(100000))
+	png, err := os.ReadFile(filepath.Join(dir, "map.png"))
+	require.NoError(t, err)
+	assert.True(t, bytes.HasPrefix(png, []byte("\x89PNG")))
+
+	out := filepath.Join(dir, "guest.kvmckpt")
+	code, stdout, stderr = cli(t, "save", "--qmp", "unix:"+g.QMPPath, "-o", out, "--json")
+	require.Equal(t, exitOK, code, stderr)
+	var save map[string]any
+	require.NoError(t, json.Unmarshal([]byte(stdout), &save))
+	for _, k := range []string{"pages_total", "pages_saved", "pages_free", "pages_zero", "bytes_written", "device_state_bytes", "pause_ms", "duration_ms"} {
+		assert.Contains(t, save, k)
+	}
+	code, stdout, _ = cli(t, "inspect", out, "--json")
+	require.Equal(t, exitOK, code)
+	assert.Contains(t, stdout, "restore_command_line")
+	code, _, _ = cli(t, "verify", out)
+	require.Equal(t, exitOK, code)
+	before, err := os.ReadFile(out)
+	require.NoError(t, err)
+
+	t.Run("busy", func(t *testing.T) {
+		// Hold the guest's lock the way a running kvmckpt does.
+		f, err := os.OpenFile(checkpoint.LockPath(g.QMPPath), os.O_RDWR|os.O_CREATE, 0o600)
+		require.NoError(t, err)
+		defer f.Close()
+		require.NoError(t, syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB))
+		code, _, stderr := cli(t, "scan", "--qmp", g.QMPPath)
+		assert.Equal(t, exitBusy, code)
+		assert.Contains(t, stderr, "another kvmckpt")
+	})
+
+	t.Run("killed", func(t *testing.T) {
+		cmd := exec.Command(binary, "save", "--qmp", g.QMPPath, "-o", out, "-v")
+		var errOut bytes.Buffer
+		cmd.Stderr = &errOut
+		require.NoError(t, cmd.Start())
+		// Kill it once it has paused the guest.
+		waitPaused(t, g.QMPPath, 20*time.Second)
+		require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
+		_ = cmd.Wait()
+		after, err := os.ReadFile(out)
+		require.NoError(t, err)
+		assert.True(t, bytes.Equal(before, after), "the previous checkpoint must be intact")
+		assert.False(t, status(t, g.QMPPath).Running, "a killed kvmckpt leaves the guest paused")
+
+		// The next run says so, resumes the guest, and cleans up.
+		code, _, stderr := cli(t, "save", "--qmp", g.QMPPath, "-o", out, "-v")
+		require.Equal(t, exitOK, code, stderr)
+		assert.Contains(t, stderr, "earlier kvmckpt was stopped")
+		st := status(t, g.QMPPath)
+		assert.True(t, st.Running, "guest must run again after the next save, is %s", st.State)
+		left, _ := filepath.Glob(filepath.Join(dir, ".guest.kvmckpt.kvmckpt-tmp-*"))
+		assert.Empty(t, left, "stale temporary files must be cleaned")
+	})
+}
+
+func status(t *testing.T, sock string) qmp.Status {
+	t.Helper()
+	s, err := qmp.Dial(context.Background(), sock)
+	require.NoError(t, err)
+	defer s.Close()
+	st, err := s.Status(context.Background())
+	require.NoError(t, err)
+	return st
+}
+
+// waitPaused waits until a kvmckpt process has written its pause record
+// into the guest's lock file.
+func waitPaused(t *testing.T, sock string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if b, _ := os.ReadFile(checkpoint.LockPath(sock)); bytes.Contains(b, []byte("paused a running guest")) {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatal("kvmckpt never paused the guest")
+}
