@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"syscall"
 	"testing"
 	"time"
 
@@ -169,4 +170,37 @@ func TestSaveIntoFullDiskFailsCleanly(t *testing.T) {
 	st, err := s.Status(ctx)
 	require.NoError(t, err)
 	assert.True(t, st.Running, "guest must run again, is %s", st.State)
+}
+
+func TestRestoreLaunch(t *testing.T) {
+	g := vmtest.Boot(t, vmtest.Config{MemMiB: 512, Workload: vmtest.Workload{Churn: 128, Anon: 32, Interval: 1}})
+	g.WaitReady(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	out := filepath.Join(dir, "g.kvmckpt")
+	_, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: out, After: AfterQuit})
+	require.NoError(t, err)
+	require.NoError(t, g.Wait(30*time.Second))
+
+	l, err := RestoreLaunch(ctx, LaunchOptions{RestoreOptions: RestoreOptions{Input: out, Resume: true}, RAMDir: dir})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		syscall.Kill(l.PID, syscall.SIGKILL)
+		for i := 0; i < 100 && syscall.Kill(l.PID, 0) == nil; i++ {
+			time.Sleep(20 * time.Millisecond)
+		}
+		os.Remove(l.RAMFile)
+	})
+	assert.Equal(t, "running", l.GuestState)
+	assert.Contains(t, l.Args, "defer")
+	serial := g.SerialPath + ".restored"
+	deadline := time.Now().Add(time.Minute)
+	for {
+		b, _ := os.ReadFile(serial)
+		if regexp.MustCompile(`KW VERIFY OK`).Match(b) {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "launched guest does not verify; its serial:\n%s", b)
+		time.Sleep(200 * time.Millisecond)
+	}
 }

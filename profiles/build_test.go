@@ -1,12 +1,14 @@
 package profiles
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf/btf"
 	"github.com/stretchr/testify/require"
 )
 
@@ -270,4 +272,56 @@ func TestBuildFromImageSynthetic(t *testing.T) {
 	require.ErrorIs(t, err, ErrNotKernelImage)
 	_, err = BuildFromImage(filepath.Join(t.TempDir(), "missing"))
 	require.ErrorIs(t, err, os.ErrNotExist)
+}
+
+func TestBuildFromKernelMemoryNoTables(t *testing.T) {
+	_, err := BuildFromKernelMemory(randomBytes(7, 1<<16), testBase, nil)
+	require.ErrorIs(t, err, ErrNoKallsyms)
+
+	// BTF without the kernel's structs.
+	spec, err := loadBTF(synthBTF(t))
+	require.NoError(t, err)
+	var lh *btf.Struct
+	require.NoError(t, spec.TypeByName("list_head", &lh))
+	b, err := btf.NewBuilder([]btf.Type{lh}, nil)
+	require.NoError(t, err)
+	raw, err := b.Marshal(nil, nil)
+	require.NoError(t, err)
+	k := makeSynthKernel(t, synthOpts{prefAddress: true, btf: raw})
+	_, err = BuildFromKernelMemory(k.img, k.base, nil)
+	require.ErrorIs(t, err, ErrMissingType)
+	var me *MissingError
+	require.ErrorAs(t, err, &me)
+	require.Equal(t, "struct", me.Kind)
+
+	// BTF that does not parse.
+	k = makeSynthKernel(t, synthOpts{prefAddress: true, btf: randomBytes(8, 512)})
+	_, err = BuildFromKernelMemory(k.img, k.base, nil)
+	require.ErrorIs(t, err, ErrMalformed)
+}
+
+func TestBuildFromImageErrors(t *testing.T) {
+	vmlinux := makeSynthKernel(t, synthOpts{}).elfImage(t)
+	noBTF := makeSynthKernel(t, synthOpts{omit: []string{"__start_BTF", "__stop_BTF"}}).elfImage(t)
+	garbageELF := bytes.Clone(vmlinux)
+	copy(garbageELF[0x1000:], randomBytes(6, len(garbageELF)-0x1000))
+	for _, tc := range []struct {
+		name  string
+		file  []byte
+		limit int
+		want  error
+	}{
+		{"lzo payload", bzImage(append([]byte{0x89, 'L', 'Z', 'O', 0, 0x0d, 0x0a, 0x1a}, make([]byte, 16)...)), maxVmlinux, ErrUnsupportedCompression},
+		{"payload too large", bzImage(gzipBytes(t, vmlinux)), len(vmlinux) - 1, ErrTooLarge},
+		{"payload not ELF", bzImage(readTestdata(t, "payload.bin.xz")), maxVmlinux, ErrMalformed},
+		{"no kallsyms", bzImage(gzipBytes(t, garbageELF)), maxVmlinux, ErrNoKallsyms},
+		{"no BTF", noBTF, maxVmlinux, ErrNoBTF},
+		{"truncated ELF", vmlinux[:0x800], maxVmlinux, ErrMalformed},
+		{"empty", nil, maxVmlinux, ErrNotKernelImage},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := buildFromImageReader(bytes.NewReader(tc.file), int64(len(tc.file)), nil, tc.limit)
+			require.ErrorIs(t, err, tc.want)
+		})
+	}
 }

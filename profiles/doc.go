@@ -105,7 +105,7 @@
 // kernel), ISF and profile files. Parsers check every count, offset and
 // size before use, never allocate a size read from input without a bound
 // (decompressed payload 1 GiB, flat image 1 GiB, BTF 64 MiB, profile JSON
-// 16 MiB, ISF 512 MiB, vmcoreinfo 1 MiB), bound every walk, and return
+// 16 MiB, ISF 256 MiB, vmcoreinfo 1 MiB), bound every walk, and return
 // errors instead of panicking. A profile that decodes is self-consistent
 // ([Profile.Validate]), but a profile is only as trustworthy as its
 // source: a profile built from a guest's memory describes whatever that

@@ -8,12 +8,11 @@ import (
 	"math"
 	"slices"
 	"strings"
-
 )
 
 // MaxISFSize bounds the (decompressed) ISF JSON [FromISF] accepts. A
 // dwarf2json ISF of a distribution kernel is 30-60 MiB.
-const MaxISFSize = 512 << 20
+const MaxISFSize = 256 << 20
 
 // maxISFDepth bounds recursion through nested ISF types; it also stops
 // cycles a malformed file could contain.
@@ -91,20 +90,24 @@ var isfFallbacks = map[string][2]string{
 // The ISF is untrusted: sizes and nesting are bounded and errors wrap
 // [ErrMalformed], [ErrTooLarge], [ErrMissingSymbol] or [ErrMissingType].
 func FromISF(r io.Reader) (*Profile, error) {
-	b, err := io.ReadAll(io.LimitReader(r, MaxISFSize+1))
+	return fromISF(r, MaxISFSize)
+}
+
+func fromISF(r io.Reader, limit int) (*Profile, error) {
+	b, err := io.ReadAll(io.LimitReader(r, int64(limit)+1))
 	if err != nil {
 		return nil, fmt.Errorf("read ISF: %w", err)
 	}
-	if len(b) > MaxISFSize {
-		return nil, fmt.Errorf("read ISF: more than %d bytes: %w", MaxISFSize, ErrTooLarge)
+	if len(b) > limit {
+		return nil, fmt.Errorf("read ISF: more than %d bytes: %w", limit, ErrTooLarge)
 	}
 	switch {
 	case bytes.HasPrefix(b, xzMagic):
-		if b, err = decodeXZ(b, 0, MaxISFSize); err != nil {
+		if b, err = decodeXZ(b, 0, limit); err != nil {
 			return nil, fmt.Errorf("decompress ISF: %w", err)
 		}
 	case bytes.HasPrefix(b, []byte{0x1f, 0x8b}):
-		if b, err = decodeGzip(b, 0, MaxISFSize); err != nil {
+		if b, err = decodeGzip(b, 0, limit); err != nil {
 			return nil, fmt.Errorf("decompress ISF: %w", err)
 		}
 	}

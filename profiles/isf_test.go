@@ -61,4 +61,12 @@ func TestFromISFSynthetic(t *testing.T) {
 	}
 	_, err = FromISF(bytes.NewReader(isf[:len(isf)/2]))
 	require.ErrorIs(t, err, ErrMalformed)
+	_, err = fromISF(bytes.NewReader(isf), len(isf)-1)
+	require.ErrorIs(t, err, ErrTooLarge)
+	gz := gzipBytes(t, isf)
+	got, err = fromISF(bytes.NewReader(gz), len(isf))
+	require.NoError(t, err)
+	sameShape(t, want, got)
+	_, err = fromISF(bytes.NewReader(gz), len(isf)-1)
+	require.ErrorIs(t, err, ErrTooLarge)
 }

@@ -1,8 +1,10 @@
 package profiles
 
 import (
+	"debug/elf"
 	"encoding/binary"
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -73,4 +75,20 @@ func TestErrorTypes(t *testing.T) {
 	require.Contains(t, ErrNoBTF.Error(), "ISF")
 	require.Contains(t, ErrNoBTF.Error(), "CONFIG_DEBUG_INFO_BTF")
 	require.False(t, errors.Is(ErrNoBTF, ErrMalformed))
+}
+
+func TestWantedELFSymbols(t *testing.T) {
+	got := wantedELFSymbols([]elf.Symbol{
+		{Name: "node_data", Info: elf.ST_INFO(elf.STB_LOCAL, elf.STT_OBJECT), Section: 1, Value: 1},
+		{Name: "node_data", Info: elf.ST_INFO(elf.STB_GLOBAL, elf.STT_OBJECT), Section: 1, Value: 2},
+		{Name: "node_data", Info: elf.ST_INFO(elf.STB_LOCAL, elf.STT_OBJECT), Section: 1, Value: 3},
+		{Name: "_text", Info: elf.ST_INFO(elf.STB_GLOBAL, elf.STT_NOTYPE), Section: 1, Value: 0xffffffff81000000},
+		{Name: "phys_base", Section: elf.SHN_UNDEF, Value: 9},
+		{Name: "unrelated", Section: 1, Value: 4},
+	})
+	require.Equal(t, map[string]uint64{"node_data": 2, "_text": 0xffffffff81000000}, got)
+
+	m, err := parseSystemMap(strings.NewReader("ffffffff81000000 T _text\nffffffff82000000 d node_data\nffffffff82000100 D node_data\nffffffff82000200 d node_data\n"))
+	require.NoError(t, err)
+	require.Equal(t, map[string]uint64{"_text": 0xffffffff81000000, "node_data": 0xffffffff82000100}, m)
 }

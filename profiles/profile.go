@@ -6,7 +6,10 @@ const FormatVersion = 1
 
 // Profile is everything introspection needs about one kernel build, and
 // nothing more. Addresses are unrelocated: as linked, before KASLR moves
-// the kernel.
+// the kernel. Build one with [BuildFromImage], [BuildFromKernelMemory] or
+// [FromISF], or read one with [Decode]; check one with [Profile.Validate].
+// Nothing in this package modifies a Profile it has returned, so
+// concurrent reads are safe.
 type Profile struct {
 	// Version is the profile format version, [FormatVersion].
 	Version int `json:"version"`
@@ -40,7 +43,11 @@ type Profile struct {
 	Defaults []string `json:"defaults,omitempty"`
 }
 
-// Struct is the layout of one kernel struct.
+// Struct is the layout of one kernel struct. Fields maps member names to
+// their layout: members of anonymous structs and unions appear under their
+// own names at their offset in this struct, and members of named struct
+// or union members as dotted paths ("lock.rlock.raw_lock"). Bitfields
+// are left out.
 type Struct struct {
 	Size   uint64           `json:"size"`
 	Fields map[string]Field `json:"fields"`

@@ -29,6 +29,7 @@ type synthOpts struct {
 	delta       uint64   // KASLR offset
 	prefAddress bool     // fill boot_params.hdr.pref_address
 	omit        []string // symbols left out of kallsyms
+	btf         []byte   // replaces the BTF blob if set
 }
 
 type synthKernel struct {
@@ -193,7 +194,11 @@ func makeSynthKernel(tb testing.TB, o synthOpts) *synthKernel {
 	add("__stop_notes", 'R', w.pos())
 	w.align(8)
 	add("__start_BTF", 'R', w.pos())
-	w.b = append(w.b, synthBTF(tb)...)
+	if o.btf != nil {
+		w.b = append(w.b, o.btf...)
+	} else {
+		w.b = append(w.b, synthBTF(tb)...)
+	}
 	add("__stop_BTF", 'R', w.pos())
 	data("node_data", 'D', 4096, 8*1024)
 	data("node_states", 'D', 64, 6*128)

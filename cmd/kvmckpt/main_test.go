@@ -71,6 +71,8 @@ func TestUsage(t *testing.T) {
 		{[]string{"save", "--qmp", "x", "-o", "y", "--compress", "zip"}, exitUsage, "lz4 or none"},
 		{[]string{"save", "--bogus"}, exitUsage, "not defined"},
 		{[]string{"restore", "--qmp", "x"}, exitUsage, "--i is required"},
+		{[]string{"restore", "-i", "x"}, exitUsage, "one of --qmp"},
+		{[]string{"restore", "-i", "x", "--qmp", "y", "--launch"}, exitUsage, "one of --qmp"},
 		{[]string{"inspect"}, exitUsage, "one checkpoint file"},
 		{[]string{"profile"}, exitUsage, "subcommand"},
 		{[]string{"profile", "build"}, exitUsage, "--kernel or --isf"},
@@ -118,6 +120,8 @@ func TestVerifyCorruptFile(t *testing.T) {
 	code, _, _ = cli(t, "inspect", path)
 	assert.Equal(t, exitInvalid, code)
 	code, _, _ = cli(t, "restore", "-i", path, "--qmp", "/nonexistent")
+	assert.Equal(t, exitInvalid, code, "restore refuses a corrupt file before touching any QEMU")
+	code, _, _ = cli(t, "restore", "-i", path, "--launch")
 	assert.Equal(t, exitInvalid, code, "restore refuses a corrupt file before touching any QEMU")
 }
 

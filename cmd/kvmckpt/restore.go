@@ -11,6 +11,8 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 	fs, verbose := e.flags("restore")
 	in := fs.String("i", "", "checkpoint file to restore")
 	qmpPath := fs.String("qmp", "", "QMP socket of a QEMU started with -incoming defer -S")
+	launch := fs.Bool("launch", false, "start the target QEMU from the command line recorded in the checkpoint")
+	ramDir := fs.String("ram-dir", "", "with --launch: directory for the new RAM file and QMP socket (default /dev/shm)")
 	resume := fs.Bool("resume", false, "start the guest once it is restored")
 	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
 	if _, err := e.parse(fs, verbose, args); err != nil {
@@ -19,11 +21,28 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 	if err := required("i", *in); err != nil {
 		return err
 	}
-	if err := required("qmp", *qmpPath); err != nil {
-		return err
+	if *launch == (*qmpPath != "") {
+		return usagef("give one of --qmp (a waiting QEMU) or --launch (start one)")
+	}
+	if *ramDir != "" && !*launch {
+		return usagef("--ram-dir goes with --launch")
 	}
 	bar := newProgress(e.stderr, "restoring")
-	res, err := checkpoint.Restore(ctx, checkpoint.RestoreOptions{Input: *in, QMP: *qmpPath, Resume: *resume, Progress: bar.update, Log: e.log})
+	opts := checkpoint.RestoreOptions{Input: *in, QMP: *qmpPath, Resume: *resume, Progress: bar.update, Log: e.log}
+	if *launch {
+		l, err := checkpoint.RestoreLaunch(ctx, checkpoint.LaunchOptions{RestoreOptions: opts, RAMDir: *ramDir})
+		bar.done()
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			return e.printJSON(l)
+		}
+		fmt.Fprintf(e.stdout, "started QEMU (pid %d) with RAM file %s, log %s\n", l.PID, l.RAMFile, l.Log)
+		fmt.Fprintf(e.stdout, "restored %d of %d pages in %d ms; guest is %s; QMP: %s\n", l.PagesRestored, l.PagesTotal, l.DurationMS, l.GuestState, l.QMP)
+		return nil
+	}
+	res, err := checkpoint.Restore(ctx, opts)
 	bar.done()
 	if err != nil {
 		return err
