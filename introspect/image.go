@@ -89,22 +89,30 @@ func (img *KernelImage) Banner() (string, error) {
 	return FindBanner(img.Data)
 }
 
-// FindBanner finds a Linux banner string in b.
+// FindBanner finds the Linux banner in a kernel image: "Linux version "
+// followed by a release that starts with a digit, up to its newline. An
+// image may hold more than one such string (a template without the build
+// number, say); the longest of the first few is linux_banner itself.
 func FindBanner(b []byte) (string, error) {
 	const prefix = "Linux version "
-	for off := 0; ; {
+	best := ""
+	for off, n := 0, 0; n < 16; n++ {
 		i := bytes.Index(b[off:], []byte(prefix))
 		if i < 0 {
-			return "", fmt.Errorf("%w: no Linux banner in the kernel image", ErrKernel)
+			break
 		}
 		i += off
-		rest := b[i+len(prefix):]
-		if len(rest) > 0 && rest[0] >= '0' && rest[0] <= '9' {
-			end := bytes.IndexAny(rest, "\n\x00")
-			if end > 0 && end < 1024 {
-				return string(b[i : i+len(prefix)+end]), nil
-			}
-		}
 		off = i + len(prefix)
+		rest := b[off:]
+		if len(rest) == 0 || rest[0] < '0' || rest[0] > '9' {
+			continue
+		}
+		if end := bytes.IndexAny(rest, "\n\x00"); end > 0 && end < 1024 && len(prefix)+end > len(best) {
+			best = string(b[i : off+end])
+		}
 	}
+	if best == "" {
+		return "", fmt.Errorf("%w: no Linux banner in the kernel image", ErrKernel)
+	}
+	return best, nil
 }

@@ -13,22 +13,7 @@ var (
 	// ErrKernel means the guest kernel's memory does not look like what
 	// the profile describes.
 	ErrKernel = errors.New("guest kernel not understood")
-	// ErrBannerMismatch means a profile is for another kernel build.
-	ErrBannerMismatch = errors.New("profile does not match the guest kernel")
 )
-
-// BannerMismatchError means the profile was made for another kernel build
-// than the guest runs.
-type BannerMismatchError struct {
-	Guest, Profile string
-}
-
-func (e *BannerMismatchError) Error() string {
-	return fmt.Sprintf("profile does not match the guest kernel: guest runs %q, profile is for %q", e.Guest, e.Profile)
-}
-
-// Unwrap makes errors.Is(err, ErrBannerMismatch) hold.
-func (e *BannerMismatchError) Unwrap() error { return ErrBannerMismatch }
 
 // Kernel is a paused guest's kernel, seen through its RAM: KASLR resolved,
 // symbols relocated, kernel virtual memory readable. Not safe for concurrent
@@ -60,17 +45,19 @@ func OpenKernel(mem *PhysMem, cr3 uint64, la57 bool, p *profiles.Profile) (*Kern
 	if err != nil {
 		return nil, err
 	}
-	var k *Kernel
+	var first error
 	for _, root := range rootCandidates(cr3) {
-		k, err = openKernel(mem, root, la57, p, l)
+		k, err := openKernel(mem, root, la57, p, l)
 		if err == nil {
-			break
+			return k, nil
+		}
+		// A banner mismatch says the most: the kernel was found, and it
+		// is another build.
+		if first == nil || errors.Is(err, profiles.ErrBannerMismatch) {
+			first = err
 		}
 	}
-	if err != nil {
-		return nil, err
-	}
-	return k, nil
+	return nil, first
 }
 
 func openKernel(mem *PhysMem, root PAddr, la57 bool, p *profiles.Profile, l *layout) (*Kernel, error) {
@@ -127,8 +114,15 @@ func (k *Kernel) checkBanner() error {
 	if err != nil {
 		return err
 	}
-	if got != k.Profile.Banner {
-		return &BannerMismatchError{Guest: got, Profile: k.Profile.Banner}
+	if err := k.Profile.MatchBanner(got); err != nil {
+		// The profile's linux_banner address holds something else in
+		// another build: name the banner the guest really has.
+		if img, ierr := readKernelImage(k.Tr); ierr == nil {
+			if real, berr := img.Banner(); berr == nil {
+				return k.Profile.MatchBanner(real)
+			}
+		}
+		return err
 	}
 	return nil
 }

@@ -87,6 +87,8 @@ type Config struct {
 	CPU     string // -cpu model; "max" turns on 5-level paging; empty: QEMU's default
 	// Workload settings go on the kernel command line.
 	Workload Workload
+	// Append adds kernel command-line arguments, for example page_poison=1.
+	Append []string
 	// Incoming starts QEMU as a restore target: -incoming defer and -S.
 	Incoming bool
 	// Dir holds the QMP socket and the serial log; empty means a new
@@ -156,6 +158,7 @@ func Start(ctx context.Context, cfg Config) (*Guest, error) {
 	g.Accel = Accel()
 
 	appendLine := append([]string{"console=ttyS0", "quiet", "panic=-1"}, cfg.Workload.args()...)
+	appendLine = append(appendLine, cfg.Append...)
 	g.Args = []string{
 		qemu,
 		"-machine", fmt.Sprintf("%s,accel=%s,memory-backend=mem0", cfg.Machine, g.Accel),

@@ -1,0 +1,116 @@
+package checkpoint
+
+import (
+	"context"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvmckpt/kvmckpt/internal/vmtest"
+	"github.com/kvmckpt/kvmckpt/profiles"
+	"github.com/kvmckpt/kvmckpt/qmp"
+)
+
+// TestRefusals covers guests and targets kvmckpt must refuse with a clear
+// error, touching nothing.
+func TestRefusals(t *testing.T) {
+	ctx := context.Background()
+	src := vmtest.Boot(t, vmtest.Config{MemMiB: 512, Workload: vmtest.Workload{Churn: 64, Anon: 16}})
+	src.WaitReady(t)
+	dir := t.TempDir()
+	out := filepath.Join(dir, "g.kvmckpt")
+	_, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out})
+	require.NoError(t, err)
+
+	t.Run("profile of another kernel", func(t *testing.T) {
+		cloud, err := filepath.Glob("../testdata/profiles/6.1.0-47-cloud-amd64-*.json")
+		require.NoError(t, err)
+		require.Len(t, cloud, 1)
+		_, err = Scan(ctx, ScanOptions{QMP: src.QMPPath, Profile: cloud[0]})
+		require.ErrorIs(t, err, profiles.ErrBannerMismatch)
+		assert.Contains(t, err.Error(), "6.1.0-47-cloud-amd64")
+		assert.Contains(t, err.Error(), "6.1.0-47-amd64 (")
+		assert.True(t, status(t, src.QMPPath).Running, "guest back to running after a refused scan")
+	})
+
+	t.Run("save of a restore target", func(t *testing.T) {
+		dst := vmtest.Boot(t, vmtest.Config{MemMiB: 512, Incoming: true})
+		_, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: dst.QMPPath, ProfileDir: dir}, Output: filepath.Join(dir, "x.kvmckpt")})
+		require.ErrorIs(t, err, ErrGuestState)
+		assert.Contains(t, err.Error(), "inmigrate")
+	})
+
+	t.Run("restore into a running guest", func(t *testing.T) {
+		_, err := Restore(ctx, RestoreOptions{Input: out, QMP: src.QMPPath})
+		require.ErrorIs(t, err, ErrGuestState)
+		assert.Contains(t, err.Error(), "-incoming defer")
+		assert.True(t, status(t, src.QMPPath).Running)
+	})
+
+	t.Run("restore into a target of another size", func(t *testing.T) {
+		dst := vmtest.Boot(t, vmtest.Config{MemMiB: 768, Incoming: true})
+		_, err := Restore(ctx, RestoreOptions{Input: out, QMP: dst.QMPPath})
+		require.ErrorIs(t, err, ErrInvalid)
+		assert.Contains(t, err.Error(), "512 MiB")
+		assert.Contains(t, err.Error(), "768 MiB")
+		assert.Equal(t, "inmigrate", status(t, dst.QMPPath).State, "the target was not fed")
+	})
+
+	t.Run("guest RAM not in a shared file", func(t *testing.T) {
+		qdir := t.TempDir()
+		sock := filepath.Join(qdir, "qmp.sock")
+		qemu, err := exec.LookPath("qemu-system-x86_64")
+		require.NoError(t, err)
+		g, err := vmtest.StartWithArgs(ctx, []string{qemu, "-machine", "pc,accel=tcg", "-m", "128", "-nodefaults",
+			"-display", "none", "-S", "-qmp", "unix:" + sock + ",server=on,wait=off"}, sock, "", "")
+		require.NoError(t, err)
+		defer g.Close()
+		_, err = Scan(ctx, ScanOptions{QMP: sock})
+		require.ErrorIs(t, err, ErrRAMBackend)
+		assert.Contains(t, err.Error(), "memory-backend-file,id=mem0")
+		assert.Contains(t, err.Error(), "share=on")
+	})
+}
+
+// TestPagePoisoning saves and restores a guest booted with page_poison=1:
+// its free pages hold the poison byte and are checked on allocation, so the
+// restore must put the poison back into every page it did not write.
+func TestPagePoisoning(t *testing.T) {
+	cfg := vmtest.Config{MemMiB: 1024, Append: []string{"page_poison=1"}, Workload: vmtest.Workload{Churn: 512, Anon: 64, Interval: 1}}
+	src := vmtest.Boot(t, cfg)
+	src.WaitReady(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	out := filepath.Join(dir, "p.kvmckpt")
+	res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out})
+	require.NoError(t, err)
+	info, err := Inspect(out)
+	require.NoError(t, err)
+	assert.Equal(t, byte(0xaa), info.FillByte, "page poisoning must be detected")
+	assert.Greater(t, res.PagesFree, uint64(100000))
+
+	cfg.Incoming = true
+	dst := vmtest.Boot(t, cfg)
+	_, err = Restore(ctx, RestoreOptions{Input: out, QMP: dst.QMPPath, Resume: true})
+	require.NoError(t, err)
+	// Make the restored guest allocate: its verification loop runs, and
+	// the kernel checks poison on every page it hands out.
+	_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK`), 0, 2*time.Minute)
+	require.NoError(t, err)
+	assert.NotRegexp(t, kernelTrouble, dst.Serial())
+}
+
+func status(t *testing.T, sock string) qmp.Status {
+	t.Helper()
+	s, err := qmp.Dial(context.Background(), sock)
+	require.NoError(t, err)
+	defer s.Close()
+	st, err := s.Status(context.Background())
+	require.NoError(t, err)
+	return st
+}
