@@ -217,19 +217,28 @@ func (g *guest) pause(ctx context.Context) (restore func(context.Context) error,
 		return func(context.Context) error { return nil }, nil
 	}
 	g.writePauseRecord()
-	if g.stale == "" {
-		if err := g.sess.Stop(ctx); err != nil {
-			g.clearPauseRecord()
-			return nil, fmt.Errorf("pause guest: %w", err)
-		}
-	}
-	return func(ctx context.Context) error {
+	resume := func(ctx context.Context) error {
 		if err := g.sess.Cont(ctx); err != nil {
 			return fmt.Errorf("resume guest: %w", err)
 		}
 		g.clearPauseRecord()
 		return nil
-	}, nil
+	}
+	if g.stale == "" {
+		// Not cancellable half-way: a stop that QEMU carried out while we
+		// gave up waiting would leave the guest paused behind our back.
+		if err := g.sess.Stop(context.WithoutCancel(ctx)); err != nil {
+			g.clearPauseRecord()
+			return nil, fmt.Errorf("pause guest: %w", err)
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		if rerr := resume(context.WithoutCancel(ctx)); rerr != nil {
+			return nil, fmt.Errorf("%w; and the guest could not be resumed: %v", err, rerr)
+		}
+		return nil, err
+	}
+	return resume, nil
 }
 
 func (g *guest) close() {

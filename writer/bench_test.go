@@ -44,16 +44,29 @@ func benchGuest(tb testing.TB) (Header, [][]byte, *pagemap.Bitmap) {
 	return h, [][]byte{ram}, used
 }
 
+// benchModes are the ways to store pages that benchmarks compare: each
+// compression, without and with encryption.
+var benchModes = []struct {
+	name string
+	comp Compression
+	key  []byte
+}{
+	{"lz4", CompressionLZ4, nil},
+	{"none", CompressionNone, nil},
+	{"lz4+aes", CompressionLZ4, testKey},
+	{"none+aes", CompressionNone, testKey},
+}
+
 func BenchmarkWritePages(b *testing.B) {
 	h, ram, used := benchGuest(b)
-	for _, comp := range []Compression{CompressionLZ4, CompressionNone} {
-		b.Run(string(comp), func(b *testing.B) {
+	for _, m := range benchModes {
+		b.Run(m.name, func(b *testing.B) {
 			dir := b.TempDir()
 			b.SetBytes(int64(used.Count() * PageSize))
 			var stats Stats
 			for b.Loop() {
 				b.StopTimer()
-				w, err := Create(filepath.Join(dir, "ckpt"), h, Options{Compression: comp})
+				w, err := Create(filepath.Join(dir, "ckpt"), h, Options{Compression: m.comp, Key: m.key})
 				require.NoError(b, err)
 				b.StartTimer()
 				require.NoError(b, w.WritePages(ram, used, nil))
@@ -70,11 +83,11 @@ func BenchmarkWritePages(b *testing.B) {
 func BenchmarkRestorePages(b *testing.B) {
 	h, ram, used := benchGuest(b)
 	dst := [][]byte{make([]byte, benchRAM)}
-	for _, comp := range []Compression{CompressionLZ4, CompressionNone} {
-		b.Run(string(comp), func(b *testing.B) {
+	for _, m := range benchModes {
+		b.Run(m.name, func(b *testing.B) {
 			path := filepath.Join(b.TempDir(), "ckpt")
-			writeFile(b, path, h, Options{Compression: comp}, ram, used, nil)
-			r, err := Open(path)
+			writeFile(b, path, h, Options{Compression: m.comp, Key: m.key}, ram, used, nil)
+			r, err := OpenKey(path, m.key)
 			require.NoError(b, err)
 			defer r.Close()
 			b.SetBytes(int64(used.Count() * PageSize))
@@ -87,14 +100,22 @@ func BenchmarkRestorePages(b *testing.B) {
 
 func BenchmarkVerify(b *testing.B) {
 	h, ram, used := benchGuest(b)
-	path := filepath.Join(b.TempDir(), "ckpt")
-	stats := writeFile(b, path, h, Options{}, ram, used, nil)
-	r, err := Open(path)
-	require.NoError(b, err)
-	defer r.Close()
-	b.SetBytes(stats.BytesWritten)
-	for b.Loop() {
-		require.NoError(b, r.Verify(nil))
+	for _, key := range [][]byte{nil, testKey} {
+		name := "lz4"
+		if key != nil {
+			name += "+aes"
+		}
+		b.Run(name, func(b *testing.B) {
+			path := filepath.Join(b.TempDir(), "ckpt")
+			stats := writeFile(b, path, h, Options{Key: key}, ram, used, nil)
+			r, err := OpenKey(path, key)
+			require.NoError(b, err)
+			defer r.Close()
+			b.SetBytes(stats.BytesWritten)
+			for b.Loop() {
+				require.NoError(b, r.Verify(nil))
+			}
+		})
 	}
 }
 

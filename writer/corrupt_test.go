@@ -42,7 +42,7 @@ func requireFormatError(tb testing.TB, err error, part Part, chunk int, msgAndAr
 	require.Equal(tb, part.String(), fe.Part.String(), append(msgAndArgs, err)...)
 	require.Equal(tb, chunk, fe.Index, msgAndArgs...)
 	sentinel := false
-	for _, s := range []error{ErrCorrupt, ErrTruncated, ErrBadMagic, ErrNewerVersion} {
+	for _, s := range []error{ErrCorrupt, ErrTruncated, ErrBadMagic, ErrNewerVersion, ErrEncrypted, ErrNotEncrypted, ErrWrongKey} {
 		sentinel = sentinel || errors.Is(err, s)
 	}
 	require.True(tb, sentinel, "%v wraps no sentinel", err)

@@ -1,5 +1,6 @@
 // Package writer writes and reads kvmckpt checkpoint files. This comment is
-// the format specification; [FormatVersion] is the version it describes.
+// the format specification; [FormatVersion] is the newest version it
+// describes.
 //
 // A checkpoint holds the guest pages that were in use when a KVM/QEMU guest
 // was paused, read from the host mapping of the guest's RAM files (QEMU
@@ -12,7 +13,8 @@
 // All integers are little endian. All checksums are CRC-32C (Castagnoli,
 // the polynomial of iSCSI and ext4 metadata, computed by the SSE4.2 crc32
 // instruction). "crc" below is the CRC-32C of the bytes of its section that
-// precede it.
+// precede it. This is the layout of version 1; version 2, an encrypted
+// file, has a longer header and its sections sealed (see Encryption).
 //
 //	offset
 //	0   +---------------------------------------------------+
@@ -120,18 +122,81 @@
 //
 // # Versions
 //
-// version is 1. A reader rejects a higher version with an error wrapping
+// version is 1 for a file without encryption and 2 for an encrypted one;
+// a writer writes 1 whenever it can, so that version 1 readers read it. A
+// reader rejects a higher version than it knows with an error wrapping
 // [ErrNewerVersion] before looking past the version field, as a later
-// version may change anything after it.
+// version may change anything after it; so a version 1 reader never takes
+// ciphertext for pages.
 //
 // # Limits
 //
-// Header body at most [MaxHeaderBody] bytes; at most [MaxRegions] regions
+// Header body at most [MaxHeaderBody] bytes as stored (sealed, in version
+// 2); at most [MaxRegions] regions
 // of at most [MaxMappings] mappings; at most [MaxPages] pages in all;
 // chunk_pages at most [MaxChunkPages]; storedLen at most the LZ4 bound of
 // rawLen. The device state is at most [Options].MaxDeviceState bytes when
 // written (default 4 GiB), and is only bounded by the file size when read,
 // as it is streamed and never held in memory.
+//
+// # Encryption
+//
+// A file written with a key ([Options].Key, [KeySize] bytes, see
+// [LoadKeyFile]) is version 2: the layout above, with every part but the
+// trailer sealed with AES-256-GCM (NIST SP 800-38D, 16-byte tags). Its
+// header has a clear part of 84 bytes:
+//
+//	 0  magic     [8]byte   "KVMCKPT\x00"
+//	 8  version   uint32    2
+//	12  bodyLen   uint32    stored length of the body, tag included
+//	16  cipher    uint32    1: AES-256-GCM, keys by HKDF-SHA256
+//	20  salt      [32]byte  random, new for every file
+//	52  keyCheck  [32]byte  see Keys
+//	84  body      [bodyLen]byte, the JSON body, sealed
+//	    crc       uint32    of magic..body
+//
+// Keys. HKDF-SHA256 (RFC 5869) of the user's key, with the salt and the
+// info "kvmckpt v2", gives 64 bytes: the file key, the AES-256 key of every
+// message in the file, then keyCheck. A reader derives both and compares
+// keyCheck before it opens anything, so that a wrong key is reported as
+// [ErrWrongKey], not as corruption. keyCheck tells nothing of the file
+// key (the HKDF output blocks are independent), and a key of 256 random
+// bits cannot be guessed with its help.
+//
+// Messages. Every sealed message has a nonce of its own, the 12 bytes
+//
+//	0  part    uint32  1 header, 2 bitmap, 3 chunk, 4 index, 5 device state
+//	4  number  uint64  the chunk's number, or the block's in its section
+//
+// unique within the file; as the salt makes the file key unique to the
+// file, no key and nonce pair is ever used twice. The header body is one
+// message, number 0, with the 84 clear bytes as additional data. Every
+// other message has the 42 bytes of additional data
+//
+//	 0  context  [32]byte  SHA-256 of the 84 clear bytes and the plain body
+//	32  part     uint8
+//	33  number   uint64
+//	41  final    uint8     1 for a chunk and the last block of a section
+//
+// which bind it to the header, its position and, for blocks, to the end
+// of its section, so that a section cut short at a block boundary is
+// detected. (The bitmap need not be in the context: sealed itself, it
+// cannot be changed either.) Each chunk is one message: the chunk stored as in version 1
+// (raw, or an LZ4 block), then sealed; storedLen includes the tag, so a raw
+// chunk stores rawLen+16 bytes. The bitmap, the index and the device state
+// are each cut into blocks of 1 MiB of content, the last one shorter (an
+// empty section is one empty block), each sealed as a message: n bytes of
+// content take n + 16*max(1, ceil(n/2^20)) bytes. The trailer's indexLen
+// and devLen are these stored lengths. Everything else is as in version 1:
+// in particular the CRCs, of the stored bytes; the chunks' CRCs are in the
+// (sealed) index. Compression comes before sealing, as ciphertext does not
+// compress.
+//
+// A reader checks a part's CRC before it opens it, so an accident shows as
+// a CRC mismatch ([ErrCorrupt]) and a deliberate change with the CRCs made
+// to match as a failed authentication ([ErrAuthFailed], which wraps
+// ErrCorrupt). The device state, streamed, is the exception: each block is
+// authenticated as it is read, the CRC at the end.
 //
 // # Trust model
 //
@@ -144,17 +209,42 @@
 // stream, and [Reader.Verify] checks all of them and the whole-file
 // checksum. Every problem is reported as a [*FormatError] naming the part
 // (header, bitmap, chunk N, index, device state, trailer) and wrapping
-// [ErrCorrupt], [ErrTruncated], [ErrBadMagic] or [ErrNewerVersion];
-// nothing in a malformed file makes a Reader panic.
+// [ErrCorrupt], [ErrTruncated], [ErrBadMagic] or [ErrNewerVersion], or,
+// for encrypted files, [ErrAuthFailed], [ErrEncrypted], [ErrNotEncrypted]
+// or [ErrWrongKey]; nothing in a malformed file makes a Reader panic.
 //
 // CRC-32C detects accidents, not tampering: anyone who can write the file
 // can forge a consistent one. The file holds the guest's memory, secrets
 // included, so the writer creates it with mode 0600.
 //
-// TODO(encryption): version 2 may add encryption at rest: a random
-// per-file salt in the header, AES-256-GCM per chunk and for the device
-// state with a nonce derived from the salt and the chunk number, and the
-// header as additional authenticated data.
+// Encryption is against someone who gets the file but not the key: a
+// copied disk or backup, a shared checkpoint directory. To them, it keeps
+// secret the pages, the device state, the header body (the kernel banner,
+// the QEMU command line, which may hold passwords, the RAM file paths),
+// the bitmap of saved pages and the index; and it makes any change to
+// those parts detectable, including moving chunks or blocks to other
+// positions or files and cutting sections short. A reader given a key
+// accepts only a file encrypted under it ([ErrNotEncrypted],
+// [ErrWrongKey]), so a forged plain file cannot pass for an encrypted one;
+// a reader without a key refuses an encrypted file ([ErrEncrypted]).
+//
+// It does not hide that the file is a checkpoint, nor the sizes: of the
+// file, the header body, the bitmap (so the guest's RAM size), the index
+// (so the number of chunks, about the number of saved pages), the stored
+// chunks (so how well the memory compressed) and the device state. As
+// compression comes first, someone who can both put data into the guest
+// and see the sizes of many of its checkpoints can learn something of the
+// memory near that data, as in the CRIME attack on TLS; use
+// [CompressionNone] where that matters. It does not stop someone who can
+// write the files from replacing a checkpoint with an older one sealed
+// under the same key, or deleting it. The trailer and the CRCs are not
+// authenticated, and need not be: they only locate and check parts that
+// are. The key, and the file key derived from it, are in the memory of
+// the process that writes or reads the file.
+//
+// Checking an encrypted file needs the key: there is no Reader without
+// it, and so no [Reader.Verify]. With the key, Verify authenticates every
+// part.
 //
 // # Writing
 //

@@ -21,6 +21,19 @@ var (
 	// ErrTooLarge means an input to the writer exceeds a limit of the
 	// format or of [Options].
 	ErrTooLarge = errors.New("exceeds checkpoint limit")
+	// ErrAuthFailed means a sealed part of an encrypted checkpoint does not
+	// authenticate: it was changed, or moved from another position or
+	// file, after it was sealed. It wraps [ErrCorrupt], as it is a kind of
+	// corruption; a reader checks a part's CRC first, so ErrAuthFailed
+	// rather than a CRC error points at a deliberate change.
+	ErrAuthFailed = fmt.Errorf("%w: authentication failed", ErrCorrupt)
+	// ErrEncrypted means the checkpoint is encrypted and no key was given.
+	ErrEncrypted = errors.New("checkpoint is encrypted: give the key with --encrypt-key FILE")
+	// ErrNotEncrypted means a key was given for a checkpoint that is not
+	// encrypted, so nothing in it is authenticated.
+	ErrNotEncrypted = errors.New("checkpoint is not encrypted")
+	// ErrWrongKey means the checkpoint is encrypted under another key.
+	ErrWrongKey = errors.New("wrong key")
 )
 
 // Part names a part of a checkpoint file.

@@ -2,6 +2,7 @@ package writer_test
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"log"
 	"os"
@@ -63,4 +64,55 @@ func Example() {
 	// Output:
 	// 100 pages in 1 chunks
 	// true
+}
+
+func Example_encryption() {
+	dir, err := os.MkdirTemp("", "kvmckpt-example")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	path := filepath.Join(dir, "vm.kvmckpt")
+
+	// In real use, the key comes from a file made with
+	// `head -c 32 /dev/urandom > key; chmod 600 key`.
+	keyPath := filepath.Join(dir, "key")
+	if err := os.WriteFile(keyPath, []byte("0123456789abcdef0123456789abcdef"), 0o600); err != nil {
+		log.Fatal(err)
+	}
+	key, err := writer.LoadKeyFile(keyPath)
+	if err != nil {
+		log.Fatal(err)
+	}
+
+	ram := bytes.Repeat([]byte("secret "), writer.PageSize)[:4*writer.PageSize]
+	used := pagemap.NewBitmap(4)
+	used.SetRange(0, 4)
+	h := writer.Header{Regions: []writer.Region{{ID: "pc.ram", Size: uint64(len(ram))}}}
+	w, err := writer.Create(path, h, writer.Options{Key: key})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer w.Abort()
+	if err := w.WritePages([][]byte{ram}, used, nil); err != nil {
+		log.Fatal(err)
+	}
+	if _, err := w.WriteDeviceState(strings.NewReader("QEVM...")); err != nil {
+		log.Fatal(err)
+	}
+	if err := w.Commit(); err != nil {
+		log.Fatal(err)
+	}
+
+	_, err = writer.Open(path)
+	fmt.Println(errors.Is(err, writer.ErrEncrypted))
+	r, err := writer.OpenKey(path, key)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer r.Close()
+	fmt.Println(r.Encrypted(), r.Verify(nil))
+	// Output:
+	// true
+	// true <nil>
 }

@@ -1,6 +1,8 @@
 package writer
 
 import (
+	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -14,9 +16,17 @@ import (
 	"github.com/kvmckpt/kvmckpt/pagemap"
 )
 
-// FormatVersion is the version of the format this package writes and the
-// newest it reads.
-const FormatVersion = 1
+// FormatVersion is the newest version of the format, which this package
+// reads and writes. It writes version 1 for a checkpoint without a key and
+// version 2, which adds encryption, for one with a key, so that readers
+// that know only version 1 go on reading the files they can.
+const FormatVersion = 2
+
+// The format versions.
+const (
+	versionPlain  = 1 // no encryption
+	versionSealed = 2 // encrypted: AES-256-GCM
+)
 
 // Limits of the format; see the package documentation.
 const (
@@ -239,64 +249,115 @@ func chunkCount(saved uint64, chunkPages uint32) uint64 {
 }
 
 // encodeHeader returns the header section: fixed part, JSON body, CRC.
-func encodeHeader(h *Header) ([]byte, error) {
+// With a sealer it is a version 2 header, with the body sealed, and it sets
+// the sealer's context.
+func encodeHeader(h *Header, s *sealer, salt []byte) ([]byte, error) {
 	body, err := json.Marshal(h)
 	if err != nil {
 		return nil, fmt.Errorf("encode header: %w", err)
 	}
-	if len(body) > MaxHeaderBody {
-		return nil, fmt.Errorf("encode header: body of %d bytes exceeds %d: %w", len(body), MaxHeaderBody, ErrTooLarge)
+	version, fixedLen, bodyLen := versionPlain, fixedHeaderLen, len(body)
+	if s != nil {
+		version, fixedLen, bodyLen = versionSealed, sealedFixedHeaderLen, len(body)+tagLen
 	}
-	b := make([]byte, 0, fixedHeaderLen+len(body)+crcLen)
+	if bodyLen > MaxHeaderBody {
+		return nil, fmt.Errorf("encode header: body of %d bytes exceeds %d: %w", bodyLen, MaxHeaderBody, ErrTooLarge)
+	}
+	b := make([]byte, 0, fixedLen+bodyLen+crcLen)
 	b = append(b, magic[:]...)
-	b = binary.LittleEndian.AppendUint32(b, FormatVersion)
-	b = binary.LittleEndian.AppendUint32(b, uint32(len(body)))
-	b = append(b, body...)
+	b = binary.LittleEndian.AppendUint32(b, uint32(version))
+	b = binary.LittleEndian.AppendUint32(b, uint32(bodyLen))
+	if s == nil {
+		b = append(b, body...)
+	} else {
+		b = binary.LittleEndian.AppendUint32(b, cipherAES256GCM)
+		b = append(b, salt...)
+		b = append(b, s.check[:]...)
+		b = s.sealHeader(b, body)
+	}
 	return binary.LittleEndian.AppendUint32(b, crc(b)), nil
 }
 
-// parseFixedHeader checks the fixed part of the header and returns the body
-// length. avail is the file size: fixed may be shorter than fixedHeaderLen
-// if the file is.
-func parseFixedHeader(fixed []byte, avail int64) (uint32, error) {
-	n := min(len(fixed), len(magic))
-	if string(fixed[:n]) != string(magic[:n]) {
-		return 0, formatErr(PartHeader, 0, 0, ErrBadMagic, "magic %q", fixed[:n])
-	}
-	if len(fixed) < fixedHeaderLen {
-		return 0, formatErr(PartHeader, 0, 0, ErrTruncated, "file of %d bytes", avail)
-	}
-	switch v := binary.LittleEndian.Uint32(fixed[8:]); {
-	case v > FormatVersion:
-		return 0, formatErr(PartHeader, 0, 8, ErrNewerVersion, "version %d, newest supported %d", v, FormatVersion)
-	case v < FormatVersion:
-		return 0, formatErr(PartHeader, 0, 8, ErrCorrupt, "version %d", v)
-	}
-	bodyLen := binary.LittleEndian.Uint32(fixed[12:])
-	if bodyLen > MaxHeaderBody {
-		return 0, formatErr(PartHeader, 0, 12, ErrCorrupt, "body length %d exceeds %d", bodyLen, MaxHeaderBody)
-	}
-	if int64(fixedHeaderLen)+int64(bodyLen)+crcLen > avail {
-		return 0, formatErr(PartHeader, 0, 12, ErrTruncated, "body length %d past the end of a %d-byte file", bodyLen, avail)
-	}
-	return bodyLen, nil
+// fixedHeader is the fixed, clear part of the header.
+type fixedHeader struct {
+	version uint32
+	len     int    // of the fixed part: where the body starts
+	bodyLen uint32 // stored
+	salt    []byte // version 2
 }
 
-// decodeHeader checks the CRC of the header section b (fixed part, body,
-// CRC) and decodes and validates its body.
-func decodeHeader(b []byte) (Header, error) {
+// parseFixedHeader checks the fixed part of the header. avail is the file
+// size: fixed, read from the file's start, may be shorter than
+// sealedFixedHeaderLen if the file is.
+func parseFixedHeader(fixed []byte, avail int64) (fixedHeader, error) {
+	var fh fixedHeader
+	n := min(len(fixed), len(magic))
+	if string(fixed[:n]) != string(magic[:n]) {
+		return fh, formatErr(PartHeader, 0, 0, ErrBadMagic, "magic %q", fixed[:n])
+	}
+	if len(fixed) < fixedHeaderLen {
+		return fh, formatErr(PartHeader, 0, 0, ErrTruncated, "file of %d bytes", avail)
+	}
+	switch fh.version = binary.LittleEndian.Uint32(fixed[8:]); {
+	case fh.version > FormatVersion:
+		return fh, formatErr(PartHeader, 0, 8, ErrNewerVersion, "version %d, newest supported %d", fh.version, FormatVersion)
+	case fh.version < versionPlain:
+		return fh, formatErr(PartHeader, 0, 8, ErrCorrupt, "version %d", fh.version)
+	case fh.version == versionPlain:
+		fh.len = fixedHeaderLen
+	case fh.version == versionSealed:
+		fh.len = sealedFixedHeaderLen
+		if len(fixed) < fh.len {
+			return fh, formatErr(PartHeader, 0, 0, ErrTruncated, "file of %d bytes", avail)
+		}
+		if c := binary.LittleEndian.Uint32(fixed[16:]); c != cipherAES256GCM {
+			return fh, formatErr(PartHeader, 0, 16, ErrCorrupt, "unknown cipher %d", c)
+		}
+		fh.salt = fixed[20 : 20+saltLen]
+	}
+	fh.bodyLen = binary.LittleEndian.Uint32(fixed[12:])
+	if fh.bodyLen > MaxHeaderBody {
+		return fh, formatErr(PartHeader, 0, 12, ErrCorrupt, "body length %d exceeds %d", fh.bodyLen, MaxHeaderBody)
+	}
+	if int64(fh.len)+int64(fh.bodyLen)+crcLen > avail {
+		return fh, formatErr(PartHeader, 0, 12, ErrTruncated, "body length %d past the end of a %d-byte file", fh.bodyLen, avail)
+	}
+	return fh, nil
+}
+
+// decodeHeader checks the CRC of the header section b (fixed part of
+// fixedLen bytes, body, CRC) and decodes and validates its body. With a
+// sealer, derived from the salt of b, it checks the key check value and
+// opens the body first, and returns the context of the header.
+func decodeHeader(b []byte, fixedLen int, s *sealer) (Header, [sha256.Size]byte, error) {
 	var h Header
+	var context [sha256.Size]byte
 	n := len(b) - crcLen
 	if got, want := crc(b[:n]), binary.LittleEndian.Uint32(b[n:]); got != want {
-		return h, formatErr(PartHeader, 0, int64(n), ErrCorrupt, "crc %#08x, stored %#08x", got, want)
+		return h, context, formatErr(PartHeader, 0, int64(n), ErrCorrupt, "crc %#08x, stored %#08x", got, want)
 	}
-	if err := json.Unmarshal(b[fixedHeaderLen:n], &h); err != nil {
-		return h, formatErr(PartHeader, 0, fixedHeaderLen, ErrCorrupt, "decode body: %v", err)
+	body := b[fixedLen:n]
+	if s != nil {
+		// The key check value is no secret: HKDF's output blocks are
+		// independent, so it says nothing of the file key; and a key is
+		// 256 random bits, not a password to guess.
+		const checkOff = sealedFixedHeaderLen - keyCheckLen
+		if subtle.ConstantTimeCompare(b[checkOff:fixedLen], s.check[:]) != 1 {
+			return h, context, formatErr(PartHeader, 0, checkOff, ErrWrongKey, "key check value does not match")
+		}
+		var err error
+		if body, err = s.openHeader(b[:fixedLen], body); err != nil {
+			return h, context, formatErr(PartHeader, 0, int64(fixedLen), ErrAuthFailed, "body changed since it was sealed")
+		}
+		context = headerContext(b[:fixedLen], body)
+	}
+	if err := json.Unmarshal(body, &h); err != nil {
+		return h, context, formatErr(PartHeader, 0, int64(fixedLen), ErrCorrupt, "decode body: %v", err)
 	}
 	if err := h.check(); err != nil {
-		return h, formatErr(PartHeader, 0, fixedHeaderLen, ErrCorrupt, "%v", err)
+		return h, context, formatErr(PartHeader, 0, int64(fixedLen), ErrCorrupt, "%v", err)
 	}
-	return h, nil
+	return h, context, nil
 }
 
 // indexEntry is the on-disk form of [ChunkInfo].

@@ -62,6 +62,12 @@ func seedCheckpoints(tb testing.TB) map[string][]byte {
 	used.SetRange(0, 5)
 	used.Clear(3)
 	write("regions", h, Options{ChunkPages: 3}, used, "")
+	// Under testKey, which FuzzOpen tries: a raw chunk and an LZ4 one.
+	h = testHeader(4)
+	h.CommandLine = nil
+	used = pagemap.NewBitmap(4)
+	used.SetRange(0, 3)
+	write("encrypted", h, Options{ChunkPages: 2, Key: testKey}, used, "QEVM")
 	return seeds
 }
 
@@ -96,7 +102,12 @@ func TestFuzzSeeds(t *testing.T) {
 	for _, e := range entries {
 		text, err := os.ReadFile(filepath.Join(seedDir, e.Name()))
 		require.NoError(t, err)
-		require.NoError(t, openAndVerify(parseSeedFile(t, text)), e.Name())
+		data := parseSeedFile(t, text)
+		err = openAndVerify(data)
+		if errors.Is(err, ErrEncrypted) {
+			err = openAndVerifyKey(data, testKey)
+		}
+		require.NoError(t, err, e.Name())
 	}
 }
 
@@ -107,17 +118,22 @@ func (discardWriterAt) WriteAt(p []byte, _ int64) (int, error) { return len(p), 
 
 // FuzzOpen reads a checkpoint as the restore path does, and checks that
 // no input panics and every error is a *FormatError. It reads each input
-// twice: as is, and with its checksums recomputed, so that mutations get
-// past the CRCs to the checks behind them.
+// as is, and with its checksums recomputed, so that mutations get past the
+// CRCs to the checks behind them (in an encrypted file, to
+// authentication); each without a key and with testKey, the key of the
+// encrypted seed.
 func FuzzOpen(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
-		readAll(t, data)
-		readAll(t, fixChecksums(bytes.Clone(data)))
+		fixed := fixChecksums(bytes.Clone(data))
+		for _, key := range [][]byte{nil, testKey} {
+			readAll(t, data, key)
+			readAll(t, fixed, key)
+		}
 	})
 }
 
-func readAll(t *testing.T, data []byte) {
-	r, err := openBytes(data)
+func readAll(t *testing.T, data, key []byte) {
+	r, err := openBytesKey(data, key)
 	requireFormatErrorOrNil(t, err)
 	if err != nil {
 		return
@@ -146,11 +162,20 @@ func fixChecksums(data []byte) []byte {
 	if len(data) < fixedHeaderLen+crcLen+trailerLen {
 		return data
 	}
+	// In an encrypted file, the body, the bitmap, and the index that holds
+	// the chunks' CRCs are sealed: only the CRCs of the header, index and
+	// device state can be fixed, and the bitmap's stays right as long as
+	// the bitmap is not mutated.
+	sealed := le.Uint32(data[8:]) == versionSealed
+	fixedLen := uint64(fixedHeaderLen)
+	if sealed {
+		fixedLen = sealedFixedHeaderLen
+	}
 	bodyLen := uint64(le.Uint32(data[12:]))
-	hdrEnd := fixedHeaderLen + bodyLen
+	hdrEnd := fixedLen + bodyLen
 	put(0, hdrEnd, hdrEnd)
 	var h Header
-	if hdrEnd <= uint64(len(data)) && json.Unmarshal(data[fixedHeaderLen:hdrEnd], &h) == nil {
+	if !sealed && hdrEnd <= uint64(len(data)) && json.Unmarshal(data[fixedLen:hdrEnd], &h) == nil {
 		if n, ok := pagemap.EncodedLen(h.Pages.Total); ok {
 			put(hdrEnd+crcLen, n, hdrEnd+crcLen+n)
 		}
@@ -158,7 +183,7 @@ func fixChecksums(data []byte) []byte {
 	t := uint64(len(data) - trailerLen)
 	indexOff, indexLen := le.Uint64(data[t:]), le.Uint64(data[t+8:])
 	devOff, devLen := le.Uint64(data[t+16:]), le.Uint64(data[t+24:])
-	for i := uint64(0); i < indexLen/indexEntryLen && i < uint64(len(data)); i++ {
+	for i := uint64(0); !sealed && i < indexLen/indexEntryLen && i < uint64(len(data)); i++ {
 		if e := indexOff + i*indexEntryLen; e < t && indexEntryLen <= t-e {
 			put(le.Uint64(data[e:]), uint64(le.Uint32(data[e+20:])), e+24)
 		}
@@ -192,5 +217,26 @@ func TestFixChecksums(t *testing.T) {
 		bad[off] ^= 1
 		require.Error(t, openAndVerify(bad))
 		require.NoError(t, openAndVerify(fixChecksums(bad)), "offset %#x", off)
+	}
+
+	// In an encrypted file, fixed checksums get mutations as far as
+	// authentication, which must stop them.
+	good = smallCheckpointKey(t, testKey)
+	r, err = openBytesKey(good, testKey)
+	require.NoError(t, err)
+	tests := []struct {
+		off  int64
+		part Part
+	}{
+		{sealedFixedHeaderLen + 5, PartHeader},
+		{int64(r.tr.indexOff), PartIndex},
+		{int64(r.tr.devOff), PartDeviceState},
+	}
+	for _, tt := range tests {
+		bad := bytes.Clone(good)
+		bad[tt.off] ^= 1
+		err := openAndVerifyKey(fixChecksums(bad), testKey)
+		requireFormatError(t, err, tt.part, 0, "offset %#x", tt.off)
+		require.ErrorIs(t, err, ErrAuthFailed, "offset %#x", tt.off)
 	}
 }

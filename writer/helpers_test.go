@@ -117,10 +117,22 @@ func writeFile(tb testing.TB, path string, h Header, opts Options, ram [][]byte,
 	return w.Stats()
 }
 
+// testKey and otherKey are encryption keys for tests.
+var (
+	testKey  = []byte("kvmckpt test key, 32 bytes long!")
+	otherKey = []byte("kvmckpt other key, not the test!")
+)
+
 // smallCheckpoint returns the bytes of a small checkpoint with every part:
 // two regions of 3 and 4 pages, chunks of 2 pages: an LZ4 one, a raw one
 // across the regions, and an LZ4 one; fill byte 0xaa; a device state.
 func smallCheckpoint(tb testing.TB) []byte {
+	tb.Helper()
+	return smallCheckpointKey(tb, nil)
+}
+
+// smallCheckpointKey is smallCheckpoint encrypted under key, if not nil.
+func smallCheckpointKey(tb testing.TB, key []byte) []byte {
 	tb.Helper()
 	h := testHeader(3, 4)
 	h.FillByte = 0xaa
@@ -132,21 +144,27 @@ func smallCheckpoint(tb testing.TB) []byte {
 		used.Set(p)
 	}
 	path := filepath.Join(tb.TempDir(), "small.kvmckpt")
-	writeFile(tb, path, h, Options{ChunkPages: 2}, ram, used, []byte("QEVM\x00\x00\x00\x03device state"))
+	writeFile(tb, path, h, Options{ChunkPages: 2, Key: key}, ram, used, []byte("QEVM\x00\x00\x00\x03device state"))
 	data, err := os.ReadFile(path)
 	require.NoError(tb, err)
 	return data
 }
 
 // openBytes opens a checkpoint held in memory.
-func openBytes(data []byte) (*Reader, error) {
-	return NewReader(bytes.NewReader(data), int64(len(data)))
+func openBytes(data []byte) (*Reader, error) { return openBytesKey(data, nil) }
+
+// openBytesKey opens a checkpoint held in memory with a key.
+func openBytesKey(data, key []byte) (*Reader, error) {
+	return NewReaderKey(bytes.NewReader(data), int64(len(data)), key)
 }
 
 // openAndVerify opens and verifies a checkpoint held in memory and returns
 // the first error.
-func openAndVerify(data []byte) error {
-	r, err := openBytes(data)
+func openAndVerify(data []byte) error { return openAndVerifyKey(data, nil) }
+
+// openAndVerifyKey is openAndVerify with a key.
+func openAndVerifyKey(data, key []byte) error {
+	r, err := openBytesKey(data, key)
 	if err != nil {
 		return err
 	}

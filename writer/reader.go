@@ -1,6 +1,7 @@
 package writer
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -27,7 +28,8 @@ type ChunkInfo struct {
 	FirstPage uint64
 	// Pages is the number of pages in the chunk.
 	Pages uint64
-	// RawLen is Pages times the page size; StoredLen is the stored size.
+	// RawLen is Pages times the page size; StoredLen is the stored size,
+	// with the GCM tag in an encrypted file.
 	RawLen, StoredLen uint32
 	// CRC is the CRC-32C of the stored bytes.
 	CRC      uint32
@@ -41,17 +43,24 @@ type Reader struct {
 	size   int64
 	closer io.Closer
 
+	seal      *sealer // nil if the file is not encrypted
+	fixedLen  int     // of the fixed part of the header
 	h         Header
 	used      *pagemap.Bitmap
 	bitmapOff int64 // end of the header, start of the bitmap
 	chunksOff int64 // start of chunk 0
 	chunks    []ChunkInfo
 	tr        trailer
+	devLen    uint64 // content length of the device state
 }
 
 // Open opens the checkpoint at path and checks its header, bitmap, trailer
 // and index; see [NewReader]. The caller must Close the Reader.
-func Open(path string) (*Reader, error) {
+func Open(path string) (*Reader, error) { return OpenKey(path, nil) }
+
+// OpenKey is [Open] with a key, for a checkpoint that may be encrypted;
+// see [NewReaderKey]. The caller must Close the Reader.
+func OpenKey(path string, key []byte) (*Reader, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("open checkpoint: %w", err)
@@ -61,7 +70,7 @@ func Open(path string) (*Reader, error) {
 		f.Close()
 		return nil, fmt.Errorf("open checkpoint: %w", err)
 	}
-	r, err := NewReader(f, fi.Size())
+	r, err := NewReaderKey(f, fi.Size(), key)
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("open checkpoint %s: %w", path, err)
@@ -84,27 +93,60 @@ func (r *Reader) Close() error {
 // with each other and with size; it returns a [*FormatError] if they do
 // not. The chunks and the device state are checked when read, or all at
 // once by [Reader.Verify].
+//
+// An encrypted checkpoint needs [NewReaderKey]: NewReader returns an error
+// wrapping [ErrEncrypted].
 func NewReader(ra io.ReaderAt, size int64) (*Reader, error) {
+	return NewReaderKey(ra, size, nil)
+}
+
+// NewReaderKey is [NewReader] with a key. With a nil key it is NewReader.
+// Otherwise the checkpoint must be encrypted, under key: it returns an
+// error wrapping [ErrNotEncrypted] if the checkpoint is not encrypted, as
+// nothing in such a file is authenticated, and [ErrWrongKey] if it is
+// encrypted under another key. Then it authenticates the header, bitmap
+// and index; chunks and the device state are authenticated when read, and
+// a part that does not authenticate is reported as an error wrapping
+// [ErrAuthFailed].
+func NewReaderKey(ra io.ReaderAt, size int64, key []byte) (*Reader, error) {
 	if size < 0 {
 		return nil, fmt.Errorf("read checkpoint: negative size %d", size)
 	}
+	if key != nil && len(key) != KeySize {
+		return nil, fmt.Errorf("read checkpoint: key of %d bytes, want %d", len(key), KeySize)
+	}
 	r := &Reader{ra: ra, size: size}
 
-	fixed := make([]byte, min(size, fixedHeaderLen))
+	fixed := make([]byte, min(size, sealedFixedHeaderLen))
 	if err := r.readAt(PartHeader, 0, fixed, 0); err != nil {
 		return nil, err
 	}
-	bodyLen, err := parseFixedHeader(fixed, size)
+	fh, err := parseFixedHeader(fixed, size)
 	if err != nil {
 		return nil, err
 	}
+	switch {
+	case fh.version == versionSealed && key == nil:
+		return nil, formatErr(PartHeader, 0, 8, ErrEncrypted, "version %d, AES-256-GCM", fh.version)
+	case fh.version == versionPlain && key != nil:
+		return nil, formatErr(PartHeader, 0, 8, ErrNotEncrypted, "version %d read with a key", fh.version)
+	case key != nil:
+		if r.seal, err = newSealer(key, fh.salt); err != nil {
+			return nil, fmt.Errorf("read checkpoint: %w", err)
+		}
+	}
+	r.fixedLen = fh.len
 	// parseFixedHeader bounded bodyLen by MaxHeaderBody and size.
-	hdr := make([]byte, fixedHeaderLen+int(bodyLen)+crcLen)
+	hdr := make([]byte, fh.len+int(fh.bodyLen)+crcLen)
 	if err := r.readAt(PartHeader, 0, hdr, 0); err != nil {
 		return nil, err
 	}
-	if r.h, err = decodeHeader(hdr); err != nil {
+	var context [sha256.Size]byte
+	if r.h, context, err = decodeHeader(hdr, fh.len, r.seal); err != nil {
 		return nil, err
+	}
+	if r.seal != nil {
+		r.seal.context = context
 	}
 	r.bitmapOff = int64(len(hdr))
 	if err := r.readBitmap(); err != nil {
@@ -117,6 +159,44 @@ func NewReader(ra io.ReaderAt, size int64) (*Reader, error) {
 		return nil, err
 	}
 	return r, nil
+}
+
+// Encrypted reports whether the checkpoint is encrypted.
+func (r *Reader) Encrypted() bool { return r.seal != nil }
+
+// storedLen returns the stored length of a section with n content bytes.
+func (r *Reader) storedLen(n uint64) uint64 {
+	if r.seal != nil {
+		return sealedLen(n)
+	}
+	return n
+}
+
+// overhead returns the bytes sealing adds to a message: 0 in a file that
+// is not encrypted.
+func (r *Reader) overhead() uint32 {
+	if r.seal != nil {
+		return tagLen
+	}
+	return 0
+}
+
+// readSection reads the section of part at off with n content bytes,
+// checks its CRC, opens it if the file is encrypted, and returns its
+// content. The caller has bounded its stored length by the file size.
+func (r *Reader) readSection(part Part, off int64, n uint64) ([]byte, error) {
+	stored := r.storedLen(n)
+	b := make([]byte, stored+crcLen)
+	if err := r.readAt(part, 0, b, off); err != nil {
+		return nil, err
+	}
+	if got, want := crc(b[:stored]), binary.LittleEndian.Uint32(b[stored:]); got != want {
+		return nil, formatErr(part, 0, off+int64(stored), ErrCorrupt, "crc %#08x, stored %#08x", got, want)
+	}
+	if r.seal == nil {
+		return b[:n], nil
+	}
+	return r.seal.openBlocks(part, off, b[:stored])
 }
 
 // readAt reads len(b) bytes at off, part of part.
@@ -132,21 +212,18 @@ func (r *Reader) readAt(part Part, idx int, b []byte, off int64) error {
 }
 
 func (r *Reader) readBitmap() error {
-	// totalPages <= MaxPages, so the length fits.
+	// totalPages <= MaxPages, so the lengths fit.
 	n, _ := pagemap.EncodedLen(r.h.Pages.Total)
-	if uint64(r.size-r.bitmapOff) < n+crcLen+trailerLen {
+	if uint64(r.size-r.bitmapOff) < r.storedLen(n)+crcLen+trailerLen {
 		return formatErr(PartBitmap, 0, r.bitmapOff, ErrTruncated,
-			"%d-byte bitmap and trailer past the end of a %d-byte file", n, r.size)
+			"%d-byte bitmap and trailer past the end of a %d-byte file", r.storedLen(n), r.size)
 	}
-	b := make([]byte, n+crcLen)
-	if err := r.readAt(PartBitmap, 0, b, r.bitmapOff); err != nil {
+	b, err := r.readSection(PartBitmap, r.bitmapOff, n)
+	if err != nil {
 		return err
 	}
-	if got, want := crc(b[:n]), binary.LittleEndian.Uint32(b[n:]); got != want {
-		return formatErr(PartBitmap, 0, r.bitmapOff+int64(n), ErrCorrupt, "crc %#08x, stored %#08x", got, want)
-	}
 	r.used = new(pagemap.Bitmap)
-	if err := r.used.UnmarshalBinary(b[:n]); err != nil {
+	if err := r.used.UnmarshalBinary(b); err != nil {
 		return formatErr(PartBitmap, 0, r.bitmapOff, ErrCorrupt, "%v", err)
 	}
 	if r.used.Len() != r.h.Pages.Total {
@@ -155,7 +232,7 @@ func (r *Reader) readBitmap() error {
 	if c := r.used.Count(); c != r.h.Pages.Saved {
 		return formatErr(PartBitmap, 0, r.bitmapOff, ErrCorrupt, "has %d pages set, header says %d saved", c, r.h.Pages.Saved)
 	}
-	r.chunksOff = r.bitmapOff + int64(n) + crcLen
+	r.chunksOff = r.bitmapOff + int64(r.storedLen(n)) + crcLen
 	return nil
 }
 
@@ -173,10 +250,14 @@ func (r *Reader) readTrailer() error {
 	// not overflow.
 	u := uint64(off)
 	nChunks := chunkCount(r.h.Pages.Saved, r.h.ChunkPages)
+	devLen, devOK := t.devLen, true
+	if r.seal != nil {
+		devLen, devOK = openedLen(t.devLen)
+	}
 	switch {
 	case t.indexOff > u || t.indexLen > u || t.devOff > u || t.devLen > u:
 		return formatErr(PartTrailer, 0, off, ErrCorrupt, "offset or length past the end of the file")
-	case t.indexLen != nChunks*indexEntryLen:
+	case t.indexLen != r.storedLen(nChunks*indexEntryLen):
 		return formatErr(PartTrailer, 0, off, ErrCorrupt, "index of %d bytes for %d chunks", t.indexLen, nChunks)
 	case t.indexOff < uint64(r.chunksOff):
 		return formatErr(PartTrailer, 0, off, ErrCorrupt, "index at %#x before the chunks at %#x", t.indexOff, r.chunksOff)
@@ -184,27 +265,28 @@ func (r *Reader) readTrailer() error {
 		return formatErr(PartTrailer, 0, off, ErrCorrupt, "device state at %#x, index ends at %#x", t.devOff, t.indexOff+t.indexLen+crcLen)
 	case t.devOff+t.devLen+crcLen != u:
 		return formatErr(PartTrailer, 0, off, ErrCorrupt, "device state ends at %#x, trailer at %#x", t.devOff+t.devLen+crcLen, u)
+	case !devOK:
+		return formatErr(PartTrailer, 0, off, ErrCorrupt, "device state of %d bytes is no sequence of sealed blocks", t.devLen)
 	}
 	r.tr = t
+	r.devLen = devLen
 	return nil
 }
 
 func (r *Reader) readIndex() error {
 	off := int64(r.tr.indexOff)
-	// readTrailer bounded indexLen by the file size.
-	b := make([]byte, r.tr.indexLen+crcLen)
-	if err := r.readAt(PartIndex, 0, b, off); err != nil {
+	// readTrailer bounded indexLen by the file size and checked it against
+	// the number of chunks.
+	n := chunkCount(r.h.Pages.Saved, r.h.ChunkPages) * indexEntryLen
+	b, err := r.readSection(PartIndex, off, n)
+	if err != nil {
 		return err
-	}
-	n := len(b) - crcLen
-	if got, want := crc(b[:n]), binary.LittleEndian.Uint32(b[n:]); got != want {
-		return formatErr(PartIndex, 0, off+int64(n), ErrCorrupt, "crc %#08x, stored %#08x", got, want)
 	}
 	r.chunks = make([]ChunkInfo, 0, n/indexEntryLen)
 	next := uint64(r.chunksOff)
+	tag := r.overhead()
 	for first, pages := range chunkSpans(r.used, uint64(r.h.ChunkPages)) {
 		i := len(r.chunks)
-		eOff := off + int64(i*indexEntryLen)
 		e, ok := parseIndexEntry(b[i*indexEntryLen:])
 		rawLen := pages * uint64(r.h.PageSize)
 		var msg string
@@ -217,11 +299,11 @@ func (r *Reader) readIndex() error {
 			msg = fmt.Sprintf("first page %d, bitmap says %d", e.firstPage, first)
 		case uint64(e.rawLen) != rawLen:
 			msg = fmt.Sprintf("raw length %d for %d pages", e.rawLen, pages)
-		case e.encoding == EncodingRaw && e.storedLen != e.rawLen:
+		case e.encoding == EncodingRaw && e.storedLen != e.rawLen+tag:
 			msg = fmt.Sprintf("raw chunk stores %d bytes of %d", e.storedLen, e.rawLen)
 		case e.encoding == EncodingLZ4 && r.h.Compression == CompressionNone:
 			msg = "lz4 chunk in a file without compression"
-		case e.encoding == EncodingLZ4 && (e.storedLen == 0 || e.storedLen > maxStored(e.rawLen)):
+		case e.encoding == EncodingLZ4 && (e.storedLen <= tag || e.storedLen-tag > maxStored(e.rawLen)):
 			msg = fmt.Sprintf("lz4 chunk stores %d bytes of %d", e.storedLen, e.rawLen)
 		case e.encoding != EncodingRaw && e.encoding != EncodingLZ4:
 			msg = fmt.Sprintf("unknown encoding %d", e.encoding)
@@ -229,7 +311,7 @@ func (r *Reader) readIndex() error {
 			msg = fmt.Sprintf("%d stored bytes at %#x run into the index at %#x", e.storedLen, next, r.tr.indexOff)
 		}
 		if msg != "" {
-			return formatErr(PartIndex, 0, eOff, ErrCorrupt, "entry %d: %s", i, msg)
+			return formatErr(PartIndex, 0, r.contentOff(off, uint64(i*indexEntryLen)), ErrCorrupt, "entry %d: %s", i, msg)
 		}
 		r.chunks = append(r.chunks, ChunkInfo{
 			Offset:    int64(e.offset),
@@ -246,6 +328,15 @@ func (r *Reader) readIndex() error {
 		return formatErr(PartIndex, 0, off, ErrCorrupt, "chunks end at %#x, index starts at %#x", next, r.tr.indexOff)
 	}
 	return nil
+}
+
+// contentOff returns the file offset of content byte n of the section at
+// off: in an encrypted file, past the tags of the blocks before.
+func (r *Reader) contentOff(off int64, n uint64) int64 {
+	if r.seal != nil {
+		n += n / sealBlock * tagLen
+	}
+	return off + int64(n)
 }
 
 // Header returns the checkpoint's header.
@@ -268,7 +359,7 @@ func (r *Reader) NumChunks() int { return len(r.chunks) }
 func (r *Reader) Chunk(i int) ChunkInfo { return r.chunks[i] }
 
 // DeviceStateLen returns the length of the device state.
-func (r *Reader) DeviceStateLen() int64 { return int64(r.tr.devLen) }
+func (r *Reader) DeviceStateLen() int64 { return int64(r.devLen) }
 
 // ReadChunk reads, checks and decodes chunk i, and returns its pages,
 // concatenated in page order. It uses dst if it has room.
@@ -291,21 +382,34 @@ func (r *Reader) ReadChunk(i int, dst []byte) ([]byte, error) {
 	return dst, nil
 }
 
-// decodeChunk checks the stored bytes of chunk i and decodes them into
-// raw, of the chunk's raw length. stored and raw may be the same slice
-// for a raw chunk.
+// decodeChunk checks the stored bytes of chunk i, opens them if the file
+// is encrypted, and decodes them into raw, of the chunk's raw length.
+// stored and raw may be the same slice for a raw chunk.
 func (r *Reader) decodeChunk(i int, stored, raw []byte) error {
 	c := &r.chunks[i]
 	if got := crc(stored); got != c.CRC {
 		return formatErr(PartChunk, i, c.Offset, ErrCorrupt, "crc %#08x, index says %#08x", got, c.CRC)
 	}
+	plain := stored
+	if r.seal != nil {
+		// Open a raw chunk straight into raw, an LZ4 one in place to
+		// decode from there.
+		dst := stored[:0]
+		if c.Encoding == EncodingRaw {
+			dst = raw[:0]
+		}
+		var err error
+		if plain, err = r.seal.open(dst, stored, PartChunk, uint64(i), true); err != nil {
+			return formatErr(PartChunk, i, c.Offset, ErrAuthFailed, "changed or moved since it was sealed")
+		}
+	}
 	switch c.Encoding {
 	case EncodingRaw:
-		if &stored[0] != &raw[0] {
-			copy(raw, stored)
+		if &plain[0] != &raw[0] {
+			copy(raw, plain)
 		}
 	case EncodingLZ4:
-		n, err := lz4.UncompressBlock(stored, raw)
+		n, err := lz4.UncompressBlock(plain, raw)
 		if err != nil || n != len(raw) {
 			return formatErr(PartChunk, i, c.Offset, ErrCorrupt, "lz4 block decodes to %d bytes of %d (%v)", n, len(raw), err)
 		}
@@ -450,7 +554,7 @@ func (r *Reader) restoreChunk(i int, s sink, b *chunkBuffers) (err error) {
 	if contiguous(r.used, c.FirstPage, c.Pages) {
 		direct = s.direct(c.FirstPage, c.Pages)
 	}
-	if direct != nil && c.Encoding == EncodingRaw {
+	if direct != nil && c.Encoding == EncodingRaw && r.seal == nil {
 		// Read straight into place; decodeChunk then only checks the CRC.
 		if err := r.readAt(PartChunk, i, direct, c.Offset); err != nil {
 			return err
@@ -539,6 +643,12 @@ func (r *Reader) FillUnsavedTo(dst io.WriterAt) error {
 // io.EOF if the state is corrupt. The bytes before are delivered
 // unchecked; call [Reader.Verify] first to know before feeding them to
 // QEMU.
+//
+// In an encrypted file, each block of the device state is authenticated
+// before any of its bytes is delivered, and the last block is marked as
+// such, so the bytes delivered are the ones written, and all of them if
+// the last Read returns io.EOF. A block that does not authenticate fails
+// with an error wrapping [ErrAuthFailed].
 func (r *Reader) DeviceState() io.Reader {
 	return &deviceStateReader{r: r, sr: io.NewSectionReader(r.ra, int64(r.tr.devOff), int64(r.tr.devLen))}
 }
@@ -547,11 +657,19 @@ type deviceStateReader struct {
 	r   *Reader
 	sr  *io.SectionReader
 	crc uint32
-	n   int64
+	n   int64 // stored bytes read
 	err error
+
+	// Encrypted file.
+	block uint64 // number of the next block
+	buf   []byte // stored bytes of a block, opened in place
+	plain []byte // the unread content of the last block read
 }
 
 func (d *deviceStateReader) Read(p []byte) (int, error) {
+	if d.r.seal != nil {
+		return d.readSealed(p)
+	}
 	if d.err != nil {
 		return 0, d.err
 	}
@@ -568,8 +686,47 @@ func (d *deviceStateReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// checkDeviceState checks n bytes of device state with the CRC got; it
-// returns io.EOF if they are right.
+func (d *deviceStateReader) readSealed(p []byte) (int, error) {
+	for len(d.plain) == 0 {
+		if d.err != nil {
+			return 0, d.err
+		}
+		d.err = d.nextBlock()
+	}
+	n := copy(p, d.plain)
+	d.plain = d.plain[n:]
+	return n, nil
+}
+
+// nextBlock reads, checks and opens the next block of an encrypted device
+// state into d.plain; past the last block, it checks the CRC, and returns
+// io.EOF if it is right.
+func (d *deviceStateReader) nextBlock() error {
+	total := int64(d.r.tr.devLen)
+	if d.n == total {
+		return d.r.checkDeviceState(d.n, d.crc)
+	}
+	if d.buf == nil {
+		d.buf = make([]byte, min(total, sealBlock+tagLen))
+	}
+	b := d.buf[:min(total-d.n, sealBlock+tagLen)]
+	off := int64(d.r.tr.devOff) + d.n
+	if err := d.r.readAt(PartDeviceState, 0, b, off); err != nil {
+		return err
+	}
+	d.crc = crc32.Update(d.crc, castagnoli, b)
+	d.n += int64(len(b))
+	plain, err := d.r.seal.open(b[:0], b, PartDeviceState, d.block, d.n == total)
+	if err != nil {
+		return formatErr(PartDeviceState, 0, off, ErrAuthFailed, "block %d: changed or moved since it was sealed", d.block)
+	}
+	d.block++
+	d.plain = plain
+	return nil
+}
+
+// checkDeviceState checks n stored bytes of device state with the CRC got;
+// it returns io.EOF if they are right.
 func (r *Reader) checkDeviceState(n int64, got uint32) error {
 	end := int64(r.tr.devOff + r.tr.devLen)
 	if n != int64(r.tr.devLen) {
@@ -588,12 +745,18 @@ func (r *Reader) checkDeviceState(n int64, got uint32) error {
 // Verify reads the whole file and checks every part: the checksums of the
 // header, bitmap, every chunk, the index and the device state, that every
 // chunk decodes to its length, the trailer and the whole-file checksum.
-// It returns a [*FormatError] for the first bad part in file order.
-// progress, if not nil, is called with the bytes checked and the file
-// size.
+// In an encrypted file it also authenticates every part but the trailer,
+// which needs the key: a Reader of an encrypted file has it. It returns a
+// [*FormatError] for the first bad part in file order. progress, if not
+// nil, is called with the bytes checked and the file size.
 func (r *Reader) Verify(progress func(done, total uint64)) error {
-	v := verifier{r: r, progress: progress, buf: make([]byte, min(1<<20, r.size))}
-	if err := v.section(PartHeader, 0, r.bitmapOff-crcLen); err != nil {
+	block := int64(1 << 20)
+	if r.seal != nil {
+		// Read sealed sections block by block, to open each.
+		block = sealBlock + tagLen
+	}
+	v := verifier{r: r, progress: progress, buf: make([]byte, min(block, r.size))}
+	if err := v.header(); err != nil {
 		return err
 	}
 	if err := v.section(PartBitmap, r.bitmapOff, r.chunksOff-crcLen-r.bitmapOff); err != nil {
@@ -646,14 +809,36 @@ func (v *verifier) advance(n int64) {
 	}
 }
 
-// section checks the n bytes at off followed by their CRC.
+// header checks the header section again, as NewReaderKey did: in an
+// encrypted file, that it authenticates and is the one the Reader was
+// opened with.
+func (v *verifier) header() error {
+	// NewReaderKey bounded the header by MaxHeaderBody.
+	b := make([]byte, v.r.bitmapOff)
+	if err := v.r.readAt(PartHeader, 0, b, 0); err != nil {
+		return err
+	}
+	v.fileCRC = crc32.Update(v.fileCRC, castagnoli, b)
+	_, context, err := decodeHeader(b, v.r.fixedLen, v.r.seal)
+	if err != nil {
+		return err
+	}
+	if v.r.seal != nil && context != v.r.seal.context {
+		return formatErr(PartHeader, 0, int64(v.r.fixedLen), ErrCorrupt, "changed since the file was opened")
+	}
+	v.advance(int64(len(b)))
+	return nil
+}
+
+// section checks the n stored bytes at off followed by their CRC; in an
+// encrypted file, it opens each block.
 func (v *verifier) section(part Part, off, n int64) error {
 	if off != v.pos {
 		// The layout checks of NewReader rule this out.
 		return formatErr(part, 0, off, ErrCorrupt, "starts at %#x, previous part ends at %#x", off, v.pos)
 	}
 	var sum uint32
-	for n > 0 {
+	for k := uint64(0); n > 0; k++ {
 		b := v.buf[:min(n, int64(len(v.buf)))]
 		if err := v.r.readAt(part, 0, b, v.pos); err != nil {
 			return err
@@ -661,6 +846,11 @@ func (v *verifier) section(part Part, off, n int64) error {
 		sum = crc32.Update(sum, castagnoli, b)
 		v.fileCRC = crc32.Update(v.fileCRC, castagnoli, b)
 		n -= int64(len(b))
+		if v.r.seal != nil {
+			if _, err := v.r.seal.open(b[:0], b, part, k, n == 0); err != nil {
+				return formatErr(part, 0, v.pos, ErrAuthFailed, "block %d: changed or moved since it was sealed", k)
+			}
+		}
 		v.advance(int64(len(b)))
 	}
 	b := v.buf[:crcLen]
@@ -685,7 +875,7 @@ func (v *verifier) chunk(i int, b *chunkBuffers) error {
 		return err
 	}
 	v.fileCRC = crc32.Update(v.fileCRC, castagnoli, b.stored)
-	raw := b.stored // a raw chunk needs only its CRC checked
+	raw := b.stored // a raw chunk needs only its CRC checked, and opening in place
 	if c.Encoding != EncodingRaw {
 		b.raw = grow(b.raw, c.RawLen)
 		raw = b.raw

@@ -2,6 +2,7 @@ package writer
 
 import (
 	"bufio"
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -32,6 +33,10 @@ type Options struct {
 	// MaxDeviceState bounds the device state in bytes; 0 means
 	// [DefaultMaxDeviceState].
 	MaxDeviceState int64
+	// Key, if not nil, is the [KeySize]-byte key to encrypt the checkpoint
+	// with (see [LoadKeyFile]); nil means no encryption. The writer keeps
+	// only the file key derived from it.
+	Key []byte
 }
 
 func (o Options) withDefaults() (Options, error) {
@@ -103,6 +108,8 @@ type Writer struct {
 
 	h     Header
 	opts  Options
+	seal  *sealer // nil without encryption
+	salt  []byte
 	state writerState
 	index []byte // encoded index entries
 	tr    trailer
@@ -115,10 +122,25 @@ type Writer struct {
 // path that exists and is not a regular file, so it never writes through
 // a symlink. Callers should remove temporary files of crashed writers with
 // [CleanStale].
+//
+// With [Options].Key, the checkpoint is encrypted: see the package
+// documentation.
 func Create(path string, h Header, opts Options) (*Writer, error) {
 	opts, err := opts.withDefaults()
 	if err != nil {
 		return nil, fmt.Errorf("create checkpoint: %w", err)
+	}
+	var seal *sealer
+	var salt []byte
+	if opts.Key != nil {
+		// A fresh salt makes a fresh file key, under which the fixed
+		// nonces of the format are never reused.
+		salt = make([]byte, saltLen)
+		rand.Read(salt) // never fails since Go 1.24
+		if seal, err = newSealer(opts.Key, salt); err != nil {
+			return nil, fmt.Errorf("create checkpoint: %w", err)
+		}
+		opts.Key = nil
 	}
 	h = h.clone()
 	if h.PageSize == 0 {
@@ -157,6 +179,8 @@ func Create(path string, h Header, opts Options) (*Writer, error) {
 		bw:   bufio.NewWriterSize(f, 1<<20),
 		h:    h,
 		opts: opts,
+		seal: seal,
+		salt: salt,
 	}, nil
 }
 
@@ -263,7 +287,7 @@ func (w *Writer) WritePages(ram [][]byte, used *pagemap.Bitmap, progress func(do
 	if err := w.h.check(); err != nil {
 		return fmt.Errorf("write pages: header: %w", err)
 	}
-	hdr, err := encodeHeader(&w.h)
+	hdr, err := encodeHeader(&w.h, w.seal, w.salt)
 	if err != nil {
 		return fmt.Errorf("write pages: %w", err)
 	}
@@ -272,17 +296,14 @@ func (w *Writer) WritePages(ram [][]byte, used *pagemap.Bitmap, progress func(do
 	if err != nil {
 		return w.fail(fmt.Errorf("write pages: %w", err))
 	}
-	w.write(bm)
-	w.writeCRC(crc(bm))
+	w.writeSection(PartBitmap, bm)
 
 	if err := w.writeChunks(sp, used, progress); err != nil {
 		return w.fail(fmt.Errorf("write pages: %w", err))
 	}
 
 	w.tr.indexOff = uint64(w.off)
-	w.tr.indexLen = uint64(len(w.index))
-	w.write(w.index)
-	w.writeCRC(crc(w.index))
+	w.tr.indexLen = w.writeSection(PartIndex, w.index)
 	if w.err != nil {
 		return w.fail(w.err)
 	}
@@ -294,6 +315,7 @@ func (w *Writer) WritePages(ram [][]byte, used *pagemap.Bitmap, progress func(do
 // [Writer.writeChunks]. The producer fills in first and pages, a worker
 // out, enc, crc and err, and the in-order writer consumes it.
 type chunkJob struct {
+	index        uint64 // chunk number
 	first, pages uint64
 	buf          []byte // owned by the job; out is a prefix of it
 	out          []byte
@@ -325,7 +347,7 @@ func (w *Writer) writeChunks(sp *space, used *pagemap.Bitmap, progress func(done
 			// Reading a mapping whose file shrank faults; turn that into
 			// an error rather than a crash.
 			defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-			c := compressor{lz4: w.h.Compression == CompressionLZ4}
+			c := compressor{lz4: w.h.Compression == CompressionLZ4, seal: w.seal}
 			for j := range work {
 				c.do(j, sp, used)
 				j.done <- struct{}{}
@@ -335,6 +357,7 @@ func (w *Writer) writeChunks(sp *space, used *pagemap.Bitmap, progress func(done
 	wg.Go(func() {
 		defer close(work)
 		defer close(ordered)
+		var index uint64
 		for first, pages := range chunkSpans(used, uint64(w.h.ChunkPages)) {
 			var j *chunkJob
 			select {
@@ -342,7 +365,8 @@ func (w *Writer) writeChunks(sp *space, used *pagemap.Bitmap, progress func(done
 				return
 			case j = <-free:
 			}
-			j.first, j.pages = first, pages
+			j.index, j.first, j.pages = index, first, pages
+			index++
 			// Both sends succeed at once: neither channel can hold more
 			// than the nJobs jobs in circulation.
 			work <- j
@@ -399,12 +423,16 @@ func (w *Writer) writeChunk(j *chunkJob) error {
 // compressor is a worker's state: its LZ4 tables and a scratch buffer for
 // gathering scattered pages.
 type compressor struct {
-	lz4 bool
-	c   lz4.Compressor
-	raw []byte
+	lz4  bool
+	seal *sealer // nil without encryption
+	c    lz4.Compressor
+	raw  []byte
 }
 
-// do gathers the pages of j and stores them compressed or raw in j.buf.
+// do gathers the pages of j and stores them compressed or raw in j.buf,
+// then sealed if the file is encrypted. Both buffers have room for the
+// LZ4 bound of the chunk, which exceeds its raw length by more than the
+// GCM tag, so sealing is in place.
 func (c *compressor) do(j *chunkJob, sp *space, used *pagemap.Bitmap) {
 	j.err = nil
 	defer catchFault(&j.err)
@@ -463,6 +491,9 @@ func (c *compressor) do(j *chunkJob, sp *space, used *pagemap.Bitmap) {
 		}
 		j.out = j.buf[:rawLen]
 	}
+	if c.seal != nil {
+		j.out = c.seal.seal(j.out[:0], j.out, PartChunk, j.index, true)
+	}
 	j.crc = crc(j.out)
 }
 
@@ -490,8 +521,8 @@ func (w *Writer) WriteDeviceState(r io.Reader) (int64, error) {
 		return 0, err
 	}
 	w.tr.devOff = uint64(w.off)
-	s := sectionWriter{w: w}
-	n, err := io.CopyBuffer(&s, io.LimitReader(r, w.opts.MaxDeviceState+1), make([]byte, 1<<20))
+	s := w.newSection(PartDeviceState, sealBlock)
+	n, err := io.CopyBuffer(s, io.LimitReader(r, w.opts.MaxDeviceState+1), make([]byte, 1<<20))
 	switch {
 	case w.err != nil:
 		return n, w.fail(w.err)
@@ -500,8 +531,7 @@ func (w *Writer) WriteDeviceState(r io.Reader) (int64, error) {
 	case n > w.opts.MaxDeviceState:
 		return n, w.fail(fmt.Errorf("write device state: more than %d bytes: %w", w.opts.MaxDeviceState, ErrTooLarge))
 	}
-	w.tr.devLen = uint64(n)
-	w.writeCRC(s.crc)
+	w.tr.devLen = s.close()
 	if w.err != nil {
 		return n, w.fail(w.err)
 	}
@@ -510,19 +540,80 @@ func (w *Writer) WriteDeviceState(r io.Reader) (int64, error) {
 	return n, nil
 }
 
-// sectionWriter writes to the file and keeps the CRC of what it wrote.
+// writeSection writes the section of part with content b and returns its
+// stored length, without its CRC.
+func (w *Writer) writeSection(part Part, b []byte) uint64 {
+	s := w.newSection(part, len(b))
+	s.Write(b)
+	return s.close()
+}
+
+// sectionWriter writes a section: its content, sealed in blocks of
+// [sealBlock] if the file is encrypted, and then the CRC of the stored
+// bytes. Errors are sticky in w.err.
 type sectionWriter struct {
-	w   *Writer
-	crc uint32
+	w      *Writer
+	part   Part
+	crc    uint32
+	stored uint64
+	buf    []byte // encrypted file: the content of the block being filled
+	block  uint64 // number of buf's block
+}
+
+// newSection starts a section of part; sizeHint, the expected content
+// length, sizes the sealing buffer.
+func (w *Writer) newSection(part Part, sizeHint int) *sectionWriter {
+	s := &sectionWriter{w: w, part: part}
+	if w.seal != nil {
+		s.buf = make([]byte, 0, min(sizeHint, sealBlock)+tagLen)
+	}
+	return s
 }
 
 func (s *sectionWriter) Write(p []byte) (int, error) {
-	s.w.write(p)
+	if s.w.seal == nil {
+		s.store(p)
+	} else {
+		for rest := p; len(rest) > 0; {
+			if len(s.buf) == sealBlock {
+				// Seal a full block only when more follows, so that the
+				// last block, sealed by close, is marked final.
+				s.flush(false)
+			}
+			k := min(len(rest), sealBlock-len(s.buf))
+			if cap(s.buf) < len(s.buf)+k+tagLen {
+				s.buf = append(make([]byte, 0, sealBlock+tagLen), s.buf...)
+			}
+			s.buf = append(s.buf, rest[:k]...)
+			rest = rest[k:]
+		}
+	}
 	if s.w.err != nil {
 		return 0, s.w.err
 	}
-	s.crc = crc32.Update(s.crc, castagnoli, p)
 	return len(p), nil
+}
+
+func (s *sectionWriter) store(p []byte) {
+	s.w.write(p)
+	s.crc = crc32.Update(s.crc, castagnoli, p)
+	s.stored += uint64(len(p))
+}
+
+func (s *sectionWriter) flush(final bool) {
+	s.store(s.w.seal.seal(s.buf[:0], s.buf, s.part, s.block, final))
+	s.buf = s.buf[:0]
+	s.block++
+}
+
+// close seals the last block, writes the CRC and returns the stored
+// length of the section.
+func (s *sectionWriter) close() uint64 {
+	if s.w.seal != nil {
+		s.flush(true)
+	}
+	s.w.writeCRC(s.crc)
+	return s.stored
 }
 
 // Commit writes the trailer, syncs the file, renames it over the target

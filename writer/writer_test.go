@@ -67,98 +67,108 @@ func TestRoundTrip(t *testing.T) {
 		{name: "region boundary gap", regions: []uint64{16, 16}, used: setRange(32, [2]uint64{0, 15}, [2]uint64{17, 15}), fill: 1},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			h := testHeader(tt.regions...)
-			h.FillByte = tt.fill
-			ram := newRAM(&h, tt.kind)
-			used := tt.used()
-			dev := bytes.Repeat([]byte("device "), 1000)
-			path := filepath.Join(t.TempDir(), "ckpt")
-			var calls int
-			w, err := Create(path, h, Options{ChunkPages: n, Compression: tt.comp, Workers: 3})
-			require.NoError(t, err)
-			defer w.Abort()
-			var last uint64
-			require.NoError(t, w.WritePages(ram, used, func(done, total uint64) {
-				calls++
-				assert.Equal(t, used.Count(), total)
-				assert.Greater(t, done, last)
-				last = done
-			}))
-			assert.Equal(t, used.Count(), last)
-			_, err = w.WriteDeviceState(bytes.NewReader(dev))
-			require.NoError(t, err)
-			require.NoError(t, w.Commit())
-			stats := w.Stats()
-
-			fi, err := os.Stat(path)
-			require.NoError(t, err)
-			assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
-			assert.Equal(t, fi.Size(), stats.BytesWritten)
-			assert.Equal(t, used.Count(), stats.PagesWritten)
-			assert.Equal(t, int64(len(dev)), stats.DeviceStateBytes)
-			nChunks := int(chunkCount(used.Count(), n))
-			assert.Equal(t, nChunks, calls)
-			assert.Equal(t, nChunks, stats.ChunksRaw+stats.ChunksLZ4)
-			switch {
-			case tt.comp == CompressionNone || tt.kind == incompressible:
-				assert.Zero(t, stats.ChunksLZ4)
-			case tt.kind == compressible:
-				assert.Zero(t, stats.ChunksRaw)
+		for _, key := range [][]byte{nil, testKey} {
+			name := tt.name
+			if key != nil {
+				name += "+aes"
 			}
-
-			r, err := Open(path)
-			require.NoError(t, err)
-			defer r.Close()
-			require.NoError(t, r.Verify(nil))
-			got := r.Header()
-			assert.Equal(t, used.Count(), got.Pages.Saved)
-			assert.Equal(t, used.Len(), got.Pages.Total)
-			assert.Equal(t, h.Regions, got.Regions)
-			assert.Equal(t, h.CommandLine, got.CommandLine)
-			assert.True(t, h.Created.Equal(got.Created))
-			assert.Equal(t, tt.fill, got.FillByte)
-			assert.True(t, used.Equal(r.Bitmap()))
-			assert.Equal(t, nChunks, r.NumChunks())
-
-			want := expectedRAM(ram, used, tt.fill)
-
-			// Into region memory, over garbage.
-			dst := make([][]byte, len(ram))
-			for i := range dst {
-				dst[i] = bytes.Repeat([]byte{0x5a}, len(ram[i]))
-			}
-			require.NoError(t, r.RestorePages(dst, RestoreOptions{Workers: 2}))
-			require.NoError(t, r.FillUnsaved(dst))
-			assert.Equal(t, want, dst)
-
-			// Through WriterAt, into the concatenation.
-			flat := memWriterAt(bytes.Repeat([]byte{0x5a}, int(used.Len()*PageSize)))
-			require.NoError(t, r.RestorePagesTo(flat, RestoreOptions{Workers: 1}))
-			require.NoError(t, r.FillUnsavedTo(flat))
-			assert.Equal(t, concat(want), []byte(flat))
-
-			// Chunk by chunk.
-			flatRAM := concat(ram)
-			for i := range r.NumChunks() {
-				c := r.Chunk(i)
-				data, err := r.ReadChunk(i, nil)
-				require.NoError(t, err)
-				require.Len(t, data, int(c.RawLen))
-				off := 0
-				for start, count := range chunkRuns(used, c.FirstPage, c.Pages) {
-					n := int(count * PageSize)
-					assert.Equal(t, flatRAM[start*PageSize:][:n], data[off:off+n])
-					off += n
-				}
-			}
-
-			gotDev, err := io.ReadAll(r.DeviceState())
-			require.NoError(t, err)
-			assert.Equal(t, dev, gotDev)
-			assert.Equal(t, int64(len(dev)), r.DeviceStateLen())
-		})
+			t.Run(name, func(t *testing.T) { testRoundTrip(t, n, tt.regions, tt.used(), tt.kind, tt.comp, tt.fill, key) })
+		}
 	}
+}
+
+// testRoundTrip writes a checkpoint of the given pages, with chunks of n
+// pages, and reads it back every way.
+func testRoundTrip(t *testing.T, n uint32, regions []uint64, used *pagemap.Bitmap, kind dataKind, comp Compression, fill byte, key []byte) {
+	h := testHeader(regions...)
+	h.FillByte = fill
+	ram := newRAM(&h, kind)
+	dev := bytes.Repeat([]byte("device "), 1000)
+	path := filepath.Join(t.TempDir(), "ckpt")
+	var calls int
+	w, err := Create(path, h, Options{ChunkPages: int(n), Compression: comp, Workers: 3, Key: key})
+	require.NoError(t, err)
+	defer w.Abort()
+	var last uint64
+	require.NoError(t, w.WritePages(ram, used, func(done, total uint64) {
+		calls++
+		assert.Equal(t, used.Count(), total)
+		assert.Greater(t, done, last)
+		last = done
+	}))
+	assert.Equal(t, used.Count(), last)
+	_, err = w.WriteDeviceState(bytes.NewReader(dev))
+	require.NoError(t, err)
+	require.NoError(t, w.Commit())
+	stats := w.Stats()
+
+	fi, err := os.Stat(path)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
+	assert.Equal(t, fi.Size(), stats.BytesWritten)
+	assert.Equal(t, used.Count(), stats.PagesWritten)
+	assert.Equal(t, int64(len(dev)), stats.DeviceStateBytes)
+	nChunks := int(chunkCount(used.Count(), n))
+	assert.Equal(t, nChunks, calls)
+	assert.Equal(t, nChunks, stats.ChunksRaw+stats.ChunksLZ4)
+	switch {
+	case comp == CompressionNone || kind == incompressible:
+		assert.Zero(t, stats.ChunksLZ4)
+	case kind == compressible:
+		assert.Zero(t, stats.ChunksRaw)
+	}
+
+	r, err := OpenKey(path, key)
+	require.NoError(t, err)
+	defer r.Close()
+	assert.Equal(t, key != nil, r.Encrypted())
+	require.NoError(t, r.Verify(nil))
+	got := r.Header()
+	assert.Equal(t, used.Count(), got.Pages.Saved)
+	assert.Equal(t, used.Len(), got.Pages.Total)
+	assert.Equal(t, h.Regions, got.Regions)
+	assert.Equal(t, h.CommandLine, got.CommandLine)
+	assert.True(t, h.Created.Equal(got.Created))
+	assert.Equal(t, fill, got.FillByte)
+	assert.True(t, used.Equal(r.Bitmap()))
+	assert.Equal(t, nChunks, r.NumChunks())
+
+	want := expectedRAM(ram, used, fill)
+
+	// Into region memory, over garbage.
+	dst := make([][]byte, len(ram))
+	for i := range dst {
+		dst[i] = bytes.Repeat([]byte{0x5a}, len(ram[i]))
+	}
+	require.NoError(t, r.RestorePages(dst, RestoreOptions{Workers: 2}))
+	require.NoError(t, r.FillUnsaved(dst))
+	assert.Equal(t, want, dst)
+
+	// Through WriterAt, into the concatenation.
+	flat := memWriterAt(bytes.Repeat([]byte{0x5a}, int(used.Len()*PageSize)))
+	require.NoError(t, r.RestorePagesTo(flat, RestoreOptions{Workers: 1}))
+	require.NoError(t, r.FillUnsavedTo(flat))
+	assert.Equal(t, concat(want), []byte(flat))
+
+	// Chunk by chunk.
+	flatRAM := concat(ram)
+	for i := range r.NumChunks() {
+		c := r.Chunk(i)
+		data, err := r.ReadChunk(i, nil)
+		require.NoError(t, err)
+		require.Len(t, data, int(c.RawLen))
+		off := 0
+		for start, count := range chunkRuns(used, c.FirstPage, c.Pages) {
+			n := int(count * PageSize)
+			assert.Equal(t, flatRAM[start*PageSize:][:n], data[off:off+n])
+			off += n
+		}
+	}
+
+	gotDev, err := io.ReadAll(r.DeviceState())
+	require.NoError(t, err)
+	assert.Equal(t, dev, gotDev)
+	assert.Equal(t, int64(len(dev)), r.DeviceStateLen())
 }
 
 func TestRestoreProgress(t *testing.T) {

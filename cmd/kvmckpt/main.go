@@ -24,11 +24,25 @@ import (
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, cancel := context.WithCancelCause(context.Background())
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		sig := <-sigs
+		// Stop in order: the guest goes back to its run state and
+		// temporary files go. A second signal is caught too, so it cannot
+		// cut that short.
+		cancel(fmt.Errorf("%w (signal: %v)", errInterrupted, sig))
+	}()
 	err := run(ctx, os.Stdout, os.Stderr, os.Args[1:])
-	stop()
 	if err != nil && !errors.Is(err, errSilent) {
+		if cause := context.Cause(ctx); cause != nil && !errors.Is(err, errInterrupted) {
+			err = fmt.Errorf("%w: %w", cause, err)
+		}
 		fmt.Fprintf(os.Stderr, "kvmckpt: %v\n", err)
 	}
 	os.Exit(exitCode(ctx, err))
 }
+
+// errInterrupted is the cause of a context cancelled by a signal.
+var errInterrupted = errors.New("interrupted")

@@ -132,7 +132,7 @@ func TestCLIOnGuest(t *testing.T) {
 	g := vmtest.Boot(t, vmtest.Config{MemMiB: 1024, Workload: vmtest.Workload{Churn: 512, Anon: 128, Tmpfs: 64}})
 	g.WaitReady(t)
 	dir := t.TempDir()
-	t.Setenv("XDG_CACHE_HOME", dir)
+	isolateProfiles(t, dir)
 
 	code, stdout, stderr := cli(t, "scan", "--qmp", g.QMPPath, "--json", "--map", filepath.Join(dir, "map.png"))
 	require.Equal(t, exitOK, code, stderr)
@@ -218,3 +218,123 @@ func waitPaused(t *testing.T, sock string, timeout time.Duration) {
 	}
 	t.Fatal("kvmckpt never paused the guest")
 }
+
+// TestFaults interrupts saves and restores: by a signal to kvmckpt, and by
+// QEMU dying under it. Each must end quickly with a clear error, no partial
+// file and, where the guest survives, the guest in its prior run state.
+func TestFaults(t *testing.T) {
+	cfg := vmtest.Config{MemMiB: 1024, Workload: vmtest.Workload{Churn: 256, Anon: 256, Tmpfs: 64, Interval: 1}}
+	src := vmtest.Boot(t, cfg)
+	src.WaitReady(t)
+	dir := t.TempDir()
+	isolateProfiles(t, dir)
+	good := filepath.Join(dir, "good.kvmckpt")
+	code, _, stderr := cli(t, "save", "--qmp", src.QMPPath, "-o", good)
+	require.Equal(t, exitOK, code, stderr)
+
+	// start runs kvmckpt and returns once it has paused the guest.
+	start := func(t *testing.T, args ...string) (*exec.Cmd, *bytes.Buffer) {
+		cmd := exec.Command(binary, args...)
+		var errOut bytes.Buffer
+		cmd.Stderr = &errOut
+		require.NoError(t, cmd.Start())
+		return cmd, &errOut
+	}
+	wait := func(t *testing.T, cmd *exec.Cmd) int {
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(60 * time.Second):
+			cmd.Process.Kill()
+			t.Fatal("kvmckpt did not stop within 60 s")
+		}
+		return cmd.ProcessState.ExitCode()
+	}
+	noTemp := func(t *testing.T) {
+		left, _ := filepath.Glob(filepath.Join(dir, ".*kvmckpt-tmp-*"))
+		assert.Empty(t, left, "temporary files left")
+	}
+
+	for _, c := range []struct {
+		sig   syscall.Signal
+		delay time.Duration
+	}{{syscall.SIGINT, 0}, {syscall.SIGTERM, 0}, {syscall.SIGINT, 150 * time.Millisecond}, {syscall.SIGTERM, 400 * time.Millisecond}} {
+		t.Run(fmt.Sprintf("save %v after %v", c.sig, c.delay), func(t *testing.T) {
+			out := filepath.Join(dir, "sig.kvmckpt")
+			cmd, errOut := start(t, "save", "--qmp", src.QMPPath, "-o", out)
+			waitPaused(t, src.QMPPath, 20*time.Second)
+			time.Sleep(c.delay)
+			require.NoError(t, cmd.Process.Signal(c.sig))
+			code := wait(t, cmd)
+			t.Logf("exit %d: %s", code, errOut)
+			if code == exitOK {
+				// The signal came after the last point of no return: the
+				// checkpoint is whole. Nothing more to check.
+				require.NoError(t, checkpointVerify(out))
+			} else {
+				assert.Equal(t, exitInterrupted, code)
+				assert.Contains(t, errOut.String(), "interrupted")
+				_, err := os.Stat(out)
+				assert.True(t, os.IsNotExist(err), "no checkpoint from an interrupted save")
+			}
+			noTemp(t)
+			assert.True(t, status(t, src.QMPPath).Running, "guest back to running")
+		})
+	}
+
+	t.Run("restore SIGTERM", func(t *testing.T) {
+		tcfg := cfg
+		tcfg.Incoming = true
+		dst := vmtest.Boot(t, tcfg)
+		cmd, errOut := start(t, "restore", "-i", good, "--qmp", dst.QMPPath)
+		time.Sleep(20 * time.Millisecond)
+		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+		code := wait(t, cmd)
+		t.Logf("exit %d: %s", code, errOut)
+		if code != exitOK {
+			assert.Equal(t, exitInterrupted, code)
+			assert.Contains(t, errOut.String(), "interrupted")
+		}
+	})
+
+	t.Run("qemu dies during restore", func(t *testing.T) {
+		tcfg := cfg
+		tcfg.Incoming = true
+		dst := vmtest.Boot(t, tcfg)
+		cmd, errOut := start(t, "restore", "-i", good, "--qmp", dst.QMPPath)
+		time.Sleep(30 * time.Millisecond)
+		require.NoError(t, syscall.Kill(dst.PID, syscall.SIGKILL))
+		code := wait(t, cmd)
+		t.Logf("exit %d: %s", code, errOut)
+		assert.NotEqual(t, exitOK, code)
+	})
+
+	// Last: the source dies.
+	t.Run("qemu dies during save", func(t *testing.T) {
+		out := filepath.Join(dir, "dies.kvmckpt")
+		cmd, errOut := start(t, "save", "--qmp", src.QMPPath, "-o", out)
+		waitPaused(t, src.QMPPath, 20*time.Second)
+		require.NoError(t, syscall.Kill(src.PID, syscall.SIGKILL))
+		code := wait(t, cmd)
+		t.Logf("exit %d: %s", code, errOut)
+		if code != exitOK {
+			assert.Equal(t, exitFailed, code)
+			_, err := os.Stat(out)
+			assert.True(t, os.IsNotExist(err), "no checkpoint from a failed save")
+		}
+		noTemp(t)
+		_, err := os.Stat(good)
+		assert.NoError(t, err)
+	})
+}
+
+// isolateProfiles points the profile store at dir for the test, keeping
+// the test bed's kernel cache where it is.
+func isolateProfiles(t *testing.T, dir string) {
+	t.Helper()
+	t.Setenv("KVMCKPT_CACHE", vmtest.CacheDir())
+	t.Setenv("XDG_CACHE_HOME", dir)
+}
+
+func checkpointVerify(path string) error { return checkpoint.Verify(path, nil) }
