@@ -70,7 +70,7 @@ func TestSaveRestore(t *testing.T) {
 			st, err := os.Stat(out)
 			require.NoError(t, err)
 			assert.Equal(t, os.FileMode(0o600), st.Mode().Perm())
-			require.NoError(t, Verify(out, nil))
+			require.NoError(t, Verify(out, nil, nil))
 
 			// The source keeps running and verifying.
 			_, _, err = src.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK`), len(src.Serial()), time.Minute)
@@ -126,7 +126,7 @@ func TestSaveKeepsPausedGuestPaused(t *testing.T) {
 	res, err = Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: out, After: AfterQuit})
 	require.NoError(t, err)
 	require.NoError(t, g.Wait(30*time.Second), "QEMU must end after --quit")
-	require.NoError(t, Verify(out, nil))
+	require.NoError(t, Verify(out, nil, nil))
 }
 
 func TestSaveIntoReadOnlyDirFailsCleanly(t *testing.T) {
@@ -178,11 +178,15 @@ func TestRestoreLaunch(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	out := filepath.Join(dir, "g.kvmckpt")
-	_, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: out, After: AfterQuit})
+	// Encrypted, to take the key through save and restore too.
+	key := []byte("0123456789abcdef0123456789abcdef")
+	_, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: out, After: AfterQuit, Key: key})
 	require.NoError(t, err)
 	require.NoError(t, g.Wait(30*time.Second))
+	_, err = RestoreLaunch(ctx, LaunchOptions{RestoreOptions: RestoreOptions{Input: out, Resume: true}, RAMDir: dir})
+	require.ErrorIs(t, err, ErrInvalid, "no key, no restore")
 
-	l, err := RestoreLaunch(ctx, LaunchOptions{RestoreOptions: RestoreOptions{Input: out, Resume: true}, RAMDir: dir})
+	l, err := RestoreLaunch(ctx, LaunchOptions{RestoreOptions: RestoreOptions{Input: out, Resume: true, Key: key}, RAMDir: dir})
 	require.NoError(t, err)
 	t.Cleanup(func() {
 		syscall.Kill(l.PID, syscall.SIGKILL)

@@ -15,6 +15,7 @@ type Info struct {
 	Path             string            `json:"path"`
 	FileBytes        int64             `json:"file_bytes"`
 	Created          time.Time         `json:"created"`
+	Encrypted        bool              `json:"encrypted"`
 	KernelBanner     string            `json:"kernel_banner"`
 	Profile          string            `json:"profile"`
 	QEMUVersion      string            `json:"qemu_version"`
@@ -32,8 +33,9 @@ type Info struct {
 }
 
 // Inspect reads a checkpoint's header and structure (not its pages).
-func Inspect(path string) (*Info, error) {
-	r, err := writer.Open(path)
+// key is the encryption key of an encrypted checkpoint, else nil.
+func Inspect(path string, key []byte) (*Info, error) {
+	r, err := writer.OpenKey(path, key)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
@@ -48,7 +50,7 @@ func Inspect(path string) (*Info, error) {
 		Profile: h.Profile, QEMUVersion: h.QEMUVersion, MachineType: h.MachineType,
 		Compression: string(h.Compression), FillByte: h.FillByte, Regions: h.Regions,
 		Pages: h.Pages, Chunks: r.NumChunks(), DeviceStateBytes: r.DeviceStateLen(),
-		CommandLine: h.CommandLine,
+		CommandLine: h.CommandLine, Encrypted: r.Encrypted(),
 	}
 	if len(h.CommandLine) > 0 {
 		info.RestoreCommandLine = RestoreCommandLine(h.CommandLine)
@@ -74,8 +76,8 @@ func RestoreCommandLine(argv []string) []string {
 
 // Verify checks every checksum of a checkpoint; the error wraps
 // [ErrInvalid] and names the first bad part.
-func Verify(path string, progress func(done, total uint64)) error {
-	r, err := writer.Open(path)
+func Verify(path string, key []byte, progress func(done, total uint64)) error {
+	r, err := writer.OpenKey(path, key)
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrInvalid, err)
 	}

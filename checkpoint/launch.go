@@ -41,7 +41,7 @@ type Launched struct {
 // the checkpoint into it. On failure the new QEMU is killed and its files
 // are removed.
 func RestoreLaunch(ctx context.Context, opt LaunchOptions) (*Launched, error) {
-	r, err := writer.Open(opt.Input)
+	r, err := writer.OpenKey(opt.Input, opt.Key)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}

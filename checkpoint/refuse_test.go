@@ -89,7 +89,7 @@ func TestPagePoisoning(t *testing.T) {
 	out := filepath.Join(dir, "p.kvmckpt")
 	res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out})
 	require.NoError(t, err)
-	info, err := Inspect(out)
+	info, err := Inspect(out, nil)
 	require.NoError(t, err)
 	assert.Equal(t, byte(0xaa), info.FillByte, "page poisoning must be detected")
 	assert.Greater(t, res.PagesFree, uint64(100000))

@@ -26,7 +26,9 @@ type RestoreOptions struct {
 	// so that it waits for Resume).
 	QMP string
 	// Resume starts the guest once its state is loaded.
-	Resume   bool
+	Resume bool
+	// Key decrypts an encrypted checkpoint.
+	Key      []byte
 	Progress func(done, total uint64)
 	Log      *slog.Logger
 }
@@ -49,7 +51,7 @@ type RestoreResult struct {
 // before the device state's checksum has been verified.
 func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	start := time.Now()
-	r, err := writer.Open(opt.Input)
+	r, err := writer.OpenKey(opt.Input, opt.Key)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}

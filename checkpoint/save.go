@@ -33,6 +33,8 @@ type SaveOptions struct {
 	After  After
 	// Compression is "lz4" (default) or "none".
 	Compression writer.Compression
+	// Key, if not nil, encrypts the checkpoint (32 bytes, AES-256-GCM).
+	Key []byte
 	// Progress, if not nil, is called as pages are written.
 	Progress func(done, total uint64)
 }
@@ -166,7 +168,7 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 	if pid, err := g.sess.PeerPID(); err == nil {
 		h.CommandLine, _ = qmp.ProcessCmdline(pid)
 	}
-	w, err := writer.Create(opt.Output, h, writer.Options{Compression: opt.Compression})
+	w, err := writer.Create(opt.Output, h, writer.Options{Compression: opt.Compression, Key: opt.Key})
 	if err != nil {
 		return nil, err
 	}

@@ -11,6 +11,7 @@ import (
 func cmdInspect(ctx context.Context, e *env, args []string) error {
 	fs, verbose := e.flags("inspect")
 	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
+	keyFile := keyFlag(fs)
 	pos, err := e.parse(fs, verbose, args)
 	if err != nil {
 		return err
@@ -18,7 +19,11 @@ func cmdInspect(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 1 {
 		return usagef("inspect takes one checkpoint file")
 	}
-	info, err := checkpoint.Inspect(pos[0])
+	key, err := loadKey(*keyFile)
+	if err != nil {
+		return err
+	}
+	info, err := checkpoint.Inspect(pos[0], key)
 	if err != nil {
 		return err
 	}
@@ -40,7 +45,11 @@ func cmdInspect(ctx context.Context, e *env, args []string) error {
 	p := info.Pages
 	fmt.Fprintf(w, "pages:        %d total, %d saved, %d free (%d buddy, %d per-CPU), %d zero, %d hole\n",
 		p.Total, p.Saved, p.FreeBuddy+p.FreePCP, p.FreeBuddy, p.FreePCP, p.Zero, p.Hole)
-	fmt.Fprintf(w, "storage:      %d chunks, %s, fill byte %#02x, device state %s\n", info.Chunks, info.Compression, info.FillByte, mib(info.DeviceStateBytes))
+	enc := "not encrypted"
+	if info.Encrypted {
+		enc = "AES-256-GCM"
+	}
+	fmt.Fprintf(w, "storage:      %d chunks, %s, %s, fill byte %#02x, device state %s\n", info.Chunks, info.Compression, enc, info.FillByte, mib(info.DeviceStateBytes))
 	if len(info.RestoreCommandLine) > 0 {
 		fmt.Fprintf(w, "restore into: %s\n", shellJoin(info.RestoreCommandLine))
 		fmt.Fprintf(w, "              (give it its own mem-path and QMP socket, then: kvmckpt restore -i %s --qmp SOCKET --resume)\n", info.Path)
@@ -50,6 +59,7 @@ func cmdInspect(ctx context.Context, e *env, args []string) error {
 
 func cmdVerify(ctx context.Context, e *env, args []string) error {
 	fs, verbose := e.flags("verify")
+	keyFile := keyFlag(fs)
 	pos, err := e.parse(fs, verbose, args)
 	if err != nil {
 		return err
@@ -57,8 +67,12 @@ func cmdVerify(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 1 {
 		return usagef("verify takes one checkpoint file")
 	}
+	key, err := loadKey(*keyFile)
+	if err != nil {
+		return err
+	}
 	bar := newProgress(e.stderr, "verifying")
-	err = checkpoint.Verify(pos[0], bar.update)
+	err = checkpoint.Verify(pos[0], key, bar.update)
 	bar.done()
 	if err != nil {
 		return err

@@ -159,6 +159,34 @@ func TestCLIOnGuest(t *testing.T) {
 	before, err := os.ReadFile(out)
 	require.NoError(t, err)
 
+	t.Run("encrypted", func(t *testing.T) {
+		key := filepath.Join(dir, "key")
+		require.NoError(t, os.WriteFile(key, bytes.Repeat([]byte("k"), 32), 0o600))
+		wrong := filepath.Join(dir, "wrong")
+		require.NoError(t, os.WriteFile(wrong, bytes.Repeat([]byte("w"), 32), 0o600))
+		enc := filepath.Join(dir, "enc.kvmckpt")
+		code, _, stderr := cli(t, "save", "--qmp", g.QMPPath, "-o", enc, "--encrypt-key", key)
+		require.Equal(t, exitOK, code, stderr)
+		code, _, stderr = cli(t, "verify", enc)
+		assert.Equal(t, exitInvalid, code)
+		assert.Contains(t, stderr, "--encrypt-key")
+		code, _, stderr = cli(t, "inspect", enc, "--encrypt-key", wrong)
+		assert.Equal(t, exitInvalid, code)
+		assert.Contains(t, stderr, "wrong key")
+		code, stdout, stderr := cli(t, "inspect", enc, "--encrypt-key", key)
+		require.Equal(t, exitOK, code, stderr)
+		assert.Contains(t, stdout, "AES-256-GCM")
+		code, _, stderr = cli(t, "verify", enc, "--encrypt-key", key)
+		assert.Equal(t, exitOK, code, stderr)
+		b, err := os.ReadFile(enc)
+		require.NoError(t, err)
+		assert.NotContains(t, string(b), "Linux version", "the kernel banner must not be readable")
+		require.NoError(t, os.Chmod(key, 0o644))
+		code, _, stderr = cli(t, "verify", enc, "--encrypt-key", key)
+		assert.NotEqual(t, exitOK, code)
+		assert.Contains(t, stderr, "chmod 600")
+	})
+
 	t.Run("busy", func(t *testing.T) {
 		// Hold the guest's lock the way a running kvmckpt does.
 		f, err := os.OpenFile(checkpoint.LockPath(g.QMPPath), os.O_RDWR|os.O_CREATE, 0o600)
@@ -337,4 +365,4 @@ func isolateProfiles(t *testing.T, dir string) {
 	t.Setenv("XDG_CACHE_HOME", dir)
 }
 
-func checkpointVerify(path string) error { return checkpoint.Verify(path, nil) }
+func checkpointVerify(path string) error { return checkpoint.Verify(path, nil, nil) }

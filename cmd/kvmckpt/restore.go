@@ -15,6 +15,7 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 	ramDir := fs.String("ram-dir", "", "with --launch: directory for the new RAM file and QMP socket (default /dev/shm)")
 	resume := fs.Bool("resume", false, "start the guest once it is restored")
 	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
+	keyFile := keyFlag(fs)
 	if _, err := e.parse(fs, verbose, args); err != nil {
 		return err
 	}
@@ -27,8 +28,12 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 	if *ramDir != "" && !*launch {
 		return usagef("--ram-dir goes with --launch")
 	}
+	key, err := loadKey(*keyFile)
+	if err != nil {
+		return err
+	}
 	bar := newProgress(e.stderr, "restoring")
-	opts := checkpoint.RestoreOptions{Input: *in, QMP: *qmpPath, Resume: *resume, Progress: bar.update, Log: e.log}
+	opts := checkpoint.RestoreOptions{Input: *in, QMP: *qmpPath, Resume: *resume, Key: key, Progress: bar.update, Log: e.log}
 	if *launch {
 		l, err := checkpoint.RestoreLaunch(ctx, checkpoint.LaunchOptions{RestoreOptions: opts, RAMDir: *ramDir})
 		bar.done()

@@ -9,6 +9,8 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+
+	"github.com/kvmckpt/kvmckpt/writer"
 )
 
 // errSilent is an error already reported to the user.
@@ -25,10 +27,10 @@ const usage = `kvmckpt checkpoints KVM/QEMU guests by saving only the pages the 
 
 Usage:
   kvmckpt scan    --qmp PATH [--json] [--profile auto|FILE] [--map FILE.png]
-  kvmckpt save    --qmp PATH -o FILE [--profile auto|FILE] [--keep-paused | --quit] [--compress lz4|none] [--json]
-  kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR]) [--resume] [--json]
-  kvmckpt inspect FILE [--json]
-  kvmckpt verify  FILE
+  kvmckpt save    --qmp PATH -o FILE [--profile auto|FILE] [--keep-paused | --quit] [--compress lz4|none] [--encrypt-key FILE] [--json]
+  kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR]) [--resume] [--encrypt-key FILE] [--json]
+  kvmckpt inspect FILE [--encrypt-key FILE] [--json]
+  kvmckpt verify  FILE [--encrypt-key FILE]
   kvmckpt resume  --qmp PATH
   kvmckpt profile build --kernel PATH [-o FILE]
   kvmckpt profile list
@@ -112,6 +114,19 @@ func (e *env) printJSON(v any) error {
 	enc := json.NewEncoder(e.stdout)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+// keyFlag adds --encrypt-key to a command.
+func keyFlag(fs *flag.FlagSet) *string {
+	return fs.String("encrypt-key", "", "key file (32 raw bytes or 64 hex digits, mode 0600): encrypt or decrypt the checkpoint with AES-256-GCM")
+}
+
+// loadKey reads the key file named by --encrypt-key, if any.
+func loadKey(path string) ([]byte, error) {
+	if path == "" {
+		return nil, nil
+	}
+	return writer.LoadKeyFile(path)
 }
 
 func required(name, value string) error {

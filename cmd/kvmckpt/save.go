@@ -17,6 +17,7 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	quit := fs.Bool("quit", false, "end QEMU once the checkpoint is durable")
 	compress := fs.String("compress", "lz4", "page compression: lz4 or none")
 	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
+	keyFile := keyFlag(fs)
 	if _, err := e.parse(fs, verbose, args); err != nil {
 		return err
 	}
@@ -32,6 +33,10 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	if *compress != "lz4" && *compress != "none" {
 		return usagef("--compress must be lz4 or none, not %q", *compress)
 	}
+	key, err := loadKey(*keyFile)
+	if err != nil {
+		return err
+	}
 	after := checkpoint.AfterPriorState
 	switch {
 	case *keepPaused:
@@ -45,6 +50,7 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 		Output:      *out,
 		After:       after,
 		Compression: writer.Compression(*compress),
+		Key:         key,
 		Progress:    bar.update,
 	})
 	bar.done()
