@@ -174,7 +174,7 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 	}
 	defer w.Abort()
 	t1 := time.Now()
-	if err := w.WritePages(g.ram, scan.save, opt.Progress); err != nil {
+	if err := w.WritePagesContext(ctx, g.ram, scan.save, opt.Progress); err != nil {
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {

@@ -2,6 +2,7 @@ package writer
 
 import (
 	"bufio"
+	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -273,6 +274,13 @@ func (w *Writer) writeCRC(v uint32) {
 //
 // A fault reading ram (its file truncated) is returned as an error.
 func (w *Writer) WritePages(ram [][]byte, used *pagemap.Bitmap, progress func(done, total uint64)) error {
+	return w.WritePagesContext(context.Background(), ram, used, progress)
+}
+
+// WritePagesContext is [Writer.WritePages] that stops between chunks when
+// ctx ends, failing the Writer (its temporary file is removed) with ctx's
+// error.
+func (w *Writer) WritePagesContext(ctx context.Context, ram [][]byte, used *pagemap.Bitmap, progress func(done, total uint64)) error {
 	if err := w.expect(stateOpen, "write pages"); err != nil {
 		return err
 	}
@@ -298,7 +306,7 @@ func (w *Writer) WritePages(ram [][]byte, used *pagemap.Bitmap, progress func(do
 	}
 	w.writeSection(PartBitmap, bm)
 
-	if err := w.writeChunks(sp, used, progress); err != nil {
+	if err := w.writeChunks(ctx, sp, used, progress); err != nil {
 		return w.fail(fmt.Errorf("write pages: %w", err))
 	}
 
@@ -330,7 +338,7 @@ type chunkJob struct {
 // writes them in order. A fixed set of jobs circulates, so memory is
 // bounded: jobs not yet written hold their stored bytes, and the producer
 // waits for a free job.
-func (w *Writer) writeChunks(sp *space, used *pagemap.Bitmap, progress func(done, total uint64)) error {
+func (w *Writer) writeChunks(ctx context.Context, sp *space, used *pagemap.Bitmap, progress func(done, total uint64)) error {
 	workers := w.opts.Workers
 	nJobs := 2 * workers
 	free := make(chan *chunkJob, nJobs)
@@ -380,7 +388,10 @@ func (w *Writer) writeChunks(sp *space, used *pagemap.Bitmap, progress func(done
 	for j := range ordered {
 		<-j.done
 		if err == nil {
-			if err = j.err; err == nil {
+			if err = ctx.Err(); err == nil {
+				err = j.err
+			}
+			if err == nil {
 				err = w.writeChunk(j)
 			}
 			if err != nil {

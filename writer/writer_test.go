@@ -3,6 +3,7 @@ package writer
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"os"
@@ -533,4 +534,29 @@ func TestMemoryFault(t *testing.T) {
 		require.ErrorContains(t, r.RestorePages([][]byte{dst}, RestoreOptions{}), "memory fault")
 		require.ErrorContains(t, r.FillUnsaved([][]byte{dst}), "memory fault")
 	})
+}
+
+func TestWritePagesCancelled(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "c.kvmckpt")
+	ram := make([]byte, 64<<20)
+	for i := range ram {
+		ram[i] = byte(i*7 + i>>12)
+	}
+	h := Header{Regions: []Region{{ID: "mem0", Size: uint64(len(ram))}}}
+	w, err := Create(path, h, Options{ChunkPages: 16})
+	require.NoError(t, err)
+	defer w.Abort()
+	used := pagemap.NewBitmap(uint64(len(ram)) / PageSize)
+	used.SetRange(0, used.Len())
+	ctx, cancel := context.WithCancel(context.Background())
+	err = w.WritePagesContext(ctx, [][]byte{ram}, used, func(done, total uint64) {
+		if done > total/4 {
+			cancel()
+		}
+	})
+	require.ErrorIs(t, err, context.Canceled)
+	assert.Less(t, w.Stats().PagesWritten, used.Len(), "stopped early")
+	entries, _ := os.ReadDir(dir)
+	assert.Empty(t, entries, "temporary file removed")
 }
