@@ -139,11 +139,7 @@ func TestSaveIntoReadOnlyDirFailsCleanly(t *testing.T) {
 	t.Log(err)
 	entries, _ := os.ReadDir(dir)
 	assert.Empty(t, entries, "no file may be left")
-	s, err := qmp.Dial(ctx, g.QMPPath)
-	require.NoError(t, err)
-	defer s.Close()
-	st, err := s.Status(ctx)
-	require.NoError(t, err)
+	st := g.Status(t)
 	assert.True(t, st.Running, "guest must run again, is %s", st.State)
 }
 
@@ -164,11 +160,7 @@ func TestSaveIntoFullDiskFailsCleanly(t *testing.T) {
 	assert.Equal(t, older, got, "the older checkpoint must survive")
 	entries, _ := os.ReadDir(dir)
 	assert.Len(t, entries, 1, "no temporary file may be left")
-	s, err := qmp.Dial(ctx, g.QMPPath)
-	require.NoError(t, err)
-	defer s.Close()
-	st, err := s.Status(ctx)
-	require.NoError(t, err)
+	st := g.Status(t)
 	assert.True(t, st.Running, "guest must run again, is %s", st.State)
 }
 

@@ -102,6 +102,20 @@ func openGuest(ctx context.Context, socket string, log *slog.Logger) (*guest, er
 	return g, nil
 }
 
+// openSaveable opens a guest that is in a run state a checkpoint can be
+// taken in.
+func openSaveable(ctx context.Context, socket string, log *slog.Logger) (*guest, error) {
+	g, err := openGuest(ctx, socket, log)
+	if err != nil {
+		return nil, err
+	}
+	if err := g.prior.CheckSaveable(); err != nil {
+		g.close()
+		return nil, fmt.Errorf("%w: %w", ErrGuestState, err)
+	}
+	return g, nil
+}
+
 // The lock file doubles as a record of a pause in progress: kvmckpt writes
 // one line into it when it pauses a running guest and empties it when the
 // guest runs again. A line found by the next kvmckpt, which holds the lock,

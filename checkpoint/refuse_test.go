@@ -13,7 +13,6 @@ import (
 
 	"github.com/kvmckpt/kvmckpt/internal/vmtest"
 	"github.com/kvmckpt/kvmckpt/profiles"
-	"github.com/kvmckpt/kvmckpt/qmp"
 )
 
 // TestRefusals covers guests and targets kvmckpt must refuse with a clear
@@ -35,7 +34,7 @@ func TestRefusals(t *testing.T) {
 		require.ErrorIs(t, err, profiles.ErrBannerMismatch)
 		assert.Contains(t, err.Error(), "6.1.0-47-cloud-amd64")
 		assert.Contains(t, err.Error(), "6.1.0-47-amd64 (")
-		assert.True(t, status(t, src.QMPPath).Running, "guest back to running after a refused scan")
+		assert.True(t, src.Status(t).Running, "guest back to running after a refused scan")
 	})
 
 	t.Run("save of a restore target", func(t *testing.T) {
@@ -49,7 +48,7 @@ func TestRefusals(t *testing.T) {
 		_, err := Restore(ctx, RestoreOptions{Input: out, QMP: src.QMPPath})
 		require.ErrorIs(t, err, ErrGuestState)
 		assert.Contains(t, err.Error(), "-incoming defer")
-		assert.True(t, status(t, src.QMPPath).Running)
+		assert.True(t, src.Status(t).Running)
 	})
 
 	t.Run("restore into a target of another size", func(t *testing.T) {
@@ -58,7 +57,7 @@ func TestRefusals(t *testing.T) {
 		require.ErrorIs(t, err, ErrInvalid)
 		assert.Contains(t, err.Error(), "512 MiB")
 		assert.Contains(t, err.Error(), "768 MiB")
-		assert.Equal(t, "inmigrate", status(t, dst.QMPPath).State, "the target was not fed")
+		assert.Equal(t, "inmigrate", dst.Status(t).State, "the target was not fed")
 	})
 
 	t.Run("guest RAM not in a shared file", func(t *testing.T) {
@@ -105,12 +104,3 @@ func TestPagePoisoning(t *testing.T) {
 	assert.NotRegexp(t, kernelTrouble, dst.Serial())
 }
 
-func status(t *testing.T, sock string) qmp.Status {
-	t.Helper()
-	s, err := qmp.Dial(context.Background(), sock)
-	require.NoError(t, err)
-	defer s.Close()
-	st, err := s.Status(context.Background())
-	require.NoError(t, err)
-	return st
-}

@@ -74,14 +74,11 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 		return nil, errors.New("save: no output file")
 	}
 	log := logger(opt.Log)
-	g, err := openGuest(ctx, opt.QMP, log)
+	g, err := openSaveable(ctx, opt.QMP, log)
 	if err != nil {
 		return nil, err
 	}
 	defer g.close()
-	if err := g.prior.CheckSaveable(); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrGuestState, err)
-	}
 	if removed, err := writer.CleanStale(opt.Output); err != nil {
 		log.Warn("cleaning stale temporary files", "err", err)
 	} else {

@@ -69,14 +69,11 @@ type scanResult struct {
 func Scan(ctx context.Context, opt ScanOptions) (*ScanStats, error) {
 	start := time.Now()
 	log := logger(opt.Log)
-	g, err := openGuest(ctx, opt.QMP, log)
+	g, err := openSaveable(ctx, opt.QMP, log)
 	if err != nil {
 		return nil, err
 	}
 	defer g.close()
-	if err := g.prior.CheckSaveable(); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrGuestState, err)
-	}
 	restore, err := g.pause(ctx)
 	if err != nil {
 		return nil, err

@@ -19,7 +19,6 @@ import (
 
 	"github.com/kvmckpt/kvmckpt/checkpoint"
 	"github.com/kvmckpt/kvmckpt/internal/vmtest"
-	"github.com/kvmckpt/kvmckpt/qmp"
 )
 
 // binary is the kvmckpt command built for the tests that need a process of
@@ -210,28 +209,19 @@ func TestCLIOnGuest(t *testing.T) {
 		after, err := os.ReadFile(out)
 		require.NoError(t, err)
 		assert.True(t, bytes.Equal(before, after), "the previous checkpoint must be intact")
-		assert.False(t, status(t, g.QMPPath).Running, "a killed kvmckpt leaves the guest paused")
+		assert.False(t, g.Status(t).Running, "a killed kvmckpt leaves the guest paused")
 
 		// The next run says so, resumes the guest, and cleans up.
 		code, _, stderr := cli(t, "save", "--qmp", g.QMPPath, "-o", out, "-v")
 		require.Equal(t, exitOK, code, stderr)
 		assert.Contains(t, stderr, "earlier kvmckpt was stopped")
-		st := status(t, g.QMPPath)
+		st := g.Status(t)
 		assert.True(t, st.Running, "guest must run again after the next save, is %s", st.State)
 		left, _ := filepath.Glob(filepath.Join(dir, ".guest.kvmckpt.kvmckpt-tmp-*"))
 		assert.Empty(t, left, "stale temporary files must be cleaned")
 	})
 }
 
-func status(t *testing.T, sock string) qmp.Status {
-	t.Helper()
-	s, err := qmp.Dial(context.Background(), sock)
-	require.NoError(t, err)
-	defer s.Close()
-	st, err := s.Status(context.Background())
-	require.NoError(t, err)
-	return st
-}
 
 // waitPaused waits until a kvmckpt process has written its pause record
 // into the guest's lock file.
@@ -307,7 +297,7 @@ func TestFaults(t *testing.T) {
 				assert.True(t, os.IsNotExist(err), "no checkpoint from an interrupted save")
 			}
 			noTemp(t)
-			assert.True(t, status(t, src.QMPPath).Running, "guest back to running")
+			assert.True(t, src.Status(t).Running, "guest back to running")
 		})
 	}
 

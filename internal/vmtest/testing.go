@@ -9,6 +9,8 @@ import (
 	"regexp"
 	"testing"
 	"time"
+
+	"github.com/kvmckpt/kvmckpt/qmp"
 )
 
 // RequiresQEMU skips a test under -short, and fails it when QEMU, a kernel
@@ -89,6 +91,23 @@ func Main(m *testing.M) {
 		}
 	}
 	os.Exit(code)
+}
+
+// Status asks the guest's QEMU for its run state over a QMP session of its
+// own (QEMU serves one QMP client at a time: nothing else may be connected).
+func (g *Guest) Status(tb testing.TB) qmp.Status {
+	tb.Helper()
+	ctx := context.Background()
+	s, err := qmp.Dial(ctx, g.QMPPath)
+	if err != nil {
+		tb.Fatalf("status of guest: %v", err)
+	}
+	defer s.Close()
+	st, err := s.Status(ctx)
+	if err != nil {
+		tb.Fatalf("status of guest: %v", err)
+	}
+	return st
 }
 
 // IsNotFound reports whether err means the test bed is not set up.
