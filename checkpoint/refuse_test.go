@@ -103,4 +103,3 @@ func TestPagePoisoning(t *testing.T) {
 	require.NoError(t, err)
 	assert.NotRegexp(t, kernelTrouble, dst.Serial())
 }
-

@@ -222,7 +222,6 @@ func TestCLIOnGuest(t *testing.T) {
 	})
 }
 
-
 // waitPaused waits until a kvmckpt process has written its pause record
 // into the guest's lock file.
 func waitPaused(t *testing.T, sock string, timeout time.Duration) {
