@@ -31,7 +31,7 @@ func (g *guest) profile(ctx context.Context, opt ScanOptions, regs qmp.Registers
 		}
 		return p, nil
 	}
-	img, err := introspect.ReadKernelImage(g.mem, regs.CR3, regs.LA57())
+	img, err := introspect.FindKernelImage(g.mem, regs.CR3, regs.LA57())
 	if err != nil {
 		return nil, err
 	}
@@ -45,12 +45,16 @@ func (g *guest) profile(ctx context.Context, opt ScanOptions, regs qmp.Registers
 		return p, nil
 	}
 	g.log.Info("no stored profile fits this kernel; building one from guest memory")
-	p, err := profiles.BuildFromKernelMemory(img.Data, uint64(img.Text), nil)
+	data, err := img.Data()
+	if err != nil {
+		return nil, err
+	}
+	p, err := profiles.BuildFromKernelMemory(data, uint64(img.Text), nil)
 	if err != nil {
 		return nil, fmt.Errorf("build profile from guest memory: %w", err)
 	}
 	if vmci := readVmcoreinfo(img, p); vmci != nil {
-		if withInfo, err := profiles.BuildFromKernelMemory(img.Data, uint64(img.Text), vmci); err == nil {
+		if withInfo, err := profiles.BuildFromKernelMemory(data, uint64(img.Text), vmci); err == nil {
 			p = withInfo
 		} else {
 			return nil, fmt.Errorf("build profile from guest memory: %w", err)
@@ -96,15 +100,13 @@ func lookupStored(store profiles.Store, img *introspect.KernelImage, log *slog.L
 		return nil
 	}
 	for _, e := range list {
-		if !bytes.Contains(img.Data, []byte(e.Banner)) {
-			continue
-		}
 		p, err := store.Lookup(e.Banner)
 		if err != nil {
 			continue
 		}
+		got := make([]byte, len(p.Banner))
 		off := p.Symbols["linux_banner"] - p.Symbols["_text"]
-		if off < uint64(len(img.Data)) && bytes.HasPrefix(img.Data[off:], []byte(p.Banner)) {
+		if img.ReadAt(got, off) == nil && string(got) == p.Banner {
 			log.Debug("using stored profile", "profile", p.Name)
 			return p
 		}

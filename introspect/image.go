@@ -9,31 +9,40 @@ import (
 // a guest: far more than any kernel's text, data and bss together.
 const MaxKernelImage = 256 << 20
 
+// minKernelImage is the least a mapping from _text must span to be taken
+// for the kernel image: a kernel's text, data and bss span tens of MiB,
+// while the user half of a PTI page-table pair maps only the entry text.
+const minKernelImage = 4 << 20
+
 // KernelImage is the guest kernel image as mapped at run time, from _text
-// on, read before any profile is known: enough to find the banner and,
-// through the kernel's own kallsyms and BTF, to build a profile.
+// on, found before any profile is known: enough to find the banner and,
+// through the kernel's own kallsyms and BTF, to build a profile. Its bytes
+// are read only when asked for. Not safe for concurrent use.
 type KernelImage struct {
-	// Text is the runtime address of _text, where Data starts.
+	// Text is the runtime address of _text.
 	Text VAddr
 	// TextPhys is the guest-physical address of _text.
 	TextPhys PAddr
-	Data     []byte
-	// Translator reads the rest of kernel virtual memory.
+	// Size is the length of the contiguous mapping from _text.
+	Size uint64
+	// Translator reads kernel virtual memory.
 	Translator *Translator
+	data       []byte
 }
 
-// ReadKernelImage finds the kernel text mapping through the page tables
-// rooted at cr3 and reads the contiguous mapping from _text on (the kernel
-// maps its image, text to bss, as one run of 2 MiB pages and clears the rest
-// of its mapping: arch/x86/mm/init_64.c cleanup_highmap).
-func ReadKernelImage(mem *PhysMem, cr3 uint64, la57 bool) (*KernelImage, error) {
+// FindKernelImage finds the kernel image through the page tables rooted at
+// cr3: the contiguous mapping from _text on (the kernel maps its image, text
+// to bss, as one run of 2 MiB pages and clears the rest of its mapping:
+// arch/x86/mm/init_64.c cleanup_highmap). It reads none of the image.
+func FindKernelImage(mem *PhysMem, cr3 uint64, la57 bool) (*KernelImage, error) {
 	var firstErr error
 	for _, root := range rootCandidates(cr3) {
-		img, err := readKernelImage(&Translator{Mem: mem, Root: root, LA57: la57})
+		img, err := findKernelImage(&Translator{Mem: mem, Root: root, LA57: la57})
+		if err == nil && img.Size < minKernelImage {
+			err = fmt.Errorf("%w: kernel mapping at %v spans only %d KiB", ErrKernel, img.Text, img.Size>>10)
+		}
 		if err == nil {
-			if _, err = img.Banner(); err == nil {
-				return img, nil
-			}
+			return img, nil
 		}
 		if firstErr == nil {
 			firstErr = err
@@ -46,8 +55,8 @@ func ReadKernelImage(mem *PhysMem, cr3 uint64, la57 bool) (*KernelImage, error) 
 // page-table isolation a vCPU in user mode runs on the user half of an
 // 8 KiB PGD pair, bit 12 set, which maps almost none of the kernel
 // (arch/x86/mm/pti.c); without PTI, bit 12 is an ordinary address bit. So
-// with bit 12 set, the kernel half is tried first, and the result is
-// accepted only when the kernel's banner is where it belongs.
+// with bit 12 set, the kernel half is tried first, and a candidate is
+// accepted only when it maps a whole kernel.
 func rootCandidates(cr3 uint64) []PAddr {
 	root := RootFromCR3(cr3)
 	if root&(1<<12) != 0 {
@@ -56,7 +65,7 @@ func rootCandidates(cr3 uint64) []PAddr {
 	return []PAddr{root}
 }
 
-func readKernelImage(tr *Translator) (*KernelImage, error) {
+func findKernelImage(tr *Translator) (*KernelImage, error) {
 	text, textPhys, err := FindKernelText(tr)
 	if err != nil {
 		return nil, fmt.Errorf("find kernel text: %w", err)
@@ -73,20 +82,37 @@ func readKernelImage(tr *Translator) (*KernelImage, error) {
 	if err != nil {
 		return nil, fmt.Errorf("walk kernel image mapping: %w", err)
 	}
-	if end == text {
-		return nil, fmt.Errorf("%w: kernel image mapping at %v is empty", ErrKernel, text)
-	}
-	data := make([]byte, uint64(end-text))
-	if _, err := tr.ReadVirt(data, text); err != nil {
-		return nil, fmt.Errorf("read kernel image [%v, %v): %w", text, end, err)
-	}
-	return &KernelImage{Text: text, TextPhys: textPhys, Data: data, Translator: tr}, nil
+	return &KernelImage{Text: text, TextPhys: textPhys, Size: uint64(end - text), Translator: tr}, nil
 }
 
-// Banner finds linux_banner in the image: the first "Linux version "
-// followed by a release that starts with a digit, up to its newline.
+// ReadAt reads len(p) bytes of the image at offset off from _text.
+func (img *KernelImage) ReadAt(p []byte, off uint64) error {
+	if off > img.Size || uint64(len(p)) > img.Size-off {
+		return fmt.Errorf("%w: [%#x, %#x) outside the kernel image of %#x bytes", ErrKernel, off, off+uint64(len(p)), img.Size)
+	}
+	_, err := img.Translator.ReadVirt(p, img.Text+VAddr(off))
+	return err
+}
+
+// Data reads the whole image (once).
+func (img *KernelImage) Data() ([]byte, error) {
+	if img.data == nil {
+		data := make([]byte, img.Size)
+		if err := img.ReadAt(data, 0); err != nil {
+			return nil, fmt.Errorf("read kernel image: %w", err)
+		}
+		img.data = data
+	}
+	return img.data, nil
+}
+
+// Banner finds linux_banner in the image.
 func (img *KernelImage) Banner() (string, error) {
-	return FindBanner(img.Data)
+	data, err := img.Data()
+	if err != nil {
+		return "", err
+	}
+	return FindBanner(data)
 }
 
 // FindBanner finds the Linux banner in a kernel image: "Linux version "

@@ -117,7 +117,7 @@ func (k *Kernel) checkBanner() error {
 	if err := k.Profile.MatchBanner(got); err != nil {
 		// The profile's linux_banner address holds something else in
 		// another build: name the banner the guest really has.
-		if img, ierr := readKernelImage(k.Tr); ierr == nil {
+		if img, ierr := findKernelImage(k.Tr); ierr == nil {
 			if real, berr := img.Banner(); berr == nil {
 				return k.Profile.MatchBanner(real)
 			}
