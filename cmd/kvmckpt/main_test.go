@@ -355,3 +355,47 @@ func isolateProfiles(t *testing.T, dir string) {
 }
 
 func checkpointVerify(path string) error { return checkpoint.Verify(path, nil, nil) }
+
+func TestProfileCommands(t *testing.T) {
+	if testing.Short() {
+		t.Skip("reads the Debian kernel image")
+	}
+	kernel, err := vmtest.KernelPath("amd64")
+	require.NoError(t, err, "run make deps")
+	dir := t.TempDir()
+	isolateProfiles(t, dir)
+
+	out := filepath.Join(dir, "p.json")
+	code, stdout, stderr := cli(t, "profile", "build", "--kernel", kernel, "-o", out)
+	require.Equal(t, exitOK, code, stderr)
+	assert.Contains(t, stdout, "6.1.0-47-amd64")
+	code, stdout, stderr = cli(t, "profile", "show", out)
+	require.Equal(t, exitOK, code, stderr)
+	for _, want := range []string{"node_data", "vmemmap_base", "free_area", "MAX_ORDER", "NR_PCP_LISTS"} {
+		assert.Contains(t, stdout, want)
+	}
+
+	// Into the store, then list and show by name.
+	code, _, stderr = cli(t, "profile", "build", "--kernel", kernel)
+	require.Equal(t, exitOK, code, stderr)
+	code, stdout, _ = cli(t, "profile", "list")
+	require.Equal(t, exitOK, code)
+	assert.Contains(t, stdout, "6.1.0-47-amd64-")
+	name := strings.Fields(strings.Split(stdout, "\n")[1])[0]
+	code, stdout, _ = cli(t, "profile", "show", name, "--json")
+	require.Equal(t, exitOK, code)
+	assert.Contains(t, stdout, `"banner"`)
+
+	isf, err := filepath.Glob("../../testdata/profiles/isf-*.json.xz")
+	require.NoError(t, err)
+	require.NotEmpty(t, isf)
+	code, _, stderr = cli(t, "profile", "build", "--isf", isf[0], "-o", filepath.Join(dir, "isf.json"))
+	assert.Equal(t, exitOK, code, stderr)
+
+	code, _, stderr = cli(t, "profile", "build", "--kernel", "/etc/hostname")
+	assert.Equal(t, exitFailed, code)
+	assert.Contains(t, stderr, "not an x86 bzImage or ELF vmlinux")
+	code, _, stderr = cli(t, "profile", "show", "no-such-profile")
+	assert.Equal(t, exitFailed, code)
+	assert.Contains(t, stderr, "kvmckpt profile list")
+}
