@@ -15,8 +15,10 @@ export KVMCKPT_INITRAMFS := $(abspath $(BUILD)/initramfs.cpio.gz)
 
 all: build
 
+# Host packages, the guest kernels and the guest initramfs.
 deps:
 	@scripts/deps.sh $(KERNELS)
+	@$(MAKE) --no-print-directory initramfs
 
 build:
 	$(GO) build -o $(BUILD)/kvmckpt ./cmd/kvmckpt
