@@ -32,6 +32,13 @@ type Kernel struct {
 	layout    *layout
 	directEnd uint64 // end of the direct map: PageOffsetBase + highest GPA
 	tlb       map[VAddr]PAddr
+	// large is the last translation through a 2 MiB or 1 GiB page: the
+	// struct page array is mapped with those.
+	large struct {
+		va   VAddr
+		pa   PAddr
+		size uint64
+	}
 }
 
 // Unrelocated _text on x86-64: __START_KERNEL_map + CONFIG_PHYSICAL_START
@@ -155,18 +162,26 @@ func (k *Kernel) phys(va VAddr) (PAddr, error) {
 	if uint64(va) >= k.PageOffsetBase && uint64(va) < k.directEnd {
 		return PAddr(uint64(va) - k.PageOffsetBase), nil
 	}
+	if l := &k.large; l.size != 0 && va >= l.va && uint64(va-l.va) < l.size {
+		return l.pa + PAddr(va-l.va), nil
+	}
 	page := va.RoundDown()
 	if pa, ok := k.tlb[page]; ok {
 		return pa + PAddr(va.PageOffset()), nil
 	}
-	pa, err := k.Tr.Translate(page)
+	pa, size, err := k.Tr.translate(page)
 	if err != nil {
 		return 0, err
 	}
-	if len(k.tlb) >= maxTLB {
-		clear(k.tlb)
+	if size > PageSize {
+		base := page &^ VAddr(size-1)
+		k.large.va, k.large.pa, k.large.size = base, pa-PAddr(page-base), size
+	} else {
+		if len(k.tlb) >= maxTLB {
+			clear(k.tlb)
+		}
+		k.tlb[page] = pa
 	}
-	k.tlb[page] = pa
 	return pa + PAddr(va.PageOffset()), nil
 }
 

@@ -1,11 +1,13 @@
 package introspect
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"testing"
+	"time"
 
 	"github.com/kvmckpt/kvmckpt/pagemap"
 	"github.com/kvmckpt/kvmckpt/profiles"
@@ -185,8 +187,9 @@ type synthGuest struct {
 	lruHeads []uint64     // virtual addresses of the LRU list heads
 
 	// free is the expected answer: every frame on a free list.
-	free   *pagemap.Bitmap
-	blocks []synthBlock
+	free    *pagemap.Bitmap
+	blocks  []synthBlock
+	pending []synthBlock // claimed by populate, not yet linked
 }
 
 type synthZone struct {
@@ -619,11 +622,21 @@ func (g *synthGuest) checkBlock(z int, pfn, order uint64) {
 // NR_FREE_PAGES counted.
 func (g *synthGuest) addBuddy(z int, pfn, order uint64, mt int) {
 	g.tb.Helper()
-	g.checkBlock(z, pfn, order)
+	g.claimBuddy(z, pfn, order, mt)
+	b := g.pending[len(g.pending)-1]
+	g.pending = g.pending[:len(g.pending)-1]
 	g.linkBuddy(z, pfn, order, mt)
+	g.blocks = append(g.blocks, b)
+}
+
+// claimBuddy makes a block free in the expected answer and queues it for
+// linking.
+func (g *synthGuest) claimBuddy(z int, pfn, order uint64, mt int) {
+	g.tb.Helper()
+	g.checkBlock(z, pfn, order)
 	g.free.SetRange(pfn, 1<<order)
 	g.zones[z].buddy += 1 << order
-	g.blocks = append(g.blocks, synthBlock{zone: z, mt: mt, cpu: -1, pfn: pfn, order: order})
+	g.pending = append(g.pending, synthBlock{zone: z, mt: mt, cpu: -1, pfn: pfn, order: order})
 }
 
 // linkBuddy does what addBuddy does to guest memory, without checks and
@@ -682,30 +695,6 @@ func (g *synthGuest) pcpList(z, cpu, pindex int) []synthBlock {
 	return out
 }
 
-// longestList returns the longest buddy list of zone z.
-func (g *synthGuest) longestList(z int) []synthBlock {
-	var best []synthBlock
-	for order := range g.l.maxOrder {
-		for mt := range int(g.l.migrateTypes) {
-			if b := g.list(z, order, mt); len(b) > len(best) {
-				best = b
-			}
-		}
-	}
-	return best
-}
-
-// longestPCPList returns the longest per-CPU list of cpu in zone z.
-func (g *synthGuest) longestPCPList(z, cpu int) []synthBlock {
-	var best []synthBlock
-	for i := range int(g.l.nrPCPLists) {
-		if b := g.pcpList(z, cpu, i); len(b) > len(best) {
-			best = b
-		}
-	}
-	return best
-}
-
 // findAllocated returns an allocated, usable, order-aligned block of zone z,
 // searching from a random frame.
 func (g *synthGuest) findAllocated(rng *rand.Rand, z int, order uint64) (uint64, bool) {
@@ -753,6 +742,7 @@ var fragmented = population{free: 0, split: 1, freeOrder0: 0.6, pcpPerCPU: 200, 
 func (g *synthGuest) populate(rng *rand.Rand, pop population) {
 	g.tb.Helper()
 	top := g.l.maxOrder - 1
+	g.pending = g.pending[:0]
 	for z, zone := range g.zones {
 		if zone == nil {
 			continue
@@ -767,6 +757,14 @@ func (g *synthGuest) populate(rng *rand.Rand, pop population) {
 			}
 		}
 	}
+	// Free lists are in no pfn order on a guest that has run for a while:
+	// blocks are added at the head as they are freed.
+	rng.Shuffle(len(g.pending), func(i, j int) { g.pending[i], g.pending[j] = g.pending[j], g.pending[i] })
+	for _, b := range g.pending {
+		g.linkBuddy(b.zone, b.pfn, b.order, b.mt)
+		g.blocks = append(g.blocks, b)
+	}
+	g.pending = nil
 	for z, zone := range g.zones {
 		if zone == nil {
 			continue
@@ -803,11 +801,11 @@ func (g *synthGuest) fill(rng *rand.Rand, pop population, z int, r pfnRange, pfn
 		switch {
 		case order == 0:
 			if p < pop.freeOrder0 {
-				g.addBuddy(z, pfn, 0, randomMT(rng, g.l))
+				g.claimBuddy(z, pfn, 0, randomMT(rng, g.l))
 			}
 			return
 		case p < pop.free:
-			g.addBuddy(z, pfn, order, randomMT(rng, g.l))
+			g.claimBuddy(z, pfn, order, randomMT(rng, g.l))
 			return
 		case p >= pop.free+pop.split:
 			return
@@ -909,4 +907,45 @@ func newSmallGuest(tb testing.TB, la57 bool, seed uint64) *synthGuest {
 	}
 	g.populate(rng, population{free: 0.24, split: 0.6, freeOrder0: 0.6, pcpPerCPU: 40, lru: true})
 	return g
+}
+
+// walk opens the guest's kernel and walks its free lists.
+func (g *synthGuest) walk(tb testing.TB) (*FreePages, error) {
+	tb.Helper()
+	k, err := OpenKernel(g.mem, g.cr3, g.cfg.la57, g.p)
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	res, err := k.WalkFree(context.Background(), walkOpts)
+	if d := time.Since(start); d > 2*time.Second {
+		tb.Errorf("walk took %v", d)
+	}
+	return res, err
+}
+
+// List surgery on a synthetic guest.
+func (g *synthGuest) setNext(pfn, va uint64) { g.put64(g.nodePA(pfn), va) }
+func (g *synthGuest) setPrev(pfn, va uint64) { g.put64(g.nodePA(pfn)+8, va) }
+func (g *synthGuest) setPageType(pfn uint64, v uint32) {
+	g.put32(g.pagePA(pfn)+PAddr(g.l.pageType), v)
+}
+
+// fillRandom overwrites guest memory [pa, pa+n) with random bytes.
+func (g *synthGuest) fillRandom(rng *rand.Rand, pa PAddr, n uint64) {
+	for i := range n {
+		g.ram[pa+PAddr(i)] = byte(rng.Uint32())
+	}
+}
+
+// pfnOfStructPage returns the frame whose struct page holds pa, a
+// guest-physical address in the vmemmap.
+func (g *synthGuest) pfnOfStructPage(pa PAddr) uint64 {
+	for c, base := range g.vmemmap {
+		if pa >= base && pa < base+hugePage {
+			return (c*hugePage + uint64(pa-base)) / g.l.pageSize
+		}
+	}
+	g.tb.Fatalf("%v is not in the vmemmap", pa)
+	return 0
 }

@@ -82,17 +82,18 @@ func (k *Kernel) WalkFree(ctx context.Context, opt WalkOptions) (*FreePages, err
 	for _, m := range k.Mem.Mappings() {
 		maxPFN = max(maxPFN, (uint64(m.GPA)+m.Size)/PageSize)
 	}
-	w := &freeWalker{k: k, l: k.layout, ctx: ctx, opt: opt, maxPFN: maxPFN, res: &FreePages{Free: pagemap.NewBitmap(maxPFN)}}
+	w := &freeWalker{k: k, l: k.layout, ctx: ctx, opt: opt, maxPFN: maxPFN, res: &FreePages{Free: pagemap.NewBitmap(maxPFN)}, page: make([]byte, k.layout.pageSize)}
 	if err := w.policy(); err != nil {
 		return nil, err
 	}
-	if err := w.cpus(); err != nil {
+	if err := w.readCPUs(); err != nil {
 		return nil, err
 	}
 	nodeData, err := k.Sym("node_data")
 	if err != nil {
 		return nil, err
 	}
+	nodes := map[uint64]bool{}
 	for nid := uint64(0); nid < w.l.maxNumNodes; nid++ {
 		pgdat, err := k.Uint64(nodeData + VAddr(nid*8))
 		if err != nil {
@@ -101,6 +102,11 @@ func (k *Kernel) WalkFree(ctx context.Context, opt WalkOptions) (*FreePages, err
 		if pgdat == 0 {
 			continue
 		}
+		if nodes[pgdat] {
+			w.res.Warnings = append(w.res.Warnings, fmt.Sprintf("node_data[%d] repeats an earlier node; skipped", nid))
+			continue
+		}
+		nodes[pgdat] = true
 		for z := uint64(0); z < w.l.maxNrZones; z++ {
 			zone := VAddr(pgdat + w.l.pgdatZones + z*w.l.zoneSize)
 			if err := w.zone(int(nid), zone); err != nil {
@@ -122,16 +128,23 @@ type freeWalker struct {
 	opt    WalkOptions
 	maxPFN uint64
 	res    *FreePages
-	cpuOff []uint64 // __per_cpu_offset of each possible CPU
+	cpus   []possibleCPU
 	steps  int
+	// page holds one struct page, read whole.
+	page []byte
+	// pcpBlocks are the blocks of the per-CPU lists being walked, to take
+	// back if the CPU's lists turn out inconsistent.
+	pcpBlocks []block
 }
 
-// block is a free block found in a zone, applied only once the zone is
-// trusted.
-type block struct {
-	pfn, order uint64
-	pcp        bool
+// possibleCPU is a possible CPU and its __per_cpu_offset.
+type possibleCPU struct {
+	id  int
+	off uint64
 }
+
+// block is a free block found on a per-CPU list.
+type block struct{ pfn, order uint64 }
 
 func (w *freeWalker) policy() error {
 	// Static keys: struct static_key starts with atomic_t enabled.
@@ -153,7 +166,7 @@ func (w *freeWalker) policy() error {
 	return nil
 }
 
-func (w *freeWalker) cpus() error {
+func (w *freeWalker) readCPUs() error {
 	nr, err := w.k.Sym("nr_cpu_ids")
 	if err != nil {
 		return err
@@ -162,8 +175,14 @@ func (w *freeWalker) cpus() error {
 	if err != nil {
 		return fmt.Errorf("read nr_cpu_ids: %w", err)
 	}
-	if n == 0 || n > 1<<16 {
-		return fmt.Errorf("%w: nr_cpu_ids is %d", ErrKernel, n)
+	// The possible mask and __per_cpu_offset hold NR_CPUS entries: the
+	// size of struct cpumask in bits.
+	limit := uint64(1 << 16)
+	if cm, ok := w.k.Profile.Structs["cpumask"]; ok && cm.Size > 0 {
+		limit = min(limit, cm.Size*8)
+	}
+	if n == 0 || uint64(n) > limit {
+		return fmt.Errorf("%w: nr_cpu_ids is %d (at most %d)", ErrKernel, n, limit)
 	}
 	mask, err := w.k.Sym("__cpu_possible_mask")
 	if err != nil {
@@ -185,7 +204,7 @@ func (w *freeWalker) cpus() error {
 		if err != nil {
 			return fmt.Errorf("read __per_cpu_offset[%d]: %w", cpu, err)
 		}
-		w.cpuOff = append(w.cpuOff, off)
+		w.cpus = append(w.cpus, possibleCPU{id: int(cpu), off: off})
 	}
 	return nil
 }
@@ -218,19 +237,19 @@ func (w *freeWalker) zone(nid int, zone VAddr) error {
 		return nil
 	}
 	rep.Name = w.zoneName(u64(l.zoneName))
-	var blocks []block
-	err := w.zoneLists(zone, zb, &rep, &blocks)
+	var free *pagemap.Bitmap
+	err := w.zoneLists(zone, zb, &rep, &free)
 	var d *distrust
 	switch {
 	case errors.As(err, &d):
-		rep.Trusted, rep.Reason = false, d.reason
+		rep.Trusted, rep.Reason = false, err.Error()
 		rep.BuddyPages, rep.PCPPages = 0, 0
-		w.res.Warnings = append(w.res.Warnings, fmt.Sprintf("node %d zone %s: not trusted, all its pages are saved: %s", nid, rep.Name, d.reason))
+		w.res.Warnings = append(w.res.Warnings, fmt.Sprintf("node %d zone %s: not trusted, all its pages are saved: %v", nid, rep.Name, err))
 	case err != nil:
 		return err
 	default:
-		for _, b := range blocks {
-			w.res.Free.SetRange(b.pfn, 1<<b.order)
+		for start, n := range free.Runs() {
+			w.res.Free.SetRange(rep.StartPFN+start, n)
 		}
 		w.res.Buddy += rep.BuddyPages
 		w.res.PCP += rep.PCPPages
@@ -251,7 +270,8 @@ func (w *freeWalker) zoneName(p uint64) string {
 	return string(b[:n])
 }
 
-func (w *freeWalker) zoneLists(zone VAddr, zb []byte, rep *ZoneReport, blocks *[]block) error {
+// zoneLists walks a zone's lists into free, a bitmap over the zone's span.
+func (w *freeWalker) zoneLists(zone VAddr, zb []byte, rep *ZoneReport, free **pagemap.Bitmap) error {
 	l := w.l
 	if lock := binary.LittleEndian.Uint32(zb[l.zoneLock:]); lock != 0 {
 		return untrusted("zone lock held (%#x) when the guest paused", lock)
@@ -259,15 +279,18 @@ func (w *freeWalker) zoneLists(zone VAddr, zb []byte, rep *ZoneReport, blocks *[
 	if rep.StartPFN >= w.maxPFN || rep.Spanned > w.maxPFN-rep.StartPFN {
 		return untrusted("zone span [%#x, %#x) lies outside guest RAM", rep.StartPFN, rep.StartPFN+rep.Spanned)
 	}
-	// Free blocks found so far in this zone, to catch a block linked twice.
-	seen := map[uint64]bool{}
+	// The zone's free frames, relative to its start; it catches a block
+	// linked twice or inside another. Its size is bounded by guest RAM
+	// (checked above).
+	seen := pagemap.NewBitmap(rep.Spanned)
+	*free = seen
 	for order := uint64(0); order < l.maxOrder; order++ {
 		fa := l.zoneFreeArea + order*l.freeAreaSize
 		nrFree := binary.LittleEndian.Uint64(zb[fa+l.freeAreaNrFree:])
 		var found uint64
 		for mt := uint64(0); mt < l.migrateTypes; mt++ {
 			head := zone + VAddr(fa+l.freeAreaList+mt*16)
-			n, err := w.list(head, rep, order, false, seen, blocks)
+			n, err := w.list(head, rep, order, false, seen)
 			if err != nil {
 				return fmt.Errorf("order %d migratetype %d: %w", order, mt, err)
 			}
@@ -280,14 +303,14 @@ func (w *freeWalker) zoneLists(zone VAddr, zb []byte, rep *ZoneReport, blocks *[
 	}
 	tol := w.opt.Tolerance
 	if tol == 0 {
-		tol = uint64(len(w.cpuOff))*125 + rep.Spanned/64
+		tol = uint64(len(w.cpus))*125 + rep.Present/64
 	}
 	if diff := int64(rep.BuddyPages) - rep.CounterFree; diff > int64(tol) || -diff > int64(tol) {
 		return untrusted("found %d free pages, the zone's NR_FREE_PAGES counter says %d", rep.BuddyPages, rep.CounterFree)
 	}
 	pcpBase := binary.LittleEndian.Uint64(zb[l.zonePCP:])
-	for i, off := range w.cpuOff {
-		if err := w.pcp(VAddr(pcpBase+off), i, rep, seen, blocks); err != nil {
+	for _, cpu := range w.cpus {
+		if err := w.pcp(VAddr(pcpBase+cpu.off), rep, seen); err != nil {
 			var d *distrust
 			if !errors.As(err, &d) {
 				return err
@@ -295,61 +318,69 @@ func (w *freeWalker) zoneLists(zone VAddr, zb []byte, rep *ZoneReport, blocks *[
 			// A per-CPU list that cannot be trusted costs only its own
 			// pages: leave them out, keep the rest of the zone.
 			rep.PCPSkipped++
-			w.res.Warnings = append(w.res.Warnings, fmt.Sprintf("node %d zone %s cpu %d: per-CPU lists skipped: %s", rep.Node, rep.Name, i, d.reason))
+			w.res.Warnings = append(w.res.Warnings, fmt.Sprintf("node %d zone %s cpu %d: per-CPU lists skipped: %v", rep.Node, rep.Name, cpu.id, err))
 		}
 	}
 	return nil
 }
 
-func (w *freeWalker) pcp(pcp VAddr, cpu int, rep *ZoneReport, seen map[uint64]bool, blocks *[]block) error {
+// pcp walks one CPU's per-CPU lists of a zone. A distrust error leaves
+// seen as it was.
+func (w *freeWalker) pcp(pcp VAddr, rep *ZoneReport, seen *pagemap.Bitmap) (err error) {
 	l := w.l
 	lock, err := w.k.Uint32(pcp + VAddr(l.pcpLock))
 	if err != nil {
-		return fmt.Errorf("read per-CPU pages of cpu %d at %v: %w", cpu, pcp, err)
+		// A per_cpu_pageset pointer or offset we cannot follow costs
+		// only these lists.
+		return untrusted("read per-CPU pages at %v: %v", pcp, err)
 	}
 	if lock != 0 {
 		return untrusted("lock held")
 	}
 	count, err := w.k.Uint32(pcp + VAddr(l.pcpCount))
 	if err != nil {
-		return err
+		return untrusted("read per-CPU count at %v: %v", pcp, err)
 	}
-	mark := len(*blocks)
+	w.pcpBlocks = w.pcpBlocks[:0]
+	defer func() {
+		if err != nil {
+			for _, b := range w.pcpBlocks {
+				seen.ClearRange(b.pfn-rep.StartPFN, 1<<b.order)
+			}
+		}
+	}()
 	var pages uint64
 	for i := uint64(0); i < l.nrPCPLists; i++ {
 		order, ok := l.pcpOrder(i)
-		n, err := w.list(pcp+VAddr(l.pcpLists+i*16), rep, order, true, seen, blocks)
+		n, err := w.list(pcp+VAddr(l.pcpLists+i*16), rep, order, true, seen)
 		if err != nil {
-			*blocks = (*blocks)[:mark]
-			return err
+			return fmt.Errorf("list %d: %w", i, err)
 		}
 		if !ok && n > 0 {
-			*blocks = (*blocks)[:mark]
 			return untrusted("list %d holds pages of unknown order", i)
 		}
 		pages += n << order
 	}
 	if pages != uint64(count) {
-		*blocks = (*blocks)[:mark]
 		return untrusted("lists hold %d pages, count says %d", pages, count)
 	}
 	rep.PCPPages += pages
 	return nil
 }
 
-// list walks one free list and appends its blocks. It returns the number of
-// blocks, or a distrust error when the list is not consistent.
-func (w *freeWalker) list(head VAddr, rep *ZoneReport, order uint64, pcp bool, seen map[uint64]bool, blocks *[]block) (uint64, error) {
+// list walks one free list and marks its blocks in seen (relative to the
+// zone's start). It returns the number of blocks, or a distrust error when
+// the list is not consistent.
+func (w *freeWalker) list(head VAddr, rep *ZoneReport, order uint64, pcp bool, seen *pagemap.Bitmap) (uint64, error) {
 	l := w.l
 	// A list cannot hold more blocks than the zone has room for.
 	limit := rep.Spanned>>order + 1
 	prev := head
 	next, err := w.k.Uint64(head)
 	if err != nil {
-		return 0, fmt.Errorf("read list head %v: %w", head, err)
+		return 0, untrusted("read list head %v: %v", head, err)
 	}
 	var n uint64
-	var pb [8]byte
 	for VAddr(next) != head {
 		if w.steps++; w.steps&1023 == 0 {
 			if err := w.ctx.Err(); err != nil {
@@ -367,39 +398,36 @@ func (w *freeWalker) list(head VAddr, rep *ZoneReport, order uint64, pcp bool, s
 		if pfn < rep.StartPFN || pfn+1<<order > rep.StartPFN+rep.Spanned || pfn&(1<<order-1) != 0 {
 			return 0, untrusted("list at %v links pfn %#x of order %d outside the zone or misaligned", head, pfn, order)
 		}
-		if seen[pfn] {
-			return 0, untrusted("pfn %#x linked twice (cycle?)", pfn)
+		rel := pfn - rep.StartPFN
+		if s, ok := seen.NextSet(rel); ok && s < rel+1<<order {
+			return 0, untrusted("pfn %#x linked twice (cycle?) or inside a free block found before", pfn)
 		}
-		seen[pfn] = true
-		// The node: next and prev pointers.
-		var node [16]byte
-		if err := w.k.ReadVirt(node[:], VAddr(next)); err != nil {
+		// The whole struct page in one read: one translation.
+		sp := w.page
+		if err := w.k.ReadVirt(sp, VAddr(page)); err != nil {
 			return 0, untrusted("read struct page of pfn %#x: %v", pfn, err)
 		}
-		if VAddr(binary.LittleEndian.Uint64(node[8:])) != prev {
+		if VAddr(binary.LittleEndian.Uint64(sp[l.pageList+8:])) != prev {
 			return 0, untrusted("pfn %#x: prev pointer does not point back (list half-linked)", pfn)
 		}
-		if err := w.k.ReadVirt(pb[:4], VAddr(page+l.pageType)); err != nil {
-			return 0, untrusted("read page_type of pfn %#x: %v", pfn, err)
-		}
-		ptype := binary.LittleEndian.Uint32(pb[:4])
+		ptype := binary.LittleEndian.Uint32(sp[l.pageType:])
 		if !pcp {
 			// A buddy block's head has PageBuddy and its order in private.
 			if ptype != l.buddyMapcount {
 				return 0, untrusted("pfn %#x on a buddy list without PageBuddy (page_type %#x)", pfn, ptype)
 			}
-			if err := w.k.ReadVirt(pb[:], VAddr(page+l.pagePrivate)); err != nil {
-				return 0, untrusted("read private of pfn %#x: %v", pfn, err)
-			}
-			if got := binary.LittleEndian.Uint64(pb[:]); got != order {
+			if got := binary.LittleEndian.Uint64(sp[l.pagePrivate:]); got != order {
 				return 0, untrusted("pfn %#x on the order-%d list has order %d", pfn, order, got)
 			}
-		} else if ptype == l.buddyMapcount {
-			return 0, untrusted("pfn %#x on a per-CPU list is marked PageBuddy", pfn)
+		} else {
+			if ptype == l.buddyMapcount {
+				return 0, untrusted("pfn %#x on a per-CPU list is marked PageBuddy", pfn)
+			}
+			w.pcpBlocks = append(w.pcpBlocks, block{pfn: pfn, order: order})
 		}
-		*blocks = append(*blocks, block{pfn: pfn, order: order, pcp: pcp})
+		seen.SetRange(rel, 1<<order)
 		prev = VAddr(next)
-		next = binary.LittleEndian.Uint64(node[:8])
+		next = binary.LittleEndian.Uint64(sp[l.pageList:])
 	}
 	return n, nil
 }
