@@ -9,12 +9,6 @@ import (
 	"github.com/kvmckpt/kvmckpt/profiles"
 )
 
-var (
-	// ErrKernel means the guest kernel's memory does not look like what
-	// the profile describes.
-	ErrKernel = errors.New("guest kernel not understood")
-)
-
 // Kernel is a paused guest's kernel, seen through its RAM: KASLR resolved,
 // symbols relocated, kernel virtual memory readable. Not safe for concurrent
 // use.

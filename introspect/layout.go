@@ -1,16 +1,11 @@
 package introspect
 
 import (
-	"errors"
 	"fmt"
 	"strings"
 
 	"github.com/kvmckpt/kvmckpt/profiles"
 )
-
-// ErrProfile means a profile lacks something the walk needs, or holds a
-// value the walk cannot use.
-var ErrProfile = errors.New("profile unusable")
 
 // layout is what the walk needs from a profile, resolved and checked once:
 // struct sizes, field offsets and constants.

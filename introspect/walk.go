@@ -10,9 +10,6 @@ import (
 	"github.com/kvmckpt/kvmckpt/pagemap"
 )
 
-// ErrScanTimeout means the walk ran past its time bound.
-var ErrScanTimeout = errors.New("scan took too long")
-
 // ZoneReport is what the walk found in one zone.
 type ZoneReport struct {
 	Node     int    `json:"node"`

@@ -2,7 +2,6 @@ package pagemap
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"iter"
 	"math/bits"
@@ -30,10 +29,6 @@ type Bitmap struct {
 // bitmapHeaderLen is the size of the bit count that precedes the words in
 // the binary encoding.
 const bitmapHeaderLen = 8
-
-// ErrBitmapEncoding is returned, wrapped, by [Bitmap.UnmarshalBinary] for a
-// malformed encoding.
-var ErrBitmapEncoding = errors.New("malformed bitmap encoding")
 
 func wordsFor(n uint64) uint64 { return n/64 + min(n%64, 1) }
 

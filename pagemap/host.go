@@ -3,7 +3,6 @@ package pagemap
 import (
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"math/bits"
 	"runtime"
@@ -37,10 +36,6 @@ const (
 	hostPageShift = 12
 	hostPageSize  = 1 << hostPageShift
 )
-
-// ErrRAMSize means a size or bitmap length given to the host scans does
-// not fit the RAM file or its mapping.
-var ErrRAMSize = errors.New("size does not fit the RAM file")
 
 // PageRange is the run of 4 KiB pages [Start, Start+Count) of a RAM file,
 // counted from the start of the file.
