@@ -8,6 +8,18 @@
 // qapi/*.json. kvmckpt is written against QEMU 7.2 and checks what it can at
 // run time instead of assuming newer behaviour.
 //
+// # Why not go-qemu's monitor
+//
+// The design named github.com/digitalocean/go-qemu for the session. Its
+// qmp.SocketMonitor was tried and does not fit: it turns QMP error replies
+// into plain strings (the error class is lost, and callers must tell a
+// CommandNotFound from a GenericError), reads the greeting with no deadline
+// (a socket that is not QMP hangs it), takes no context, and stops at
+// replies over 64 KiB (info mtree -f of a guest with many vCPUs is larger).
+// So this package speaks the protocol itself (a few hundred lines over
+// net.UnixConn, with SCM_RIGHTS for getfd). The test bed's own tests still
+// drive QEMU through go-qemu, an independent client, as a cross-check.
+//
 // # Device state
 //
 // The guest's RAM lives in a shared file (memory-backend-file, share=on) that
