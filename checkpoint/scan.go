@@ -71,11 +71,16 @@ type scanResult struct {
 func Scan(ctx context.Context, opt ScanOptions) (*ScanStats, error) {
 	start := time.Now()
 	log := logger(opt.Log)
-	g, err := openSaveable(ctx, opt.QMP, log)
+	g, err := openGuest(ctx, opt.QMP, log)
 	if err != nil {
 		return nil, err
 	}
 	defer g.close()
+	// A scan only reads guest RAM: any state with a guest in it will do,
+	// postmigrate (after a save) included.
+	if g.prior.State == "inmigrate" {
+		return nil, fmt.Errorf("%w: %w", ErrGuestState, g.prior.CheckSaveable())
+	}
 	restore, err := g.pause(ctx)
 	if err != nil {
 		return nil, err

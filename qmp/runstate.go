@@ -10,13 +10,13 @@ var saveable = map[string]string{
 	"running":        "",
 	"paused":         "",
 	"prelaunch":      "", // never ran (-S); a valid, boring checkpoint
-	"postmigrate":    "a migration (an earlier save) left it paused, and QEMU refuses to migrate it again until it is resumed (migrate_prepare)",
+	"postmigrate":    "a migration (an earlier save) left it paused, and QEMU refuses to migrate it again until it is resumed (migrate_prepare); resume it first (kvmckpt resume, or QMP cont)",
 	"suspended":      "", // ACPI S3; the migration wakes the guest up first
 	"debug":          "", // stopped by the gdbstub
 	"io-error":       "", // paused on a block I/O error, state intact
 	"guest-panicked": "", // useful for post-mortems
 	"watchdog":       "", // paused by the watchdog's pause action
-	"inmigrate":      "it is waiting for an incoming migration and has no guest state yet",
+	"inmigrate":      "it is waiting for an incoming migration and has no guest state yet; restore a checkpoint into it with kvmckpt restore",
 	"finish-migrate": "a migration is finishing",
 	"save-vm":        "a snapshot is being saved",
 	"restore-vm":     "a snapshot is being loaded",
