@@ -46,7 +46,7 @@ func drawMap(path string, save, free *pagemap.Bitmap, zeroOrHole func(page uint6
 	pixels := (n + per - 1) / per
 	w := min(uint64(mapWidth), pixels)
 	rows := (pixels + w - 1) / w
-	img := image.NewRGBA(image.Rect(0, 0, int(max(w, 720)), int(rows)+legendHeight))
+	img := image.NewRGBA(image.Rect(0, 0, int(max(w, 860)), int(rows)+legendHeight))
 	draw.Draw(img, img.Bounds(), image.White, image.Point{}, draw.Src)
 	for px := uint64(0); px < pixels; px++ {
 		class := len(mapClasses) - 1
@@ -76,7 +76,7 @@ func drawMap(path string, save, free *pagemap.Bitmap, zeroOrHole func(page uint6
 		x += 16 + d.MeasureString(cl.name).Ceil() + 14
 	}
 	d.Dot = fixed.P(x, y+11)
-	d.DrawString(fmt.Sprintf("%d pages/pixel", per))
+	d.DrawString(fmt.Sprintf("%d page/pixel, %d MiB/row, RAM file order", per, per*w*4096>>20))
 	f, err := os.Create(path)
 	if err != nil {
 		return fmt.Errorf("write map: %w", err)
