@@ -80,6 +80,22 @@ func (g *Guest) Truth(tb testing.TB) *Truth {
 	return t
 }
 
+var truth2RE = regexp.MustCompile(`KW TRUTH2 END`)
+
+// LaterTruth waits for the workload's second page snapshot and parses the
+// truth again with it.
+func (g *Guest) LaterTruth(tb testing.TB) *Truth {
+	tb.Helper()
+	if _, _, err := g.WaitSerial(context.Background(), truth2RE, 0, time.Minute); err != nil {
+		tb.Fatal(err)
+	}
+	t, err := ParseTruth(g.Serial())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return t
+}
+
 // Main runs a package's tests and then fails the run if the test bed left
 // a QEMU process or a RAM file behind. Use it from TestMain.
 func Main(m *testing.M) {

@@ -24,6 +24,9 @@ type Truth struct {
 	NoFlags []Run
 	// BuddyPages and NoFlagPages are the counts the workload printed.
 	BuddyPages, NoFlagPages uint64
+	// Later is the second snapshot of Buddy and NoFlags, taken a few
+	// seconds after the ready marker; nil until the workload printed it.
+	Later *Snapshot
 	// Frames maps a kept-data region ("anon", "tmpfs", "text") to the
 	// frames that hold it.
 	Frames map[string][]Run
@@ -32,10 +35,25 @@ type Truth struct {
 	MemTotalKB, MemFreeKB uint64
 }
 
+// Snapshot is a later /proc/kpageflags snapshot.
+type Snapshot struct {
+	Buddy, NoFlags []Run
+}
+
+// FreeOrFlagless reports whether pfn is a free buddy page or has no flag
+// in the first snapshot or, if there is one, the later one.
+func (t *Truth) FreeOrFlagless(pfn uint64) bool {
+	if Contains(t.Buddy, pfn) || Contains(t.NoFlags, pfn) {
+		return true
+	}
+	return t.Later != nil && (Contains(t.Later.Buddy, pfn) || Contains(t.Later.NoFlags, pfn))
+}
+
 // ParseTruth parses the workload's serial output. It needs the line
 // "KW TRUTH END".
 func ParseTruth(serial string) (*Truth, error) {
 	t := &Truth{Symbols: map[string]uint64{}, Frames: map[string][]Run{}}
+	var later Snapshot
 	end := false
 	sc := bufio.NewScanner(strings.NewReader(serial))
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
@@ -60,6 +78,10 @@ func ParseTruth(serial string) (*Truth, error) {
 			t.Symbols[f[1]] = a
 		case "BUDDY":
 			t.Buddy, err = appendRuns(t.Buddy, f[1:])
+		case "BUDDY2":
+			later.Buddy, err = appendRuns(later.Buddy, f[1:])
+		case "NOFLAGS2":
+			later.NoFlags, err = appendRuns(later.NoFlags, f[1:])
 		case "NOFLAGS":
 			t.NoFlags, err = appendRuns(t.NoFlags, f[1:])
 		case "PFN":
@@ -75,6 +97,8 @@ func ParseTruth(serial string) (*Truth, error) {
 			t.MemTotalKB, t.MemFreeKB = kv["total_kb"], kv["free_kb"]
 		case "TRUTH":
 			end = true
+		case "TRUTH2":
+			t.Later = &later
 		}
 		if err != nil {
 			return nil, fmt.Errorf("parse truth: line %q: %w", line, err)

@@ -37,6 +37,15 @@ func TestParseTruth(t *testing.T) {
 	assert.True(t, Contains(tr.Buddy, 0x14))
 	assert.False(t, Contains(tr.Buddy, 0x15))
 	assert.True(t, Contains(tr.Buddy, 0x43))
+	assert.Nil(t, tr.Later)
+
+	later, err := ParseTruth(serial + "KW READY\nKW BUDDY2 15+1\nKW NOFLAGS2 50+1\nKW PAGES2 buddy=1\nKW TRUTH2 END\n")
+	require.NoError(t, err)
+	require.NotNil(t, later.Later)
+	assert.True(t, later.FreeOrFlagless(0x15), "free in the later snapshot")
+	assert.True(t, later.FreeOrFlagless(0x30), "flagless in the first")
+	assert.False(t, later.FreeOrFlagless(0x16))
+	assert.Equal(t, tr.Buddy, later.Buddy, "the first snapshot stays as it was")
 
 	for name, bad := range map[string]string{
 		"no end":         "KW BUDDY 1+1\nKW PAGES buddy=1\n",

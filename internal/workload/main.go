@@ -121,6 +121,11 @@ func run(out *bufio.Writer) error {
 			return fmt.Errorf("truth: %w", err)
 		}
 		say("READY")
+		time.Sleep(laterSnapshotDelay)
+		if err := pageSnapshot(out, "2"); err != nil {
+			return fmt.Errorf("truth: %w", err)
+		}
+		say("TRUTH2 END")
 		// Quiescent from here on: no output, no collection.
 		idle()
 	}
@@ -369,6 +374,9 @@ const (
 //	                                         look like this)
 //	KW PFN <region> <hex start>+<hex count>   frames holding the kept data
 //	KW TRUTH END
+//
+// and, some seconds after the ready marker, a second snapshot: lines
+// BUDDY2, NOFLAGS2, PAGES2, then "KW TRUTH2 END".
 func truth(out *bufio.Writer, kept *keptData) error {
 	syms, err := os.ReadFile("/proc/kallsyms")
 	if err != nil {
@@ -391,12 +399,28 @@ func truth(out *bufio.Writer, kept *keptData) error {
 	runtime.GC()
 	debug.FreeOSMemory()
 	debug.SetGCPercent(-1)
+	if err := pageSnapshot(out, ""); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "KW TRUTH END\n")
+	return out.Flush()
+}
+
+// laterSnapshotDelay is when, after the ready marker, the workload takes
+// its second page snapshot: a test pauses and scans the guest in between,
+// and a page free at the pause was free in at least one of the two unless
+// it was allocated and freed again in a few seconds of a quiet guest.
+const laterSnapshotDelay = 6 * time.Second
+
+// pageSnapshot prints the runs of free buddy pages and of flagless pages
+// from /proc/kpageflags, with suffix after each line's kind.
+func pageSnapshot(out *bufio.Writer, suffix string) error {
 	flags, err := os.ReadFile("/proc/kpageflags")
 	if err != nil {
 		return err
 	}
-	buddy := newRuns(out, "BUDDY")
-	noflags := newRuns(out, "NOFLAGS")
+	buddy := newRuns(out, "BUDDY"+suffix)
+	noflags := newRuns(out, "NOFLAGS"+suffix)
 	var nBuddy, nNone uint64
 	n := uint64(len(flags) / 8)
 	for pfn := uint64(0); pfn < n; pfn++ {
@@ -412,9 +436,8 @@ func truth(out *bufio.Writer, kept *keptData) error {
 	}
 	buddy.flush()
 	noflags.flush()
-	fmt.Fprintf(out, "KW PAGES max_pfn=%d buddy=%d noflags=%d\n", n, nBuddy, nNone)
-	fmt.Fprintf(out, "KW TRUTH END\n")
-	return out.Flush()
+	fmt.Fprintf(out, "KW PAGES%s max_pfn=%d buddy=%d noflags=%d\n", suffix, n, nBuddy, nNone)
+	return nil
 }
 
 // printFrames prints the guest-physical frames that hold a region, from

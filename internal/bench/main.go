@@ -1,0 +1,243 @@
+// Command bench measures kvmckpt against QEMU's own save to a file (what
+// `virsh save` does) and against a naive full copy of the guest's RAM
+// file, side by side on one guest in one run, with the disk's durable
+// write bandwidth as the physical limit.
+//
+//	go run ./internal/bench [-mem MiB] [-churn F] [-keep F] [-text F] [-reps N]
+//	                        [-dir DIR] [-out FILE.json] [-png FILE.png]
+//	                        [-sweep | -smoke] [-interval S] [-kvmckpt PATH]
+//
+// It boots one real guest (internal/vmtest) whose workload fills -churn of
+// its RAM with random data and frees it, then keeps -keep of it
+// incompressible and -text compressible. On that one guest state it runs
+// -reps repetitions, each:
+//
+//   - three saves of the running guest, in alternating order, each started
+//     just after the guest's verification round so the guest is idle:
+//     QEMU's own save (stop, migrate with default capabilities at
+//     unlimited bandwidth, fsync, cont), a naive save (stop, device state
+//     with x-ignore-shared, sparse copy of the whole RAM file, fsync,
+//     cont), and `kvmckpt save`; every tool runs as a process of its own,
+//     so its CPU time and peak RSS come from its rusage, and QEMU's CPU
+//     time from /proc/PID/stat;
+//   - the disk alone writing kvmckpt's byte count durably;
+//   - two restores into fresh QEMUs started with -incoming defer -S, from
+//     files evicted from the page cache: QEMU's own (migrate-incoming from
+//     the file, cont) and `kvmckpt restore --resume`; each restored guest
+//     must then verify its kept data.
+//
+// It prints markdown tables on stdout, progress on stderr, and writes every
+// measurement as JSON to -out. -sweep measures guests of 1, 2 and 4 GiB
+// with 0, 30, 60 and 90% of RAM freed (at most RAM-224 MiB, which the
+// guest needs to churn), one repetition each; -smoke is a 512 MiB guest,
+// one repetition, for the test suite.
+//
+// Every QEMU it starts is closed on every path; checkpoint files live in a
+// temporary directory under -dir, removed at the end.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/kvmckpt/kvmckpt/internal/vmtest"
+)
+
+func main() {
+	if isChild, code := childMain(); isChild {
+		os.Exit(code)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	_, err := run(ctx, os.Stdout, os.Stderr, os.Args[1:])
+	stop()
+	if left := vmtest.Leftovers(); len(left) > 0 {
+		fmt.Fprintf(os.Stderr, "bench: left behind: %v\n", left)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+// config is the command line.
+type config struct {
+	MemMiB   int     `json:"mem_mib"`
+	Churn    float64 `json:"churn"`
+	Keep     float64 `json:"keep"`
+	Text     float64 `json:"text"`
+	Reps     int     `json:"reps"`
+	Dir      string  `json:"dir"`
+	Out      string  `json:"out"`
+	PNG      string  `json:"png,omitempty"`
+	Sweep    bool    `json:"sweep"`
+	Smoke    bool    `json:"smoke"`
+	Kvmckpt  string  `json:"kvmckpt,omitempty"`
+	Interval int     `json:"interval_s"`
+	CPUs     int     `json:"cpus"`
+	Cold     bool    `json:"cold_restore"`
+}
+
+// Sweep points.
+var (
+	sweepMemMiB = []int{1024, 2048, 4096}
+	sweepFreed  = []float64{0, 0.3, 0.6, 0.9}
+)
+
+func parseFlags(args []string, stderr io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.IntVar(&c.MemMiB, "mem", 2048, "guest RAM, MiB")
+	fs.Float64Var(&c.Churn, "churn", 0.6, "fraction of RAM filled with non-zero data and freed")
+	fs.Float64Var(&c.Keep, "keep", 0.10, "fraction of RAM kept incompressible (half anonymous, half tmpfs)")
+	fs.Float64Var(&c.Text, "text", 0.10, "fraction of RAM kept compressible")
+	fs.IntVar(&c.Reps, "reps", 3, "repetitions")
+	fs.StringVar(&c.Dir, "dir", "/var/tmp", "directory for checkpoint files (a temporary directory is made inside; use a disk, not tmpfs)")
+	fs.StringVar(&c.Out, "out", "bench-results/bench.json", "JSON results (bench-results/sweep.json with -sweep)")
+	fs.StringVar(&c.PNG, "png", "", "also draw a bar chart into this PNG file")
+	fs.BoolVar(&c.Sweep, "sweep", false, "RAM 1, 2, 4 GiB × 0, 30, 60, 90% freed, one repetition each")
+	fs.BoolVar(&c.Smoke, "smoke", false, "quick run for the tests: 512 MiB guest, one repetition")
+	fs.StringVar(&c.Kvmckpt, "kvmckpt", "", "kvmckpt binary (default: build ./cmd/kvmckpt)")
+	fs.IntVar(&c.Interval, "interval", 5, "guest's verification period, s (saves start just after a round)")
+	fs.IntVar(&c.CPUs, "cpus", 1, "guest vCPUs")
+	fs.BoolVar(&c.Cold, "cold", true, "evict checkpoint files from the page cache before each restore")
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if c.Smoke {
+		if c.Sweep {
+			return c, errors.New("-smoke and -sweep exclude each other")
+		}
+		if !set["mem"] {
+			c.MemMiB = 512
+		}
+		if !set["reps"] {
+			c.Reps = 1
+		}
+		if !set["interval"] {
+			c.Interval = 3
+		}
+	}
+	if c.Sweep && !set["out"] {
+		c.Out = "bench-results/sweep.json"
+	}
+	switch {
+	case c.MemMiB < 256:
+		return c, fmt.Errorf("-mem %d: at least 256 MiB", c.MemMiB)
+	case c.Reps < 1:
+		return c, fmt.Errorf("-reps %d: at least 1", c.Reps)
+	case c.Interval < 1:
+		return c, fmt.Errorf("-interval %d: at least 1 s", c.Interval)
+	case c.CPUs < 1:
+		return c, fmt.Errorf("-cpus %d: at least 1", c.CPUs)
+	case c.Churn < 0 || c.Keep < 0 || c.Text < 0 || c.Churn > 1 || c.Keep+c.Text > 0.5:
+		return c, fmt.Errorf("-churn %g must be in [0, 1] and -keep %g + -text %g at most 0.5", c.Churn, c.Keep, c.Text)
+	}
+	return c, nil
+}
+
+// run parses args, measures, prints the tables to stdout and writes the
+// results. It returns the report even when the run failed part way.
+func run(ctx context.Context, stdout, stderr io.Writer, args []string) (*report, error) {
+	cfg, err := parseFlags(args, stderr)
+	if err != nil {
+		return nil, err
+	}
+	b := &bench{cfg: cfg, log: stderr, start: time.Now()}
+	if b.self, err = os.Executable(); err != nil {
+		return nil, err
+	}
+	if b.work, err = os.MkdirTemp(cfg.Dir, "kvmckpt-bench-"); err != nil {
+		return nil, fmt.Errorf("make work directory: %w", err)
+	}
+	defer os.RemoveAll(b.work)
+	if cfg.Kvmckpt != "" {
+		if b.kvmckpt, err = filepath.Abs(cfg.Kvmckpt); err != nil {
+			return nil, err
+		}
+	} else {
+		bin := filepath.Join(b.work, "bin")
+		if err := os.Mkdir(bin, 0o755); err != nil {
+			return nil, err
+		}
+		if b.kvmckpt, err = buildKvmckpt(ctx, bin); err != nil {
+			return nil, err
+		}
+		b.logf("built %s", b.kvmckpt)
+	}
+	r := &report{
+		Generated: time.Now().UTC(),
+		Command:   strings.TrimSpace("go run ./internal/bench " + strings.Join(args, " ")),
+		Machine:   probeMachine(ctx, b.work),
+		Config:    cfg,
+	}
+	if r.Machine.Disk.FSType == "tmpfs" {
+		b.logf("warning: %s is on tmpfs: the disk limit is memory's", b.work)
+	}
+
+	var runErr error
+	if cfg.Sweep {
+		runErr = b.sweep(ctx, r)
+	} else {
+		w := newWorkload(cfg.MemMiB, cfg.Churn, cfg.Keep, cfg.Text, cfg.Interval, cfg.CPUs)
+		r.Result, runErr = b.point(ctx, w, cfg.Reps)
+	}
+	if runErr != nil {
+		r.Error = runErr.Error()
+	}
+	writeMarkdown(stdout, r)
+	if err := writeJSON(cfg.Out, r); err != nil {
+		return r, errors.Join(runErr, err)
+	}
+	b.logf("results in %s", cfg.Out)
+	if cfg.PNG != "" && r.Result != nil {
+		title := fmt.Sprintf("kvmckpt vs QEMU's own save: %d MiB guest, %d%% freed, %s, %d cores",
+			r.Result.Workload.MemMiB, 100*r.Result.Workload.ChurnMiB/r.Result.Workload.MemMiB, r.Machine.Accel, r.Machine.Cores)
+		if err := writePNG(cfg.PNG, r.Result, title); err != nil {
+			return r, errors.Join(runErr, err)
+		}
+		b.logf("chart in %s", cfg.PNG)
+	}
+	return r, runErr
+}
+
+// sweep measures every sweep point on a guest of its own. A failed point
+// is recorded and the sweep goes on, unless ctx ended.
+func (b *bench) sweep(ctx context.Context, r *report) error {
+	var failed []string
+	for _, mem := range sweepMemMiB {
+		for _, freed := range sweepFreed {
+			w := newWorkload(mem, freed, b.cfg.Keep, b.cfg.Text, b.cfg.Interval, b.cfg.CPUs)
+			p, err := b.point(ctx, w, 1)
+			if err != nil {
+				if len(p.Failures) == 0 {
+					p.Failures = append(p.Failures, err.Error())
+				}
+				failed = append(failed, fmt.Sprintf("%d MiB, %.0f%% freed: %v", mem, 100*freed, err))
+				b.logf("sweep point failed: %v", err)
+			}
+			r.Sweep = append(r.Sweep, p)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+		}
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("%d sweep points failed: %s", len(failed), strings.Join(failed, "; "))
+	}
+	return nil
+}
