@@ -11,7 +11,7 @@ FUZZTIME  ?= 5s
 
 export KVMCKPT_INITRAMFS := $(abspath $(BUILD)/initramfs.cpio.gz)
 
-.PHONY: all deps build initramfs test vet fuzz demo bench clean
+.PHONY: all deps build initramfs test vet fuzz demo bench bench-sweep clean
 
 all: build
 
@@ -46,6 +46,16 @@ fuzz:
 
 demo: deps initramfs build
 	$(GO) run ./internal/demo
+
+# Go benchmarks (no VM), then kvmckpt against QEMU's own save on a real
+# guest. BENCHFLAGS go to the latter, e.g. BENCHFLAGS="-mem 4096 -reps 5".
+BENCHFLAGS ?=
+bench: deps build
+	$(GO) test -run '^$$' -bench . -benchmem ./pagemap ./writer ./introspect ./profiles
+	$(GO) run ./internal/bench $(BENCHFLAGS)
+
+bench-sweep: deps build
+	$(GO) run ./internal/bench -sweep $(BENCHFLAGS)
 
 clean:
 	rm -rf $(BUILD)
