@@ -38,7 +38,7 @@ vet:
 
 test: deps initramfs vet
 	@FUZZTIME=$(FUZZTIME) GO=$(GO) scripts/fuzz.sh
-	$(GO) test -timeout 25m $(TESTFLAGS) ./...
+	$(GO) test -count=1 -timeout 25m $(TESTFLAGS) ./...
 	@scripts/leftovers.sh
 
 fuzz:
