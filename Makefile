@@ -52,10 +52,10 @@ demo: deps initramfs build
 BENCHFLAGS ?=
 bench: deps build
 	$(GO) test -run '^$$' -bench . -benchmem ./pagemap ./writer ./introspect ./profiles
-	$(GO) run ./internal/bench $(BENCHFLAGS)
+	$(GO) run ./internal/bench -kvmckpt $(BUILD)/kvmckpt -png bench-results/bench.png $(BENCHFLAGS)
 
 bench-sweep: deps build
-	$(GO) run ./internal/bench -sweep $(BENCHFLAGS)
+	$(GO) run ./internal/bench -sweep -kvmckpt $(BUILD)/kvmckpt $(BENCHFLAGS)
 
 clean:
 	rm -rf $(BUILD)

@@ -327,6 +327,7 @@ func TestParseFlags(t *testing.T) {
 	assert.Equal(t, 2048, c.MemMiB)
 	assert.Equal(t, 3, c.Reps)
 	assert.Equal(t, "bench-results/bench.json", c.Out)
+	assert.Equal(t, copierWrite, c.Copier)
 
 	c, err = parseFlags([]string{"-smoke"}, &bytes.Buffer{})
 	require.NoError(t, err)
@@ -343,7 +344,7 @@ func TestParseFlags(t *testing.T) {
 
 	for _, bad := range [][]string{
 		{"-smoke", "-sweep"}, {"-mem", "100"}, {"-reps", "0"}, {"-churn", "1.5"},
-		{"-keep", "0.4", "-text", "0.4"}, {"-interval", "0"}, {"extra"}, {"-nosuchflag"},
+		{"-keep", "0.4", "-text", "0.4"}, {"-interval", "0"}, {"extra"}, {"-nosuchflag"}, {"-copier", "cat"},
 	} {
 		_, err := parseFlags(bad, &bytes.Buffer{})
 		assert.Error(t, err, "%q", bad)

@@ -59,7 +59,7 @@ func writePNG(path string, p *pointResult, title string) error {
 	total.name = "save: total"
 	restore := from(opRestore, func(s summary) stat { return s.TotalMS })
 	restore.name = "restore"
-	alone := barGroup{name: "disk alone"}
+	alone := barGroup{name: "disk alone, dd-style"}
 	for _, tool := range tools {
 		if s, ok := findSummary(p.Summary, opSave, tool); ok && s.DiskAloneMS > 0 {
 			alone.bars = append(alone.bars, bar{tool, s.DiskAloneMS, s.DiskAloneMS, s.DiskAloneMS})

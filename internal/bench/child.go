@@ -40,6 +40,9 @@ type childSpec struct {
 	Output string `json:"output"`
 	// Timeout bounds the whole save.
 	Timeout time.Duration `json:"timeout"`
+	// Copier is how qemu-save writes the stream: copierWrite or
+	// copierSplice.
+	Copier string `json:"copier,omitempty"`
 }
 
 // childResult is what a child process did.
@@ -118,12 +121,16 @@ const unlimitedBandwidth = math.MaxInt64 / (1 << 20) * (1 << 20)
 // a stream that this process copies into the file, the file is fsynced,
 // and the guest continues.
 //
-// The stream comes over a unix socket rather than QEMU's "exec:cat > FILE":
-// when a command channel closes, QEMU sends its helper SIGTERM at once and
-// SIGKILL 10 ms later if it has not exited (io/channel-command.c,
-// qio_channel_command_abort), which can cut off the end of the stream that
-// cat has not yet written. This process plays the part of libvirt's
-// iohelper, which sits between QEMU and the file for `virsh save`.
+// For `virsh save`, libvirt hands QEMU the file's descriptor (or, with
+// --bypass-cache, a pipe to its iohelper; qemuMigrationSrcToFile), so the
+// stream reaches the file by write(2) through the page cache. Here it comes
+// over a unix socket to this process, which writes it with read(2) and
+// write(2) of 1 MiB (copier "write"), or moves it with splice(2) (copier
+// "splice", faster than anything libvirt does). It does not use QEMU's
+// "exec:cat > FILE": when a command channel closes, QEMU sends its helper
+// SIGTERM at once and SIGKILL 10 ms later if it has not exited
+// (io/channel-command.c, qio_channel_command_abort), which can cut off the
+// end of the stream that cat has not yet written.
 func qemuSave(ctx context.Context, spec childSpec) (res *childResult, err error) {
 	s, err := qmp.Dial(ctx, spec.QMP)
 	if err != nil {
@@ -181,7 +188,7 @@ func qemuSave(ctx context.Context, spec childSpec) (res *childResult, err error)
 		}
 	}()
 	copied := make(chan copyResult, 1)
-	go func() { copied <- receive(ln, f) }()
+	go func() { copied <- receive(ln, f, spec.Copier) }()
 
 	t0 := time.Now()
 	if err := s.Stop(ctx); err != nil {
@@ -226,8 +233,16 @@ type copyResult struct {
 	err error
 }
 
-// receive accepts one connection on ln and copies it into f until EOF.
-func receive(ln *net.UnixListener, f *os.File) copyResult {
+// Copiers of QEMU's save stream.
+const (
+	copierWrite  = "write"
+	copierSplice = "splice"
+)
+
+// receive accepts one connection on ln and copies it into f until EOF,
+// with read(2) and write(2), or with splice(2) (what io.Copy does from a
+// unix socket to a file on Linux, os.File.ReadFrom).
+func receive(ln *net.UnixListener, f *os.File, copier string) copyResult {
 	if err := ln.SetDeadline(time.Now().Add(30 * time.Second)); err != nil {
 		return copyResult{0, err}
 	}
@@ -238,7 +253,13 @@ func receive(ln *net.UnixListener, f *os.File) copyResult {
 	// Closing our end, also on a failed write, makes QEMU's writes fail,
 	// so the migration fails instead of blocking.
 	defer c.Close()
-	n, err := io.Copy(f, c)
+	var n int64
+	if copier == copierSplice {
+		n, err = io.Copy(f, c)
+	} else {
+		// Hide ReadFrom and WriteTo, which would splice.
+		n, err = io.CopyBuffer(struct{ io.Writer }{f}, struct{ io.Reader }{c}, make([]byte, 1<<20))
+	}
 	return copyResult{n, err}
 }
 

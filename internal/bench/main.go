@@ -84,6 +84,7 @@ type config struct {
 	Interval int     `json:"interval_s"`
 	CPUs     int     `json:"cpus"`
 	Cold     bool    `json:"cold_restore"`
+	Copier   string  `json:"copier"`
 }
 
 // Sweep points.
@@ -110,6 +111,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.IntVar(&c.Interval, "interval", 5, "guest's verification period, s (saves start just after a round)")
 	fs.IntVar(&c.CPUs, "cpus", 1, "guest vCPUs")
 	fs.BoolVar(&c.Cold, "cold", true, "evict checkpoint files from the page cache before each restore")
+	fs.StringVar(&c.Copier, "copier", copierWrite, "how QEMU's save stream reaches the file: write (read/write(2), as when QEMU writes the file itself) or splice")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
@@ -144,6 +146,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, fmt.Errorf("-interval %d: at least 1 s", c.Interval)
 	case c.CPUs < 1:
 		return c, fmt.Errorf("-cpus %d: at least 1", c.CPUs)
+	case c.Copier != copierWrite && c.Copier != copierSplice:
+		return c, fmt.Errorf("-copier %q: write or splice", c.Copier)
 	case c.Churn < 0 || c.Keep < 0 || c.Text < 0 || c.Churn > 1 || c.Keep+c.Text > 0.5:
 		return c, fmt.Errorf("-churn %g must be in [0, 1] and -keep %g + -text %g at most 0.5", c.Churn, c.Keep, c.Text)
 	}
@@ -194,7 +198,7 @@ func run(ctx context.Context, stdout, stderr io.Writer, args []string) (*report,
 		runErr = b.sweep(ctx, r)
 	} else {
 		w := newWorkload(cfg.MemMiB, cfg.Churn, cfg.Keep, cfg.Text, cfg.Interval, cfg.CPUs)
-		r.Result, runErr = b.point(ctx, w, cfg.Reps)
+		r.Result, runErr = b.point(ctx, w, 0, cfg.Reps)
 	}
 	if runErr != nil {
 		r.Error = runErr.Error()
@@ -222,7 +226,10 @@ func (b *bench) sweep(ctx context.Context, r *report) error {
 	for _, mem := range sweepMemMiB {
 		for _, freed := range sweepFreed {
 			w := newWorkload(mem, freed, b.cfg.Keep, b.cfg.Text, b.cfg.Interval, b.cfg.CPUs)
-			p, err := b.point(ctx, w, 1)
+			// One repetition per point; the order of the tools
+			// alternates from point to point, so that no tool is
+			// always the first to save a freshly booted guest.
+			p, err := b.point(ctx, w, len(r.Sweep), 1)
 			if err != nil {
 				if len(p.Failures) == 0 {
 					p.Failures = append(p.Failures, err.Error())

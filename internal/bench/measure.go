@@ -147,6 +147,9 @@ func runProc(ctx context.Context, timeout time.Duration, env []string, argv ...s
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	// Die with the bench, so no tool outlives it holding a guest paused.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// On a timeout or an interrupt, ask first: kvmckpt and the children
+	// put the guest back and remove their partial files on SIGTERM.
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
 	cmd.WaitDelay = 5 * time.Second
 	start := time.Now()
 	err := cmd.Run()
@@ -158,8 +161,8 @@ func runProc(ctx context.Context, timeout time.Duration, env []string, argv ...s
 		}
 	}
 	if err != nil {
-		if ctx.Err() != nil {
-			err = fmt.Errorf("%w (%w after %v)", err, ctx.Err(), timeout)
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			err = fmt.Errorf("%w (timed out after %v)", err, timeout)
 		}
 		return res, fmt.Errorf("run %s: %w: %s", argv[0], err, tail(stderr.String(), 8))
 	}

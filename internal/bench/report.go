@@ -111,7 +111,7 @@ func writeMarkdown(w io.Writer, r *report) {
 	}
 	fmt.Fprintf(w, "\n- command: `%s`\n", r.Command)
 	if r.Result != nil {
-		writePoint(w, r.Result, r.Config.Reps)
+		writePoint(w, r.Result, r.Config.Reps, r.Config.Copier)
 	}
 	if len(r.Sweep) > 0 {
 		writeSweep(w, r.Sweep)
@@ -121,7 +121,7 @@ func writeMarkdown(w io.Writer, r *report) {
 	}
 }
 
-func writePoint(w io.Writer, p *pointResult, reps int) {
+func writePoint(w io.Writer, p *pointResult, reps int, copier string) {
 	wl := p.Workload
 	fmt.Fprintf(w, "- guest: pc, %d vCPU, %d MiB; workload filled %d MiB (%.0f%%) with random data and freed it, "+
 		"keeps %d+%d MiB incompressible (anonymous+tmpfs) and %d MiB compressible text, verifies it every %d s; "+
@@ -188,8 +188,8 @@ func writePoint(w io.Writer, p *pointResult, reps int) {
 			med("device_state_bytes")/1024)
 	}
 	fmt.Fprintf(w, "\nkvmckpt's first run on this kernel (warm-up scan, finds or builds the kernel profile): %.0f ms, not in the table.\n", p.WarmupMS)
-	fmt.Fprintf(w, "QEMU's save: tool CPU and RSS are those of the copier between QEMU and the file (libvirt's iohelper's part); "+
-		"QEMU CPU is QEMU's own, from /proc/PID/stat. kvmckpt's RSS counts the guest RAM pages it maps and reads.\n")
+	fmt.Fprintf(w, "QEMU's save: tool CPU and RSS are those of the copier that writes QEMU's stream to the file (-copier %s); "+
+		"QEMU CPU is QEMU's own, from /proc/PID/stat. kvmckpt's RSS counts the guest RAM pages it maps and reads.\n", copier)
 	for _, f := range p.Failures {
 		fmt.Fprintf(w, "\n**Failure:** %s\n", f)
 	}
@@ -197,8 +197,8 @@ func writePoint(w io.Writer, p *pointResult, reps int) {
 
 func writeSweep(w io.Writer, points []*pointResult) {
 	fmt.Fprintf(w, "\n## Sweep: guest RAM × share of RAM freed (one repetition each)\n\n")
-	fmt.Fprintf(w, "| RAM MiB | freed MiB | QEMU paused ms | naive paused ms | kvmckpt paused ms | QEMU MiB | naive MiB | kvmckpt MiB | kvmckpt pause vs QEMU | kvmckpt bytes vs QEMU | QEMU restore ms | kvmckpt restore ms | verified |\n")
-	fmt.Fprintf(w, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+	fmt.Fprintf(w, "| RAM MiB | freed MiB | QEMU paused ms | naive paused ms | kvmckpt paused ms | QEMU MiB | naive MiB | kvmckpt MiB | kvmckpt pause vs QEMU | kvmckpt bytes vs QEMU | QEMU restore ms | kvmckpt restore ms | verified | saved first |\n")
+	fmt.Fprintf(w, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n")
 	for _, p := range points {
 		get := func(op, tool string) summary { s, _ := findSummary(p.Summary, op, tool); return s }
 		q, n, k := get(opSave, toolQEMU), get(opSave, toolNaive), get(opSave, toolKvmckpt)
@@ -207,11 +207,17 @@ func writeSweep(w io.Writer, points []*pointResult) {
 		if len(p.Failures) > 0 {
 			verified += " (" + p.Failures[0] + ")"
 		}
-		fmt.Fprintf(w, "| %d | %d (%.0f%%) | %.0f | %.0f | %.0f | %.1f | %.1f | %.1f | %s | %s | %.0f | %.0f | %s |\n",
+		first := ""
+		for _, m := range p.Measurements {
+			if m.Op == opSave && m.Position == 1 {
+				first = m.Tool
+			}
+		}
+		fmt.Fprintf(w, "| %d | %d (%.0f%%) | %.0f | %.0f | %.0f | %.1f | %.1f | %.1f | %s | %s | %.0f | %.0f | %s | %s |\n",
 			p.Workload.MemMiB, p.Workload.ChurnMiB, 100*float64(p.Workload.ChurnMiB)/float64(p.Workload.MemMiB),
 			q.PauseMS.Median, n.PauseMS.Median, k.PauseMS.Median,
 			mib(int64(q.Allocated.Median)), mib(int64(n.Allocated.Median)), mib(int64(k.Allocated.Median)),
-			times(k.PauseVsQEMU), times(k.BytesVsQEMU), qr.TotalMS.Median, kr.TotalMS.Median, verified)
+			times(k.PauseVsQEMU), times(k.BytesVsQEMU), qr.TotalMS.Median, kr.TotalMS.Median, verified, first)
 	}
 }
 
