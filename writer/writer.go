@@ -1,7 +1,6 @@
 package writer
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -91,6 +90,13 @@ const (
 	stateFailed                       // temporary file removed after an error
 )
 
+// flushWriter is where the Writer's bytes go: a [fileWriter], or a test's
+// stand-in.
+type flushWriter interface {
+	Write(p []byte) (int, error)
+	Flush() error
+}
+
 // Writer writes one checkpoint: [Create], then [Writer.WritePages],
 // [Writer.WriteDeviceState] and [Writer.Commit], in that order. Any error
 // in these calls removes the temporary file and makes later calls fail;
@@ -102,7 +108,7 @@ type Writer struct {
 	dir     *targetDir
 	f       *os.File
 	tmp     string // name of f in dir
-	bw      *bufio.Writer
+	bw      flushWriter
 	off     int64  // bytes written to bw
 	fileCRC uint32 // of the bytes written to bw
 	err     error  // first write error, sticky
@@ -177,7 +183,7 @@ func Create(path string, h Header, opts Options) (*Writer, error) {
 		dir:  dir,
 		f:    f,
 		tmp:  tmp,
-		bw:   bufio.NewWriterSize(f, 1<<20),
+		bw:   newFileWriter(f),
 		h:    h,
 		opts: opts,
 		seal: seal,
