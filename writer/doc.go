@@ -252,4 +252,10 @@
 // over the target in [Writer.Commit], after fsync of the file and before
 // fsync of the directory, so a crash or error leaves either the old file
 // or the complete new one. See [Create] and [CleanStale].
+//
+// Where the file system allows it, the file is written with O_DIRECT in
+// aligned 4 MiB blocks (the last, partial block without): a checkpoint is
+// written once and not read back soon, and page-cache write-back throttles
+// a writer of hundreds of MiB to a fraction of the disk's speed on some
+// hosts. The fsync before the rename still flushes the disk's own cache.
 package writer
