@@ -132,19 +132,12 @@ const unlimitedBandwidth = math.MaxInt64 / (1 << 20) * (1 << 20)
 // (io/channel-command.c, qio_channel_command_abort), which can cut off the
 // end of the stream that cat has not yet written.
 func qemuSave(ctx context.Context, spec childSpec) (res *childResult, err error) {
-	s, err := qmp.Dial(ctx, spec.QMP)
+	s, caps, err := dialRunning(ctx, spec.QMP)
 	if err != nil {
 		return nil, err
 	}
 	defer s.Close()
 	bg := context.WithoutCancel(ctx)
-	if err := checkRunning(ctx, s); err != nil {
-		return nil, err
-	}
-	caps, err := s.MigrationCapabilities(ctx)
-	if err != nil {
-		return nil, err
-	}
 	res = &childResult{IgnoreSharedWasOn: caps[qmp.CapIgnoreShared]}
 	if res.IgnoreSharedWasOn {
 		if err := s.SetMigrationCapabilities(ctx, map[string]bool{qmp.CapIgnoreShared: false}); err != nil {
@@ -312,15 +305,26 @@ func waitMigration(ctx context.Context, s *qmp.Session, copied <-chan copyResult
 	}
 }
 
-func checkRunning(ctx context.Context, s *qmp.Session) error {
-	st, err := s.Status(ctx)
+// dialRunning opens a QMP session to a running guest and reads its
+// migration capabilities, which a save changes and must put back.
+func dialRunning(ctx context.Context, sock string) (*qmp.Session, map[string]bool, error) {
+	s, err := qmp.Dial(ctx, sock)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
-	if !st.Running {
-		return fmt.Errorf("guest is %s, not running", st.State)
+	st, err := s.Status(ctx)
+	if err == nil && !st.Running {
+		err = fmt.Errorf("guest is %s, not running", st.State)
 	}
-	return nil
+	var caps map[string]bool
+	if err == nil {
+		caps, err = s.MigrationCapabilities(ctx)
+	}
+	if err != nil {
+		s.Close()
+		return nil, nil, err
+	}
+	return s, caps, nil
 }
 
 // naiveSave is what a tool that does not look inside the guest could do
@@ -330,19 +334,12 @@ func checkRunning(ctx context.Context, s *qmp.Session) error {
 // with SEEK_DATA, all-zero 4 KiB blocks by seeking past them, so the copy
 // is sparse), fsync, continue. One thread, no compression.
 func naiveSave(ctx context.Context, spec childSpec) (res *childResult, err error) {
-	s, err := qmp.Dial(ctx, spec.QMP)
+	s, caps, err := dialRunning(ctx, spec.QMP)
 	if err != nil {
 		return nil, err
 	}
 	defer s.Close()
 	bg := context.WithoutCancel(ctx)
-	if err := checkRunning(ctx, s); err != nil {
-		return nil, err
-	}
-	caps, err := s.MigrationCapabilities(ctx)
-	if err != nil {
-		return nil, err
-	}
 	// SaveDeviceState turns x-ignore-shared on and leaves it on; put it
 	// back, so that QEMU's own save after this one still carries the RAM.
 	defer s.SetMigrationCapabilities(bg, map[string]bool{qmp.CapIgnoreShared: caps[qmp.CapIgnoreShared]})
