@@ -270,11 +270,32 @@ func (g *guest) close() {
 	}
 }
 
+// pageSpan is a backend's place in the page space of all backends
+// together, in order: the space of a checkpoint's bitmap.
+type pageSpan struct{ first, n uint64 }
+
+// clip returns the part of the run [start, start+count) that lies in s, as
+// an offset into s and a length; ok is false if none does.
+func (s pageSpan) clip(start, count uint64) (off, n uint64, ok bool) {
+	lo, hi := max(start, s.first), min(start+count, s.first+s.n)
+	if lo >= hi {
+		return 0, 0, false
+	}
+	return lo - s.first, hi - lo, true
+}
+
+// pageSpans places every backend in the page space; total is its size.
+func (g *guest) pageSpans() (spans []pageSpan, total uint64) {
+	for _, b := range g.backends {
+		n := b.Size / introspect.PageSize
+		spans = append(spans, pageSpan{first: total, n: n})
+		total += n
+	}
+	return spans, total
+}
+
 // pages is the number of 4 KiB pages of all backends together.
 func (g *guest) pages() uint64 {
-	var n uint64
-	for _, b := range g.backends {
-		n += b.Size / introspect.PageSize
-	}
-	return n
+	_, total := g.pageSpans()
+	return total
 }

@@ -5,6 +5,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/kvmckpt/kvmckpt/qmp"
 )
 
 func TestLaunchArgs(t *testing.T) {
@@ -27,4 +29,25 @@ func TestLaunchArgs(t *testing.T) {
 
 	_, err = launchArgs([]string{"qemu", "-m", "1G"}, "/r", "/q")
 	assert.ErrorIs(t, err, ErrRAMBackend)
+}
+
+func TestPageSpans(t *testing.T) {
+	g := &guest{backends: []qmp.Backend{{Size: 8 << 12}, {Size: 4 << 12}}}
+	spans, total := g.pageSpans()
+	assert.Equal(t, []pageSpan{{0, 8}, {8, 4}}, spans)
+	assert.Equal(t, uint64(12), total)
+	for _, c := range []struct {
+		span         int
+		start, count uint64
+		off, n       uint64
+		ok           bool
+	}{
+		{0, 6, 4, 6, 2, true},  // runs over the end of the first
+		{1, 6, 4, 0, 2, true},  // and into the second
+		{1, 0, 8, 0, 0, false}, // wholly in the first
+		{1, 11, 5, 3, 1, true}, // past the end of all
+	} {
+		off, n, ok := spans[c.span].clip(c.start, c.count)
+		assert.Equal(t, []any{c.off, c.n, c.ok}, []any{off, n, ok}, "%+v", c)
+	}
 }

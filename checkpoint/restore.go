@@ -147,20 +147,14 @@ func (g *guest) clearUnsaved(r *writer.Reader, fill byte) error {
 		}
 		return nil
 	}
-	base := make([]uint64, len(g.backends))
-	var total uint64
-	for i, b := range g.backends {
-		base[i] = total
-		total += b.Size / introspect.PageSize
-	}
+	spans, _ := g.pageSpans()
 	for start, count := range r.UnsavedRuns() {
-		for i := range g.backends {
-			lo, hi := base[i], base[i]+g.backends[i].Size/introspect.PageSize
-			s, e := max(start, lo), min(start+count, hi)
-			if s >= e {
+		for i, sp := range spans {
+			p, c, ok := sp.clip(start, count)
+			if !ok {
 				continue
 			}
-			off, n := int64((s-lo)*introspect.PageSize), int64((e-s)*introspect.PageSize)
+			off, n := int64(p*introspect.PageSize), int64(c*introspect.PageSize)
 			err := unix.Fallocate(int(g.files[i].Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 			if err != nil {
 				// No hole punching here: write the zeros.

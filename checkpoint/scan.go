@@ -166,17 +166,12 @@ func (g *guest) scan(ctx context.Context, opt ScanOptions) (*scanResult, error) 
 // pages. A file page that no guest-physical range maps (under a ROM, say)
 // stays used: the guest kernel does not manage it.
 func (g *guest) fileFree(frames *pagemap.Bitmap) *pagemap.Bitmap {
-	base := make([]uint64, len(g.backends))
-	var total uint64
-	for i, b := range g.backends {
-		base[i] = total
-		total += b.Size / introspect.PageSize
-	}
+	spans, total := g.pageSpans()
 	free := pagemap.NewBitmap(total)
 	for _, m := range g.mem.Mappings() {
 		first := uint64(m.GPA) / introspect.PageSize
 		n := m.Size / introspect.PageSize
-		off := base[m.Backend] + m.Offset/introspect.PageSize
+		off := spans[m.Backend].first + m.Offset/introspect.PageSize
 		for pfn := first; pfn < first+n && pfn < frames.Len(); {
 			s, ok := frames.NextSet(pfn)
 			if !ok || s >= first+n {
@@ -201,16 +196,14 @@ func (g *guest) fileFree(frames *pagemap.Bitmap) *pagemap.Bitmap {
 func (g *guest) excludeHost(res *scanResult) {
 	total := res.save.Len()
 	res.zero, res.hole = pagemap.NewBitmap(total), pagemap.NewBitmap(total)
-	var base uint64
+	spans, _ := g.pageSpans()
 	for i, b := range g.backends {
-		n := b.Size / introspect.PageSize
+		base, n := spans[i].first, spans[i].n
 		cand := pagemap.NewBitmap(n)
 		for s, c := range res.save.Runs() {
-			if s >= base+n || s+c <= base {
-				continue
+			if off, k, ok := spans[i].clip(s, c); ok {
+				cand.SetRange(off, k)
 			}
-			lo, hi := max(s, base), min(s+c, base+n)
-			cand.SetRange(lo-base, hi-lo)
 		}
 		holes, err := pagemap.Holes(g.files[i], int64(b.Size))
 		if err != nil {
@@ -230,7 +223,6 @@ func (g *guest) excludeHost(res *scanResult) {
 		for s, c := range zero.Runs() {
 			res.zero.SetRange(base+s, c)
 		}
-		base += n
 	}
 	// Only pages that would have been saved count as holes.
 	res.hole.And(res.save)
