@@ -303,10 +303,13 @@ func TestMapping(t *testing.T) {
 	}
 }
 
-func FuzzParseMtree(f *testing.F) {
-	files, _ := filepath.Glob("testdata/mtree-*.txt")
+// addFixtureSeeds seeds a fuzz target with the captured fixtures matching
+// pattern.
+func addFixtureSeeds(f *testing.F, pattern string) {
+	f.Helper()
+	files, _ := filepath.Glob(pattern)
 	if len(files) == 0 {
-		f.Fatal("no fixtures")
+		f.Fatalf("no fixtures match %s", pattern)
 	}
 	for _, name := range files {
 		b, err := os.ReadFile(name)
@@ -315,6 +318,10 @@ func FuzzParseMtree(f *testing.F) {
 		}
 		f.Add(string(b))
 	}
+}
+
+func FuzzParseMtree(f *testing.F) {
+	addFixtureSeeds(f, "testdata/mtree-*.txt")
 	f.Fuzz(func(t *testing.T, in string) {
 		views, err := parseMtree(strings.NewReader(in))
 		if err != nil {

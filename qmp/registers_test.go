@@ -2,8 +2,6 @@ package qmp
 
 import (
 	"errors"
-	"os"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -136,17 +134,7 @@ func TestParseRegisters(t *testing.T) {
 }
 
 func FuzzParseRegisters(f *testing.F) {
-	files, _ := filepath.Glob("testdata/registers-*.txt")
-	if len(files) == 0 {
-		f.Fatal("no fixtures")
-	}
-	for _, name := range files {
-		b, err := os.ReadFile(name)
-		if err != nil {
-			f.Fatal(err)
-		}
-		f.Add(string(b))
-	}
+	addFixtureSeeds(f, "testdata/registers-*.txt")
 	f.Fuzz(func(t *testing.T, in string) {
 		r, err := parseRegisters(strings.NewReader(in))
 		if err != nil {
