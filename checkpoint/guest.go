@@ -117,10 +117,14 @@ func openSaveable(ctx context.Context, socket string, log *slog.Logger) (*guest,
 }
 
 // The lock file doubles as a record of a pause in progress: kvmckpt writes
-// one line into it when it pauses a running guest and empties it when the
-// guest runs again. A line found by the next kvmckpt, which holds the lock,
-// means the one before it was killed while the guest was paused for it.
-const pauseRecord = "paused a running guest: pid %d at %s\n"
+// one line into it before it asks QEMU to pause a running guest, rewrites it
+// once QEMU has, and empties it when the guest runs again. A line found by
+// the next kvmckpt, which holds the lock, means the one before it was killed
+// while the guest was paused for it, or about to be.
+const (
+	pausingRecord = "pausing a running guest: pid %d at %s\n"
+	pauseRecord   = "paused a running guest: pid %d at %s\n"
+)
 
 // checkStale reports a pause left by a killed kvmckpt and takes the guest's
 // run state from before it as the prior state, so that this run puts the
@@ -141,8 +145,8 @@ func (g *guest) checkStale() {
 	g.prior.State = "running"
 }
 
-func (g *guest) writePauseRecord() {
-	rec := fmt.Sprintf(pauseRecord, os.Getpid(), time.Now().UTC().Format(time.RFC3339))
+func (g *guest) writePauseRecord(format string) {
+	rec := fmt.Sprintf(format, os.Getpid(), time.Now().UTC().Format(time.RFC3339))
 	if err := g.lock.Truncate(0); err == nil {
 		if _, err := g.lock.WriteAt([]byte(rec), 0); err == nil {
 			_ = g.lock.Sync()
@@ -230,7 +234,7 @@ func (g *guest) pause(ctx context.Context) (restore func(context.Context) error,
 	if !g.prior.Running {
 		return func(context.Context) error { return nil }, nil
 	}
-	g.writePauseRecord()
+	g.writePauseRecord(pausingRecord)
 	resume := func(ctx context.Context) error {
 		if err := g.sess.Cont(ctx); err != nil {
 			return fmt.Errorf("resume guest: %w", err)
@@ -245,6 +249,7 @@ func (g *guest) pause(ctx context.Context) (restore func(context.Context) error,
 			g.clearPauseRecord()
 			return nil, fmt.Errorf("pause guest: %w", err)
 		}
+		g.writePauseRecord(pauseRecord)
 	}
 	if err := ctx.Err(); err != nil {
 		if rerr := resume(context.WithoutCancel(ctx)); rerr != nil {
