@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"syscall"
 	"testing"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 
 	"github.com/kvmckpt/kvmckpt/internal/vmtest"
 	"github.com/kvmckpt/kvmckpt/profiles"
+	"github.com/kvmckpt/kvmckpt/qmp"
 )
 
 // TestRefusals covers guests and targets kvmckpt must refuse with a clear
@@ -86,12 +88,23 @@ func TestPagePoisoning(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	out := filepath.Join(dir, "p.kvmckpt")
+	// Paused, so that nothing but kvmckpt could make the host allocate
+	// pages of the RAM file while it saves.
+	s, err := qmp.Dial(ctx, src.QMPPath)
+	require.NoError(t, err)
+	require.NoError(t, s.Stop(ctx))
+	s.Close()
+	before := allocatedBlocks(t, src.RAMPath)
 	res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out})
 	require.NoError(t, err)
 	info, err := Inspect(out, nil)
 	require.NoError(t, err)
 	assert.Equal(t, byte(0xaa), info.FillByte, "page poisoning must be detected")
 	assert.Greater(t, res.PagesFree, uint64(100000))
+	// Holes are saved (they must come back as zeros, not poison), yet
+	// never read, which would have the host allocate them.
+	assert.Positive(t, res.PagesHole, "the RAM file has holes the guest never touched")
+	assert.Equal(t, before, allocatedBlocks(t, src.RAMPath), "saving must not allocate the RAM file's holes")
 
 	cfg.Incoming = true
 	dst := vmtest.Boot(t, cfg)
@@ -102,4 +115,13 @@ func TestPagePoisoning(t *testing.T) {
 	_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK`), 0, 2*time.Minute)
 	require.NoError(t, err)
 	assert.NotRegexp(t, kernelTrouble, dst.Serial())
+}
+
+// allocatedBlocks is the number of 512-byte blocks the host has allocated
+// to a file.
+func allocatedBlocks(tb testing.TB, path string) int64 {
+	tb.Helper()
+	var st syscall.Stat_t
+	require.NoError(tb, syscall.Stat(path, &st))
+	return st.Blocks
 }

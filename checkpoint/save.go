@@ -165,7 +165,10 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 	if pid, err := g.sess.PeerPID(); err == nil {
 		h.CommandLine, _ = qmp.ProcessCmdline(pid)
 	}
-	w, err := writer.Create(opt.Output, h, writer.Options{Compression: opt.Compression, Key: opt.Key})
+	// With a fill byte other than zero, holes of the RAM file are saved
+	// (they must come back as zeros); the writer writes them without
+	// reading them through the mapping, which would make the host allocate.
+	w, err := writer.Create(opt.Output, h, writer.Options{Compression: opt.Compression, Key: opt.Key, Zeros: scan.hole})
 	if err != nil {
 		return nil, err
 	}

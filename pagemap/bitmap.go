@@ -82,26 +82,49 @@ func (b *Bitmap) ClearRange(start, count uint64) {
 	b.applyRange(start, count, false)
 }
 
-// applyRange sets or clears [start, start+count) a word at a time: a
-// partial first word, whole words, then a partial last word.
+// applyRange sets or clears [start, start+count).
 func (b *Bitmap) applyRange(start, count uint64, set bool) {
-	if count == 0 {
-		return
-	}
-	end := start + count // exclusive; checkRange ruled out overflow
-	first, last := start/64, (end-1)/64
-	for w := first; w <= last; w++ {
-		mask := ^uint64(0)
-		if w == first {
-			mask &= ^uint64(0) << (start % 64)
-		}
-		if w == last && end%64 != 0 {
-			mask &= ^uint64(0) >> (64 - end%64)
-		}
+	for w, mask := range rangeMasks(start, count) {
 		if set {
 			b.words[w] |= mask
 		} else {
 			b.words[w] &^= mask
+		}
+	}
+}
+
+// AnyInRange reports whether a page of [start, start+count) is set.
+func (b *Bitmap) AnyInRange(start, count uint64) bool {
+	b.checkRange(start, count)
+	for w, mask := range rangeMasks(start, count) {
+		if b.words[w]&mask != 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// rangeMasks yields the words that hold [start, start+count), a valid
+// range, each with the mask of the range's bits in it: a partial first
+// word, whole words, then a partial last word.
+func rangeMasks(start, count uint64) iter.Seq2[uint64, uint64] {
+	return func(yield func(w, mask uint64) bool) {
+		if count == 0 {
+			return
+		}
+		end := start + count // exclusive; checkRange ruled out overflow
+		first, last := start/64, (end-1)/64
+		for w := first; w <= last; w++ {
+			mask := ^uint64(0)
+			if w == first {
+				mask &= ^uint64(0) << (start % 64)
+			}
+			if w == last && end%64 != 0 {
+				mask &= ^uint64(0) >> (64 - end%64)
+			}
+			if !yield(w, mask) {
+				return
+			}
 		}
 	}
 }

@@ -75,6 +75,12 @@ func checkModel(tb testing.TB, b *Bitmap, m model) {
 		got, ok = b.NextClear(uint64(i))
 		require.Equal(tb, wantClear, got, "NextClear(%d)", i)
 		require.Equal(tb, wantClear < uint64(len(m)), ok)
+		for _, n := range []int{0, 1, 2, 63, 64, 65, 130} {
+			if i+n > len(m) {
+				break
+			}
+			require.Equal(tb, slices.Contains(m[i:i+n], true), b.AnyInRange(uint64(i), uint64(n)), "AnyInRange(%d, %d)", i, n)
+		}
 	}
 }
 
@@ -177,6 +183,7 @@ func TestBitmapMisusePanics(t *testing.T) {
 		"SetRange past end": func() { b.SetRange(90, 11) },
 		"SetRange overflow": func() { b.SetRange(1, ^uint64(0)) },
 		"ClearRange":        func() { b.ClearRange(101, 0) },
+		"AnyInRange":        func() { b.AnyInRange(99, 2) },
 		"And":               func() { b.And(NewBitmap(99)) },
 		"AndNot":            func() { b.AndNot(NewBitmap(101)) },
 		"Or":                func() { b.Or(NewBitmap(0)) },

@@ -37,6 +37,11 @@ type Options struct {
 	// with (see [LoadKeyFile]); nil means no encryption. The writer keeps
 	// only the file key derived from it.
 	Key []byte
+	// Zeros, if not nil, marks saved pages known to read as zero without
+	// reading them: holes of a RAM file, which a read through the mapping
+	// would make the host allocate. Its length must be the regions' page
+	// count.
+	Zeros *pagemap.Bitmap
 }
 
 func (o Options) withDefaults() (Options, error) {
@@ -297,6 +302,9 @@ func (w *Writer) WritePagesContext(ctx context.Context, ram [][]byte, used *page
 	if used.Len() != w.h.Pages.Total {
 		return fmt.Errorf("write pages: bitmap of %d pages, regions hold %d", used.Len(), w.h.Pages.Total)
 	}
+	if z := w.opts.Zeros; z != nil && z.Len() != w.h.Pages.Total {
+		return fmt.Errorf("write pages: zero-page bitmap of %d pages, regions hold %d", z.Len(), w.h.Pages.Total)
+	}
 	w.h.Pages.Saved = used.Count()
 	if err := w.h.check(); err != nil {
 		return fmt.Errorf("write pages: header: %w", err)
@@ -361,7 +369,7 @@ func (w *Writer) writeChunks(ctx context.Context, sp *space, used *pagemap.Bitma
 			// Reading a mapping whose file shrank faults; turn that into
 			// an error rather than a crash.
 			defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-			c := compressor{lz4: w.h.Compression == CompressionLZ4, seal: w.seal}
+			c := compressor{lz4: w.h.Compression == CompressionLZ4, seal: w.seal, zeros: w.opts.Zeros}
 			for j := range work {
 				c.do(j, sp, used)
 				j.done <- struct{}{}
@@ -440,10 +448,11 @@ func (w *Writer) writeChunk(j *chunkJob) error {
 // compressor is a worker's state: its LZ4 tables and a scratch buffer for
 // gathering scattered pages.
 type compressor struct {
-	lz4  bool
-	seal *sealer // nil without encryption
-	c    lz4.Compressor
-	raw  []byte
+	lz4   bool
+	seal  *sealer         // nil without encryption
+	zeros *pagemap.Bitmap // pages not to read, see [Options.Zeros]; may be nil
+	c     lz4.Compressor
+	raw   []byte
 }
 
 // do gathers the pages of j and stores them compressed or raw in j.buf,
@@ -463,10 +472,10 @@ func (c *compressor) do(j *chunkJob, sp *space, used *pagemap.Bitmap) {
 	}
 
 	// src is the chunk's pages: straight from ram if they are one run in
-	// one region, else gathered into c.raw, or into j.buf if they will be
-	// stored raw.
+	// one region with no page to leave unread, else gathered into c.raw,
+	// or into j.buf if they will be stored raw.
 	var src []byte
-	if mem, n := sp.span(j.first, j.pages); n == j.pages && contiguous(used, j.first, j.pages) {
+	if mem, n := sp.span(j.first, j.pages); n == j.pages && contiguous(used, j.first, j.pages) && !c.anyZero(j.first, j.pages) {
 		src = mem
 	} else {
 		dst := c.raw[:rawLen]
@@ -476,8 +485,15 @@ func (c *compressor) do(j *chunkJob, sp *space, used *pagemap.Bitmap) {
 		off := uint64(0)
 		for start, count := range chunkRuns(used, j.first, j.pages) {
 			for count > 0 {
-				mem, n := sp.span(start, count)
-				off += uint64(copy(dst[off:], mem))
+				n := c.zeroRun(start, count)
+				if n > 0 {
+					clear(dst[off : off+n*PageSize])
+					off += n * PageSize
+				} else {
+					var mem []byte
+					mem, n = sp.span(start, c.dataRun(start, count))
+					off += uint64(copy(dst[off:], mem))
+				}
 				start, count = start+n, count-n
 			}
 		}
@@ -512,6 +528,35 @@ func (c *compressor) do(j *chunkJob, sp *space, used *pagemap.Bitmap) {
 		j.out = c.seal.seal(j.out[:0], j.out, PartChunk, j.index, true)
 	}
 	j.crc = crc(j.out)
+}
+
+// anyZero reports whether a page of [first, first+count) is in c.zeros.
+func (c *compressor) anyZero(first, count uint64) bool {
+	return c.zeros != nil && c.zeros.AnyInRange(first, count)
+}
+
+// zeroRun is the number of pages from start on, at most count, that are in
+// c.zeros: 0 if start is not.
+func (c *compressor) zeroRun(start, count uint64) uint64 {
+	if c.zeros == nil || !c.zeros.Test(start) {
+		return 0
+	}
+	end, _ := c.zeros.NextClear(start)
+	return min(end-start, count)
+}
+
+// dataRun is the number of pages from start on, at most count, before the
+// next page in c.zeros.
+func (c *compressor) dataRun(start, count uint64) uint64 {
+	if c.zeros == nil {
+		return count
+	}
+	// NextSet may scan far past the run; a clear range stops it early.
+	if !c.zeros.AnyInRange(start, count) {
+		return count
+	}
+	z, _ := c.zeros.NextSet(start)
+	return z - start
 }
 
 // catchFault turns the panic of a memory fault, made by

@@ -537,6 +537,57 @@ func TestMemoryFault(t *testing.T) {
 	})
 }
 
+// TestZerosNotRead writes pages marked in Options.Zeros without reading
+// them: here they cannot be read at all.
+func TestZerosNotRead(t *testing.T) {
+	const pages = 32
+	h := testHeader(pages)
+	h.FillByte = 0xaa
+	ram, err := unix.Mmap(-1, 0, pages*PageSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	require.NoError(t, err)
+	t.Cleanup(func() { unix.Munmap(ram) })
+	for i := range ram {
+		ram[i] = byte(i/PageSize + 1)
+	}
+	zeros := pagemap.NewBitmap(pages)
+	for _, r := range [][2]uint64{{0, 1}, {3, 4}, {15, 2}, {31, 1}} {
+		zeros.SetRange(r[0], r[1])
+		require.NoError(t, unix.Mprotect(ram[r[0]*PageSize:(r[0]+r[1])*PageSize], unix.PROT_NONE))
+	}
+	used := pagemap.NewBitmap(pages)
+	used.SetRange(0, pages)
+	used.ClearRange(20, 2)
+
+	for _, comp := range []Compression{CompressionLZ4, CompressionNone} {
+		t.Run(string(comp), func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "ckpt")
+			writeFile(t, path, h, Options{ChunkPages: 4, Compression: comp, Zeros: zeros}, [][]byte{ram}, used, nil)
+			r, err := Open(path)
+			require.NoError(t, err)
+			defer r.Close()
+			got := make([]byte, pages*PageSize)
+			require.NoError(t, r.RestorePages([][]byte{got}, RestoreOptions{}))
+			require.NoError(t, r.FillUnsaved([][]byte{got}))
+			for p := range uint64(pages) {
+				page := got[p*PageSize:][:PageSize]
+				switch {
+				case !used.Test(p):
+					assert.Equal(t, bytes.Repeat([]byte{0xaa}, PageSize), page, "page %d: unsaved, so filled", p)
+				case zeros.Test(p):
+					assert.Equal(t, make([]byte, PageSize), page, "page %d: known zero", p)
+				default:
+					assert.Equal(t, bytes.Repeat([]byte{byte(p + 1)}, PageSize), page, "page %d", p)
+				}
+			}
+		})
+	}
+
+	w, err := Create(filepath.Join(t.TempDir(), "ckpt"), h, Options{Zeros: pagemap.NewBitmap(pages + 1)})
+	require.NoError(t, err)
+	defer w.Abort()
+	require.ErrorContains(t, w.WritePages([][]byte{ram}, used, nil), "zero-page bitmap of 33 pages")
+}
+
 func TestWritePagesCancelled(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "c.kvmckpt")
