@@ -2,6 +2,7 @@ package checkpoint
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -100,6 +101,9 @@ func TestSaveKeepsPausedGuestPaused(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, s.Stop(ctx))
 	s.Close()
+	// A pause record left by a kvmckpt killed while it held another QEMU
+	// paused, whose socket had the same inode: not this guest's pause.
+	require.NoError(t, os.WriteFile(LockPath(g.QMPPath), fmt.Appendf(nil, pauseRecord, 1, "2026-01-02T03:04:05Z", "qemu pid 1 started 1 boot x"), 0o600))
 	dir := t.TempDir()
 	res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: filepath.Join(dir, "a.kvmckpt")})
 	require.NoError(t, err)

@@ -44,6 +44,9 @@ type guest struct {
 	unmaps   []func() error
 	mem      *introspect.PhysMem
 	log      *slog.Logger
+	// instance names the QEMU process for the life of the host's boot
+	// (see [qemuInstance]); "" if unknown.
+	instance string
 	// stale is the pause record of a killed kvmckpt, if any.
 	stale string
 }
@@ -93,7 +96,7 @@ func openGuest(ctx context.Context, socket string, log *slog.Logger) (*guest, er
 		lf.Close()
 		return nil, err
 	}
-	g := &guest{sess: sess, lock: lf, log: logger(log)}
+	g := &guest{sess: sess, lock: lf, log: logger(log), instance: qemuInstance(sess)}
 	if g.prior, err = sess.Status(ctx); err != nil {
 		g.close()
 		return nil, err
@@ -120,25 +123,59 @@ func openSaveable(ctx context.Context, socket string, log *slog.Logger) (*guest,
 // one line into it before it asks QEMU to pause a running guest, rewrites it
 // once QEMU has, and empties it when the guest runs again. A line found by
 // the next kvmckpt, which holds the lock, means the one before it was killed
-// while the guest was paused for it, or about to be.
+// while the guest was paused for it, or about to be. The line names the
+// QEMU process: the lock file is named by the socket's inode, which a later
+// QEMU's socket may reuse, and that QEMU's guest must not be resumed for a
+// pause it never had.
 const (
-	pausingRecord = "pausing a running guest: pid %d at %s\n"
-	pauseRecord   = "paused a running guest: pid %d at %s\n"
+	pausingRecord = "pausing a running guest: pid %d at %s; %s\n"
+	pauseRecord   = "paused a running guest: pid %d at %s; %s\n"
 )
+
+// qemuInstance names the QEMU process serving sess for the life of the
+// host's boot: pid, start time and boot ID, as a pid alone can be reused.
+// It returns "" if that cannot be told, for example when QEMU is in another
+// pid namespace.
+func qemuInstance(sess *qmp.Session) string {
+	pid, err := sess.PeerPID()
+	if err != nil {
+		return ""
+	}
+	start, err := qmp.ProcessStart(pid)
+	if err != nil {
+		return ""
+	}
+	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return fmt.Sprintf("qemu pid %d started %d boot %s", pid, start, bytes.TrimSpace(boot))
+}
 
 // checkStale reports a pause left by a killed kvmckpt and takes the guest's
 // run state from before it as the prior state, so that this run puts the
-// guest back to running.
+// guest back to running. A record of another QEMU is dropped.
 func (g *guest) checkStale() {
 	b, err := io.ReadAll(io.LimitReader(g.lock, 4096))
-	if err != nil || len(bytes.TrimSpace(b)) == 0 {
+	rec := strings.TrimSpace(string(b))
+	if err != nil || rec == "" {
 		return
 	}
-	if g.prior.Running {
+	switch {
+	case g.prior.Running:
+		g.clearPauseRecord()
+		return
+	case g.instance == "":
+		// Keep the record: a later run may tell.
+		g.log.Warn("an earlier kvmckpt recorded a pause of a guest on this socket, and this QEMU cannot be told apart from "+
+			"the one it paused; if that kvmckpt was killed, run `kvmckpt resume --qmp PATH`", "record", rec)
+		return
+	case !strings.HasSuffix(rec, "; "+g.instance):
+		g.log.Debug("dropped the pause record of another QEMU", "record", rec)
 		g.clearPauseRecord()
 		return
 	}
-	g.stale = strings.TrimSpace(string(b))
+	g.stale = rec
 	g.log.Warn("an earlier kvmckpt was stopped while it held this guest paused; this run puts the guest back to running ("+
 		"or run `kvmckpt resume --qmp PATH`)", "record", g.stale)
 	g.prior.Running = true
@@ -146,7 +183,11 @@ func (g *guest) checkStale() {
 }
 
 func (g *guest) writePauseRecord(format string) {
-	rec := fmt.Sprintf(format, os.Getpid(), time.Now().UTC().Format(time.RFC3339))
+	inst := g.instance
+	if inst == "" {
+		inst = "qemu unknown"
+	}
+	rec := fmt.Sprintf(format, os.Getpid(), time.Now().UTC().Format(time.RFC3339), inst)
 	if err := g.lock.Truncate(0); err == nil {
 		if _, err := g.lock.WriteAt([]byte(rec), 0); err == nil {
 			_ = g.lock.Sync()
@@ -234,7 +275,6 @@ func (g *guest) pause(ctx context.Context) (restore func(context.Context) error,
 	if !g.prior.Running {
 		return func(context.Context) error { return nil }, nil
 	}
-	g.writePauseRecord(pausingRecord)
 	resume := func(ctx context.Context) error {
 		if err := g.sess.Cont(ctx); err != nil {
 			return fmt.Errorf("resume guest: %w", err)
@@ -243,14 +283,16 @@ func (g *guest) pause(ctx context.Context) (restore func(context.Context) error,
 		return nil
 	}
 	if g.stale == "" {
+		g.writePauseRecord(pausingRecord)
 		// Not cancellable half-way: a stop that QEMU carried out while we
 		// gave up waiting would leave the guest paused behind our back.
 		if err := g.sess.Stop(context.WithoutCancel(ctx)); err != nil {
 			g.clearPauseRecord()
 			return nil, fmt.Errorf("pause guest: %w", err)
 		}
-		g.writePauseRecord(pauseRecord)
 	}
+	// Paused now, by us or by the killed kvmckpt before us.
+	g.writePauseRecord(pauseRecord)
 	if err := ctx.Err(); err != nil {
 		if rerr := resume(context.WithoutCancel(ctx)); rerr != nil {
 			return nil, fmt.Errorf("%w; and the guest could not be resumed: %v", err, rerr)

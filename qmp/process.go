@@ -106,3 +106,37 @@ func parseCmdline(r io.Reader) ([]string, error) {
 	b = bytes.TrimSuffix(b, []byte{0})
 	return strings.Split(string(b), "\x00"), nil
 }
+
+// ProcessStart returns when process pid started, in clock ticks after the
+// host booted (field 22 of /proc/PID/stat, proc(5)). With the pid it names
+// one process for the life of the boot, where a pid alone may be reused.
+func ProcessStart(pid int) (uint64, error) {
+	if pid <= 0 {
+		return 0, fmt.Errorf("read start time: invalid pid %d", pid)
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, fmt.Errorf("read start time of pid %d: %w", pid, err)
+	}
+	start, err := parseStatStart(b)
+	if err != nil {
+		return 0, fmt.Errorf("read start time of pid %d: %w", pid, err)
+	}
+	return start, nil
+}
+
+// parseStatStart takes the start time out of a /proc/PID/stat line. The
+// command name, field 2, is in parentheses and may hold spaces and
+// parentheses itself, so fields are counted from after the last ')'.
+func parseStatStart(b []byte) (uint64, error) {
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, errors.New("no command name in stat")
+	}
+	f := strings.Fields(string(b[i+1:]))
+	const startField = 22 - 3 // fields after the name begin at field 3
+	if len(f) <= startField {
+		return 0, fmt.Errorf("stat has %d fields after the name, want more than %d", len(f), startField)
+	}
+	return strconv.ParseUint(f[startField], 10, 64)
+}

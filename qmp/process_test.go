@@ -68,3 +68,31 @@ func TestPeerPID(t *testing.T) {
 		t.Error("no socket: no error")
 	}
 }
+
+func TestParseStatStart(t *testing.T) {
+	rest := " S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 4242 20 21\n"
+	for _, name := range []string{"(qemu)", "(a b) c)", "()"} {
+		got, err := parseStatStart([]byte("77 " + name + rest))
+		if err != nil || got != 4242 {
+			t.Errorf("name %s: got %d, %v; want 4242", name, got, err)
+		}
+	}
+	for _, bad := range []string{"", "77 qemu S 1", "77 (qemu) S 1 2 3", "77 (qemu)" + strings.Replace(rest, "4242", "x", 1)} {
+		if got, err := parseStatStart([]byte(bad)); err == nil {
+			t.Errorf("%q: got %d, want error", bad, got)
+		}
+	}
+}
+
+func TestProcessStart(t *testing.T) {
+	a, err := ProcessStart(os.Getpid())
+	if err != nil || a == 0 {
+		t.Fatalf("own start time: %d, %v", a, err)
+	}
+	if b, err := ProcessStart(os.Getppid()); err != nil || b > a {
+		t.Errorf("parent started at %d (%v), after us at %d", b, err, a)
+	}
+	if _, err := ProcessStart(1 << 30); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("no such pid: got %v, want not-exist error", err)
+	}
+}

@@ -1,0 +1,66 @@
+package checkpoint
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvmckpt/kvmckpt/qmp"
+)
+
+// TestCheckStale: a pause record counts only for the QEMU it names, and
+// only while that guest is still paused.
+func TestCheckStale(t *testing.T) {
+	const this = "qemu pid 10 started 500 boot b1"
+	rec := func(format, instance string) string {
+		return fmt.Sprintf(format, 4321, "2026-01-02T03:04:05Z", instance)
+	}
+	tests := []struct {
+		name      string
+		record    string
+		instance  string
+		running   bool
+		wantStale bool
+		wantKept  bool // the record is still in the lock file
+	}{
+		{name: "no record", instance: this},
+		{name: "killed while paused", record: rec(pauseRecord, this), instance: this, wantStale: true, wantKept: true},
+		{name: "killed while pausing", record: rec(pausingRecord, this), instance: this, wantStale: true, wantKept: true},
+		{name: "guest runs again", record: rec(pauseRecord, this), instance: this, running: true},
+		{name: "another QEMU on a reused inode", record: rec(pauseRecord, "qemu pid 10 started 499 boot b1"), instance: this},
+		{name: "another boot", record: rec(pauseRecord, "qemu pid 10 started 500 boot b0"), instance: this},
+		{name: "instance a prefix of the record's", record: rec(pauseRecord, this+"0"), instance: this},
+		{name: "this QEMU unknown", record: rec(pauseRecord, this), wantKept: true},
+		{name: "record of an unknown QEMU", record: rec(pauseRecord, "qemu unknown"), instance: this},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			lock, err := os.OpenFile(filepath.Join(t.TempDir(), "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+			require.NoError(t, err)
+			defer lock.Close()
+			_, err = lock.WriteString(tt.record)
+			require.NoError(t, err)
+			_, err = lock.Seek(0, 0)
+			require.NoError(t, err)
+			st := qmp.Status{State: "paused"}
+			if tt.running {
+				st = qmp.Status{State: "running", Running: true}
+			}
+			g := &guest{lock: lock, prior: st, instance: tt.instance, log: logger(nil)}
+			g.checkStale()
+			assert.Equal(t, tt.wantStale, g.stale != "")
+			assert.Equal(t, tt.wantStale || tt.running, g.prior.Running, "prior state to go back to")
+			left, err := os.ReadFile(lock.Name())
+			require.NoError(t, err)
+			if tt.wantKept {
+				assert.Equal(t, tt.record, string(left))
+			} else {
+				assert.Empty(t, left)
+			}
+		})
+	}
+}
