@@ -36,6 +36,7 @@ const ramHint = "start QEMU with its RAM in a shared file, for example:\n" +
 type guest struct {
 	sess     *qmp.Session
 	lock     *os.File
+	lockPath string
 	prior    qmp.Status
 	backends []qmp.Backend
 	layout   []qmp.Mapping
@@ -80,23 +81,16 @@ func openGuest(ctx context.Context, socket string, log *slog.Logger) (*guest, er
 	if err != nil {
 		return nil, err
 	}
-	lf, err := os.OpenFile(lp, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
+	lf, err := lockFile(lp)
 	if err != nil {
-		return nil, fmt.Errorf("open lock file: %w", err)
-	}
-	if err := syscall.Flock(int(lf.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		lf.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, fmt.Errorf("%w (lock %s held); wait for it to finish", ErrBusy, lp)
-		}
-		return nil, fmt.Errorf("lock %s: %w", lp, err)
+		return nil, err
 	}
 	sess, err := qmp.Dial(ctx, socket)
 	if err != nil {
 		lf.Close()
 		return nil, err
 	}
-	g := &guest{sess: sess, lock: lf, log: logger(log), instance: qemuInstance(sess)}
+	g := &guest{sess: sess, lock: lf, lockPath: lp, log: logger(log), instance: qemuInstance(sess)}
 	if g.prior, err = sess.Status(ctx); err != nil {
 		g.close()
 		return nil, err
@@ -117,6 +111,33 @@ func openSaveable(ctx context.Context, socket string, log *slog.Logger) (*guest,
 		return nil, fmt.Errorf("%w: %w", ErrGuestState, err)
 	}
 	return g, nil
+}
+
+// lockFile opens and locks the lock file at path. A holder removes the file
+// when it is done and holds no pause record (see [guest.close]), so a file
+// opened just before that removal is locked in vain: the lock must be on
+// the file that is at path once it is held.
+func lockFile(path string) (*os.File, error) {
+	for range 10 {
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("open lock file: %w", err)
+		}
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			f.Close()
+			if errors.Is(err, syscall.EWOULDBLOCK) {
+				return nil, fmt.Errorf("%w (lock %s held); wait for it to finish", ErrBusy, path)
+			}
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		held, err1 := f.Stat()
+		now, err2 := os.Lstat(path)
+		if err1 == nil && err2 == nil && os.SameFile(held, now) {
+			return f, nil
+		}
+		f.Close()
+	}
+	return nil, fmt.Errorf("%w: lock file %s keeps being replaced", ErrBusy, path)
 }
 
 // The lock file doubles as a record of a pause in progress: kvmckpt writes
@@ -313,6 +334,11 @@ func (g *guest) close() {
 		g.sess.Close()
 	}
 	if g.lock != nil {
+		// Remove the lock file, still locked, unless it keeps a pause
+		// record for the next kvmckpt.
+		if st, err := g.lock.Stat(); err == nil && st.Size() == 0 {
+			_ = os.Remove(g.lockPath)
+		}
 		g.lock.Close()
 	}
 }

@@ -64,3 +64,30 @@ func TestCheckStale(t *testing.T) {
 		})
 	}
 }
+
+// TestLockFile: one holder at a time; the file goes when its holder is done
+// unless it keeps a pause record.
+func TestLockFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kvmckpt-x.lock")
+	a, err := lockFile(path)
+	require.NoError(t, err)
+	_, err = lockFile(path)
+	require.ErrorIs(t, err, ErrBusy)
+
+	g := &guest{lock: a, lockPath: path}
+	g.close()
+	assert.NoFileExists(t, path, "an empty lock file is removed by its holder")
+
+	b, err := lockFile(path)
+	require.NoError(t, err)
+	g = &guest{lock: b, lockPath: path, instance: "qemu pid 1 started 2 boot 3"}
+	g.writePauseRecord(pauseRecord)
+	g.close()
+	require.FileExists(t, path, "a pause record is kept for the next kvmckpt")
+	c, err := lockFile(path)
+	require.NoError(t, err)
+	defer c.Close()
+	rec, err := os.ReadFile(path)
+	require.NoError(t, err)
+	assert.Contains(t, string(rec), "paused a running guest")
+}
