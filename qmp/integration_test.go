@@ -373,12 +373,14 @@ func (w *failingWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// blockingWriter blocks every write until ctx ends.
+// blockingWriter blocks every write until ctx ends, then fails it, like a
+// stalled disk given up on. (Accepting the bytes instead would let QEMU
+// finish the migration in a race with the cancel.)
 type blockingWriter struct{ ctx context.Context }
 
 func (w blockingWriter) Write(p []byte) (int, error) {
 	<-w.ctx.Done()
-	return len(p), nil
+	return 0, w.ctx.Err()
 }
 
 func TestSaveDeviceStateAbortQEMU(t *testing.T) {

@@ -276,10 +276,11 @@ func (s *Session) waitSave(ctx context.Context, pr *os.File, copied <-chan copyR
 func (s *Session) abortSave(ctx context.Context, pr *os.File, copied <-chan copyResult, res *copyResult, cause error) (int64, error) {
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), abortTimeout)
 	defer cancel()
-	_ = s.Run(actx, "migrate_cancel", nil, nil)
-	// QEMU's cancel shuts the channel down, which a pipe does not
-	// support; closing our end fails QEMU's pending writes instead.
+	// Close our end first: QEMU's pending and later writes fail at once,
+	// so the migration cannot still complete after we gave up. (QEMU's
+	// cancel shuts the channel down, which a pipe does not support.)
 	pr.Close()
+	_ = s.Run(actx, "migrate_cancel", nil, nil)
 	if res == nil {
 		r := <-copied
 		res = &r
