@@ -187,14 +187,7 @@ func qemuSave(ctx context.Context, spec childSpec) (res *childResult, err error)
 	if err := s.Stop(ctx); err != nil {
 		return nil, err
 	}
-	// From here on, every path lets the guest run again.
-	defer func() {
-		if err != nil {
-			if cerr := s.Cont(bg); cerr != nil {
-				err = errors.Join(err, cerr)
-			}
-		}
-	}()
+	defer resumeOnError(bg, s, &err)
 	if err := s.Run(ctx, "migrate", map[string]string{"uri": "unix:" + sock}, nil); err != nil {
 		ln.Close()
 		<-copied
@@ -219,6 +212,17 @@ func qemuSave(ctx context.Context, spec childSpec) (res *childResult, err error)
 	res.PauseMS = ms(time.Since(t0))
 	res.Files = []string{spec.Output}
 	return res, nil
+}
+
+// resumeOnError, deferred right after a stop, lets the guest run again if
+// the caller returns an error in *err.
+func resumeOnError(ctx context.Context, s *qmp.Session, err *error) {
+	if *err == nil {
+		return
+	}
+	if cerr := s.Cont(ctx); cerr != nil {
+		*err = errors.Join(*err, cerr)
+	}
 }
 
 type copyResult struct {
@@ -397,13 +401,7 @@ func naiveSave(ctx context.Context, spec childSpec) (res *childResult, err error
 	if err := s.Stop(ctx); err != nil {
 		return nil, err
 	}
-	defer func() {
-		if err != nil {
-			if cerr := s.Cont(bg); cerr != nil {
-				err = errors.Join(err, cerr)
-			}
-		}
-	}()
+	defer resumeOnError(bg, s, &err)
 	if _, err := s.SaveDeviceState(ctx, dev); err != nil {
 		return nil, err
 	}
