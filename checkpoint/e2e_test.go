@@ -3,6 +3,7 @@ package checkpoint
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -124,6 +125,23 @@ func TestSaveKeepsPausedGuestPaused(t *testing.T) {
 	state, err := Resume(ctx, g.QMPPath)
 	require.NoError(t, err)
 	assert.Equal(t, "running", state)
+
+	// A kvmckpt killed after QEMU sent the device state leaves the guest
+	// in postmigrate, which QEMU will not migrate from: the next save
+	// resumes it and saves it all the same.
+	s, err = qmp.Dial(ctx, g.QMPPath)
+	require.NoError(t, err)
+	require.NoError(t, s.Stop(ctx))
+	_, err = s.SaveDeviceState(ctx, io.Discard)
+	require.NoError(t, err)
+	st, err = s.Status(ctx)
+	require.NoError(t, err)
+	require.Equal(t, "postmigrate", st.State)
+	require.NoError(t, os.WriteFile(LockPath(g.QMPPath), fmt.Appendf(nil, pauseRecord, 1, "2026-01-02T03:04:05Z", qemuInstance(s)), 0o600))
+	s.Close()
+	res, err = Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: filepath.Join(dir, "d.kvmckpt")})
+	require.NoError(t, err)
+	assert.Equal(t, "running", res.GuestState)
 
 	// --quit ends QEMU, after the file is durable.
 	out := filepath.Join(dir, "c.kvmckpt")

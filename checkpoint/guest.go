@@ -106,6 +106,10 @@ func openSaveable(ctx context.Context, socket string, log *slog.Logger) (*guest,
 	if err != nil {
 		return nil, err
 	}
+	if err := g.resumeAfterKilledSave(ctx); err != nil {
+		g.close()
+		return nil, err
+	}
 	if err := g.prior.CheckSaveable(); err != nil {
 		g.close()
 		return nil, fmt.Errorf("%w: %w", ErrGuestState, err)
@@ -201,6 +205,26 @@ func (g *guest) checkStale() {
 		"or run `kvmckpt resume --qmp PATH`)", "record", g.stale)
 	g.prior.Running = true
 	g.prior.State = "running"
+}
+
+// resumeAfterKilledSave handles a kvmckpt killed after QEMU had sent the
+// device state: the guest it paused is in postmigrate, which QEMU will not
+// migrate again until the guest has run. It was running before, so it runs
+// again now and is paused afresh by this save.
+func (g *guest) resumeAfterKilledSave(ctx context.Context) error {
+	if g.stale == "" {
+		return nil
+	}
+	st, err := g.sess.Status(ctx)
+	if err != nil || st.State != "postmigrate" {
+		return err
+	}
+	g.log.Warn("the guest is still in postmigrate from the killed kvmckpt's save; resuming it before pausing it again")
+	if err := g.sess.Cont(ctx); err != nil {
+		return fmt.Errorf("resume guest left in postmigrate by a killed kvmckpt: %w", err)
+	}
+	g.clearPauseRecord()
+	return nil
 }
 
 func (g *guest) writePauseRecord(format string) {

@@ -237,7 +237,7 @@ func (g *guest) saveDevice(ctx context.Context, w *writer.Writer, caps map[strin
 		}
 	}
 	if qerr != nil {
-		return 0, fmt.Errorf("save device state: %w", qerr)
+		return 0, qerr // says "save device state" itself
 	}
 	if r.err != nil {
 		return 0, fmt.Errorf("write device state: %w", r.err)
