@@ -114,7 +114,13 @@ func run(ctx context.Context) error {
 	return tw.Flush()
 }
 
-func mib(n uint64) string { return fmt.Sprintf("%.0f MiB", float64(n)/(1<<20)) }
+// mib formats a size in MiB, or in KiB below 10 MiB.
+func mib(n uint64) string {
+	if n < 10<<20 {
+		return fmt.Sprintf("%.0f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%.0f MiB", float64(n)/(1<<20))
+}
 
 func memFreeKB(serial string) uint64 {
 	m := regexp.MustCompile(`KW MEM when=kept total_kb=\d+ free_kb=(\d+)`).FindStringSubmatch(serial)
