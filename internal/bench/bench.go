@@ -68,29 +68,32 @@ type workload struct {
 	TmpfsMiB int `json:"tmpfs_mib"`
 	TextMiB  int `json:"text_mib"`
 	// IntervalS is the period of the guest's verification of its data.
-	IntervalS int `json:"interval_s"`
-	CPUs      int `json:"cpus"`
+	IntervalS int    `json:"interval_s"`
+	CPUs      int    `json:"cpus"`
+	Machine   string `json:"machine"`
 }
 
 // newWorkload shapes a guest of mem MiB: churn of it filled with non-zero
-// data and freed (at most mem-churnReserve), keep kept incompressible (half
-// anonymous, half in tmpfs) and text kept compressible.
-func newWorkload(mem int, churn, keep, text float64, interval, cpus int) workload {
+// data and freed (at most mem-churnReserve), c.Keep kept incompressible
+// (half anonymous, half in tmpfs) and c.Text kept compressible; machine
+// type and vCPUs from c.
+func newWorkload(c config, mem int, churn float64) workload {
 	frac := func(f float64) int { return int(math.Round(f * float64(mem))) }
 	return workload{
 		MemMiB:    mem,
 		ChurnMiB:  min(frac(churn), mem-churnReserve),
-		AnonMiB:   frac(keep / 2),
-		TmpfsMiB:  frac(keep / 2),
-		TextMiB:   frac(text),
-		IntervalS: interval,
-		CPUs:      cpus,
+		AnonMiB:   frac(c.Keep / 2),
+		TmpfsMiB:  frac(c.Keep / 2),
+		TextMiB:   frac(c.Text),
+		IntervalS: c.Interval,
+		CPUs:      c.CPUs,
+		Machine:   c.Machine,
 	}
 }
 
 func (w workload) guest() vmtest.Config {
 	return vmtest.Config{
-		Machine: "pc",
+		Machine: w.Machine,
 		MemMiB:  w.MemMiB,
 		CPUs:    w.CPUs,
 		Workload: vmtest.Workload{

@@ -314,11 +314,13 @@ func TestDiskBandwidth(t *testing.T) {
 }
 
 func TestNewWorkload(t *testing.T) {
-	w := newWorkload(2048, 0.6, 0.1, 0.1, 5, 1)
-	assert.Equal(t, workload{MemMiB: 2048, ChurnMiB: 1229, AnonMiB: 102, TmpfsMiB: 102, TextMiB: 205, IntervalS: 5, CPUs: 1}, w)
+	c := config{Keep: 0.1, Text: 0.1, Interval: 5, CPUs: 2, Machine: "q35"}
+	w := newWorkload(c, 2048, 0.6)
+	assert.Equal(t, workload{MemMiB: 2048, ChurnMiB: 1229, AnonMiB: 102, TmpfsMiB: 102, TextMiB: 205, IntervalS: 5, CPUs: 2, Machine: "q35"}, w)
+	assert.Equal(t, "q35", w.guest().Machine)
 	// 90% of 1 GiB does not fit beside the guest's kernel and workload.
-	assert.Equal(t, 1024-churnReserve, newWorkload(1024, 0.9, 0.1, 0.1, 5, 1).ChurnMiB)
-	assert.Equal(t, 0, newWorkload(1024, 0, 0.1, 0.1, 5, 1).ChurnMiB)
+	assert.Equal(t, 1024-churnReserve, newWorkload(c, 1024, 0.9).ChurnMiB)
+	assert.Equal(t, 0, newWorkload(c, 1024, 0).ChurnMiB)
 }
 
 func TestParseFlags(t *testing.T) {
@@ -344,7 +346,7 @@ func TestParseFlags(t *testing.T) {
 
 	for _, bad := range [][]string{
 		{"-smoke", "-sweep"}, {"-mem", "100"}, {"-reps", "0"}, {"-churn", "1.5"},
-		{"-keep", "0.4", "-text", "0.4"}, {"-interval", "0"}, {"extra"}, {"-nosuchflag"}, {"-copier", "cat"},
+		{"-keep", "0.4", "-text", "0.4"}, {"-interval", "0"}, {"extra"}, {"-nosuchflag"}, {"-copier", "cat"}, {"-machine", "virt"},
 	} {
 		_, err := parseFlags(bad, &bytes.Buffer{})
 		assert.Error(t, err, "%q", bad)

@@ -83,6 +83,7 @@ type config struct {
 	Kvmckpt  string  `json:"kvmckpt,omitempty"`
 	Interval int     `json:"interval_s"`
 	CPUs     int     `json:"cpus"`
+	Machine  string  `json:"machine"`
 	Cold     bool    `json:"cold_restore"`
 	Copier   string  `json:"copier"`
 }
@@ -110,6 +111,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.Kvmckpt, "kvmckpt", "", "kvmckpt binary (default: build ./cmd/kvmckpt)")
 	fs.IntVar(&c.Interval, "interval", 5, "guest's verification period, s (saves start just after a round)")
 	fs.IntVar(&c.CPUs, "cpus", 1, "guest vCPUs")
+	fs.StringVar(&c.Machine, "machine", "pc", "QEMU machine type: pc or q35")
 	fs.BoolVar(&c.Cold, "cold", true, "evict checkpoint files from the page cache before each restore")
 	fs.StringVar(&c.Copier, "copier", copierWrite, "how QEMU's save stream reaches the file: write (read/write(2), as when QEMU writes the file itself) or splice")
 	if err := fs.Parse(args); err != nil {
@@ -146,6 +148,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, fmt.Errorf("-interval %d: at least 1 s", c.Interval)
 	case c.CPUs < 1:
 		return c, fmt.Errorf("-cpus %d: at least 1", c.CPUs)
+	case c.Machine != "pc" && c.Machine != "q35":
+		return c, fmt.Errorf("-machine %q: pc or q35", c.Machine)
 	case c.Copier != copierWrite && c.Copier != copierSplice:
 		return c, fmt.Errorf("-copier %q: write or splice", c.Copier)
 	case c.Churn < 0 || c.Keep < 0 || c.Text < 0 || c.Churn > 1 || c.Keep+c.Text > 0.5:
@@ -197,7 +201,7 @@ func run(ctx context.Context, stdout, stderr io.Writer, args []string) (*report,
 	if cfg.Sweep {
 		runErr = b.sweep(ctx, r)
 	} else {
-		w := newWorkload(cfg.MemMiB, cfg.Churn, cfg.Keep, cfg.Text, cfg.Interval, cfg.CPUs)
+		w := newWorkload(cfg, cfg.MemMiB, cfg.Churn)
 		r.Result, runErr = b.point(ctx, w, 0, cfg.Reps)
 	}
 	if runErr != nil {
@@ -225,7 +229,7 @@ func (b *bench) sweep(ctx context.Context, r *report) error {
 	var failed []string
 	for _, mem := range sweepMemMiB {
 		for _, freed := range sweepFreed {
-			w := newWorkload(mem, freed, b.cfg.Keep, b.cfg.Text, b.cfg.Interval, b.cfg.CPUs)
+			w := newWorkload(b.cfg, mem, freed)
 			// One repetition per point; the order of the tools
 			// alternates from point to point, so that no tool is
 			// always the first to save a freshly booted guest.

@@ -123,10 +123,10 @@ func writeMarkdown(w io.Writer, r *report) {
 
 func writePoint(w io.Writer, p *pointResult, reps int, copier string) {
 	wl := p.Workload
-	fmt.Fprintf(w, "- guest: pc, %d vCPU, %d MiB; workload filled %d MiB (%.0f%%) with random data and freed it, "+
+	fmt.Fprintf(w, "- guest: %s, %d vCPU, %d MiB; workload filled %d MiB (%.0f%%) with random data and freed it, "+
 		"keeps %d+%d MiB incompressible (anonymous+tmpfs) and %d MiB compressible text, verifies it every %d s; "+
 		"booted and shaped in %.1f s\n",
-		wl.CPUs, wl.MemMiB, wl.ChurnMiB, 100*float64(wl.ChurnMiB)/float64(wl.MemMiB), wl.AnonMiB, wl.TmpfsMiB, wl.TextMiB, wl.IntervalS, p.BootMS/1000)
+		wl.Machine, wl.CPUs, wl.MemMiB, wl.ChurnMiB, 100*float64(wl.ChurnMiB)/float64(wl.MemMiB), wl.AnonMiB, wl.TmpfsMiB, wl.TextMiB, wl.IntervalS, p.BootMS/1000)
 	fmt.Fprintf(w, "- %d repetitions on the same guest, order alternating; cells are median (min–max)\n", reps)
 	var loads []float64
 	for _, m := range p.Measurements {
