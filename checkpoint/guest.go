@@ -56,6 +56,10 @@ type guest struct {
 // socket's device and inode so that every path to the same socket shares
 // it. A kvmckpt holds an exclusive flock on it while it works on the guest.
 // It returns "" if the socket does not exist.
+//
+// The file is in /run/lock, where every process on the host sees the same
+// files whatever its TMPDIR (and systemd's PrivateTmp does not hide them),
+// or in the temporary directory on hosts without /run/lock.
 func LockPath(socket string) string {
 	p, _ := lockPath(SocketPath(socket))
 	return p
@@ -67,7 +71,14 @@ func lockPath(socket string) (string, error) {
 		return "", fmt.Errorf("QMP socket %s: %w", socket, err)
 	}
 	sum := sha256.Sum256(fmt.Appendf(nil, "%d:%d", st.Dev, st.Ino))
-	return filepath.Join(os.TempDir(), "kvmckpt-"+hex.EncodeToString(sum[:8])+".lock"), nil
+	return filepath.Join(lockDir(), "kvmckpt-"+hex.EncodeToString(sum[:8])+".lock"), nil
+}
+
+func lockDir() string {
+	if st, err := os.Stat("/run/lock"); err == nil && st.IsDir() {
+		return "/run/lock"
+	}
+	return os.TempDir()
 }
 
 // SocketPath strips an optional "unix:" prefix.

@@ -191,6 +191,7 @@ func TestCLIOnGuest(t *testing.T) {
 		f, err := os.OpenFile(checkpoint.LockPath(g.QMPPath), os.O_RDWR|os.O_CREATE, 0o600)
 		require.NoError(t, err)
 		defer f.Close()
+		defer os.Remove(f.Name()) // while still locked, as kvmckpt does
 		require.NoError(t, syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB))
 		code, _, stderr := cli(t, "scan", "--qmp", g.QMPPath)
 		assert.Equal(t, exitBusy, code)
