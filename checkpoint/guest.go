@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/kvmckpt/kvmckpt/introspect"
 	"github.com/kvmckpt/kvmckpt/qmp"
 )
@@ -59,7 +61,8 @@ type guest struct {
 //
 // The file is in /run/lock, where every process on the host sees the same
 // files whatever its TMPDIR (and systemd's PrivateTmp does not hide them),
-// or in the temporary directory on hosts without /run/lock.
+// or in the temporary directory where /run/lock is missing or not ours to
+// write (some distributions keep it for root).
 func LockPath(socket string) string {
 	p, _ := lockPath(SocketPath(socket))
 	return p
@@ -75,7 +78,7 @@ func lockPath(socket string) (string, error) {
 }
 
 func lockDir() string {
-	if st, err := os.Stat("/run/lock"); err == nil && st.IsDir() {
+	if st, err := os.Stat("/run/lock"); err == nil && st.IsDir() && unix.Access("/run/lock", unix.W_OK) == nil {
 		return "/run/lock"
 	}
 	return os.TempDir()
