@@ -6,8 +6,6 @@ import (
 	"log/slog"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/kvmckpt/kvmckpt/introspect"
 	"github.com/kvmckpt/kvmckpt/pagemap"
 )
@@ -214,7 +212,9 @@ func (g *guest) excludeHost(res *scanResult) {
 			res.hole.SetRange(base+h.Start, c)
 			cand.ClearRange(h.Start, c)
 		}
-		populate(g.ram[i], cand)
+		// ZeroPages maps the candidates into our address space as it
+		// goes (never holes, which would then be allocated), for the
+		// writer too.
 		zero, err := pagemap.ZeroPages(g.ram[i], cand, 0)
 		if err != nil {
 			g.log.Warn("zero page detection failed; all pages are saved", "backend", b.ID, "err", err)
@@ -231,16 +231,6 @@ func (g *guest) excludeHost(res *scanResult) {
 	if res.FillByte == 0 {
 		res.save.AndNot(res.hole)
 		res.save.AndNot(res.zero)
-	}
-}
-
-// populate maps the pages to be saved (never holes, which would then be
-// allocated) into our address space ahead of the zero scan and the writer:
-// one madvise per run instead of a page fault per page. It is only an
-// optimization (MADV_POPULATE_READ needs Linux 5.14): failures are ignored.
-func populate(ram []byte, pages *pagemap.Bitmap) {
-	for start, n := range pages.Runs() {
-		_ = unix.Madvise(ram[start*introspect.PageSize:(start+n)*introspect.PageSize], unix.MADV_POPULATE_READ)
 	}
 }
 

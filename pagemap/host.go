@@ -111,7 +111,9 @@ func ZeroPages(ram []byte, candidates *Bitmap, workers int) (*Bitmap, error) {
 			if c >= chunks {
 				return
 			}
-			for w := c * zeroChunkWords; w < min(words, (c+1)*zeroChunkWords); w++ {
+			first, end := c*zeroChunkWords, min(words, (c+1)*zeroChunkWords)
+			populate(ram, candidates.words[first:end], first*64)
+			for w := first; w < end; w++ {
 				cand, z := candidates.words[w], uint64(0)
 				for cand != 0 {
 					b := bits.TrailingZeros64(cand)

@@ -3,6 +3,7 @@ package pagemap
 import (
 	"errors"
 	"fmt"
+	"math/bits"
 	"os"
 
 	"golang.org/x/sys/unix"
@@ -133,4 +134,31 @@ func ScanRAM(f *os.File, ram []byte, workers int) (holes []PageRange, zero *Bitm
 		return nil, nil, err
 	}
 	return holes, zero, nil
+}
+
+// populate maps the pages of ram whose bits are set in words, a slice of a
+// bitmap's words starting at page first, into the process: one
+// madvise(MADV_POPULATE_READ) a run instead of a page fault a page, ahead
+// of reading them. The workers of [ZeroPages] do this in parallel. Holes
+// must not be set: populating a hole of a tmpfs file allocates it. It is
+// only an optimization (Linux 5.14 and later): failures are ignored.
+func populate(ram []byte, words []uint64, first int) {
+	var start, n int // the run being gathered
+	flush := func() {
+		if n > 0 {
+			_ = unix.Madvise(ram[start*hostPageSize:(start+n)*hostPageSize], unix.MADV_POPULATE_READ)
+		}
+	}
+	for w, word := range words {
+		for ; word != 0; word &= word - 1 {
+			p := first + w*64 + bits.TrailingZeros64(word)
+			if n > 0 && p == start+n {
+				n++
+				continue
+			}
+			flush()
+			start, n = p, 1
+		}
+	}
+	flush()
 }
