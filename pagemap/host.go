@@ -85,8 +85,11 @@ const zeroChunkWords = 8
 // [ErrRAMSize].
 //
 // workers goroutines scan in parallel, claiming 2 MiB at a time; zero or
-// less means GOMAXPROCS. The scan is memory-bound: an all-zero page costs a
-// full read of 4 KiB, a page in use usually one cache line.
+// less means GOMAXPROCS. Each maps its candidates in with one madvise a run
+// before reading them (a fresh mapping of a RAM file would otherwise fault
+// page by page), which leaves them mapped for later readers too. Then the
+// scan is memory-bound: an all-zero page costs a full read of 4 KiB, a page
+// in use usually one cache line.
 //
 // candidates must not be modified during the call. ram is read while the
 // guest is expected to be paused; bytes changing under the scan give a
