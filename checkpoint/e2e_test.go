@@ -94,6 +94,40 @@ func TestSaveRestore(t *testing.T) {
 	}
 }
 
+// TestHugePageRAM saves a guest whose RAM is on hugetlbfs, as many
+// production guests' is, and restores it into a target whose RAM file is
+// full of garbage: restore must not trust the target to start out zero.
+func TestHugePageRAM(t *testing.T) {
+	hp := hugetlbfsDir(t, 2*1024)
+	cfg := vmtest.Config{MemMiB: 1024, RAMDir: hp, Workload: vmtest.Workload{Churn: 512, Anon: 128, Tmpfs: 64, Interval: 1}}
+	src := vmtest.Boot(t, cfg)
+	src.WaitReady(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	out := filepath.Join(dir, "huge.kvmckpt")
+	res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out})
+	require.NoError(t, err)
+	assert.Greater(t, res.PagesFree, res.PagesTotal/3, "free pages found in huge-page RAM")
+
+	cfg.Incoming = true
+	dst := vmtest.Boot(t, cfg)
+	f, err := os.OpenFile(dst.RAMPath, os.O_RDWR, 0)
+	require.NoError(t, err)
+	ram, err := syscall.Mmap(int(f.Fd()), 0, cfg.MemMiB<<20, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
+	f.Close()
+	require.NoError(t, err)
+	for i := 0; i < len(ram); i += 8 {
+		ram[i] = 0xcc
+	}
+	require.NoError(t, syscall.Munmap(ram))
+
+	_, err = Restore(ctx, RestoreOptions{Input: out, QMP: dst.QMPPath, Resume: true})
+	require.NoError(t, err)
+	_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK`), 0, 2*time.Minute)
+	require.NoError(t, err)
+	assert.NotRegexp(t, kernelTrouble, dst.Serial(), "restored guest's console shows trouble")
+}
+
 func TestSaveKeepsPausedGuestPaused(t *testing.T) {
 	g := vmtest.Boot(t, vmtest.Config{MemMiB: 512, Workload: vmtest.Workload{Churn: 128, Anon: 16}})
 	g.WaitReady(t)

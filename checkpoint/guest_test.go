@@ -1,6 +1,7 @@
 package checkpoint
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -8,6 +9,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/kvmckpt/kvmckpt/qmp"
 )
@@ -90,4 +92,37 @@ func TestLockFile(t *testing.T) {
 	rec, err := os.ReadFile(path)
 	require.NoError(t, err)
 	assert.Contains(t, string(rec), "paused a running guest")
+}
+
+// TestZeroRange: whatever the grain the file system punches in, every byte
+// of the range reads as zero afterwards and none outside it changes.
+func TestZeroRange(t *testing.T) {
+	const size = 8 << 20
+	for _, tt := range []struct {
+		name          string
+		off, n, grain int64
+	}{
+		{"page grain", 3 << 12, 5 << 12, 4096},
+		{"inside one grain", 3 << 12, 5 << 12, 2 << 20},
+		{"across grains", 1<<20 + 4096, 5 << 20, 2 << 20},
+		{"aligned", 2 << 20, 4 << 20, 2 << 20},
+		{"to the end", 3<<20 + 4096, 5<<20 - 4096, 2 << 20},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f, err := os.Create(filepath.Join(t.TempDir(), "ram"))
+			require.NoError(t, err)
+			defer f.Close()
+			require.NoError(t, f.Truncate(size))
+			mem, err := unix.Mmap(int(f.Fd()), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+			require.NoError(t, err)
+			defer unix.Munmap(mem)
+			for i := range mem {
+				mem[i] = 0xcc
+			}
+			zeroRange(f, mem, tt.off, tt.n, tt.grain)
+			assert.Equal(t, int(tt.n), bytes.Count(mem[tt.off:tt.off+tt.n], []byte{0}), "range not all zero")
+			assert.Equal(t, bytes.Repeat([]byte{0xcc}, int(tt.off)), mem[:tt.off])
+			assert.Equal(t, bytes.Repeat([]byte{0xcc}, int(size-tt.off-tt.n)), mem[tt.off+tt.n:])
+		})
+	}
 }

@@ -1,7 +1,11 @@
 package checkpoint
 
 import (
+	"bufio"
+	"fmt"
 	"os"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 )
@@ -33,4 +37,54 @@ func readOnlyDir(t *testing.T) string {
 		return dir
 	}
 	return tmpfsDir(t, "1m", syscall.MS_RDONLY)
+}
+
+// hugetlbfsDir reserves enough 2 MiB huge pages for mib MiB more (root),
+// mounts a hugetlbfs for them, and undoes both at the end. It skips the
+// test if the host cannot reserve them (its memory too fragmented).
+func hugetlbfsDir(t *testing.T, mib int) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("reserving huge pages needs root")
+	}
+	const knob = "/proc/sys/vm/nr_hugepages"
+	b, err := os.ReadFile(knob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	need := mib / 2
+	if err := os.WriteFile(knob, []byte(strconv.Itoa(orig+need)), 0); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.WriteFile(knob, []byte(strconv.Itoa(orig)), 0) })
+	if free := hugePagesFree(t); free < need {
+		t.Skipf("could reserve only %d of %d huge pages", free, need)
+	}
+	dir := t.TempDir()
+	if err := syscall.Mount("none", dir, "hugetlbfs", 0, "pagesize=2M,mode=0700"); err != nil {
+		t.Fatalf("mount hugetlbfs: %v", err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(dir, syscall.MNT_DETACH) })
+	return dir
+}
+
+func hugePagesFree(t *testing.T) int {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var n int
+		if _, err := fmt.Sscanf(sc.Text(), "HugePages_Free: %d", &n); err == nil {
+			return n
+		}
+	}
+	t.Fatal("no HugePages_Free in /proc/meminfo")
+	return 0
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -139,7 +140,8 @@ func (g *guest) matches(ctx context.Context, h writer.Header) error {
 
 // clearUnsaved makes every page the checkpoint does not hold read as the
 // fill byte. For zero it punches holes, which frees the target's memory
-// instead of writing it.
+// instead of writing it. The target's RAM file is not trusted to be zero
+// to begin with: QEMU uses an existing file as it finds it.
 func (g *guest) clearUnsaved(r *writer.Reader, fill byte) error {
 	if fill != 0 {
 		if err := r.FillUnsaved(g.ram); err != nil {
@@ -147,20 +149,46 @@ func (g *guest) clearUnsaved(r *writer.Reader, fill byte) error {
 		}
 		return nil
 	}
+	grains := make([]int64, len(g.files))
+	for i, f := range g.files {
+		grains[i] = punchGrain(f)
+	}
 	spans, _ := g.pageSpans()
 	for start, count := range r.UnsavedRuns() {
 		for i, sp := range spans {
-			p, c, ok := sp.clip(start, count)
-			if !ok {
-				continue
-			}
-			off, n := int64(p*introspect.PageSize), int64(c*introspect.PageSize)
-			err := unix.Fallocate(int(g.files[i].Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
-			if err != nil {
-				// No hole punching here: write the zeros.
-				clear(g.ram[i][off : off+n])
+			if p, c, ok := sp.clip(start, count); ok {
+				zeroRange(g.files[i], g.ram[i], int64(p*introspect.PageSize), int64(c*introspect.PageSize), grains[i])
 			}
 		}
 	}
 	return nil
+}
+
+// punchGrain is the unit in which f's file system punches holes: its
+// block size, the huge page size on hugetlbfs.
+func punchGrain(f *os.File) int64 {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Blksize < introspect.PageSize || st.Blksize&(st.Blksize-1) != 0 {
+		return introspect.PageSize
+	}
+	return int64(st.Blksize)
+}
+
+// zeroRange makes [off, off+n) of the file f, mapped at mem, read as zero.
+// It punches a hole over the whole grains in it and writes zeros over the
+// rest: a file system may punch only whole grains and leave the bytes
+// around them as they were (hugetlbfs before Linux 6.0 did).
+func zeroRange(f *os.File, mem []byte, off, n, grain int64) {
+	lo := (off + grain - 1) / grain * grain
+	hi := (off + n) / grain * grain
+	if lo >= hi {
+		clear(mem[off : off+n])
+		return
+	}
+	if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, lo, hi-lo); err != nil {
+		// No hole punching here: write the zeros.
+		clear(mem[lo:hi])
+	}
+	clear(mem[off:lo])
+	clear(mem[hi : off+n])
 }

@@ -96,6 +96,9 @@ type Config struct {
 	Dir string
 	// ExtraArgs are appended to QEMU's command line.
 	ExtraArgs []string
+	// RAMDir is the directory of the RAM file: empty means /dev/shm; a
+	// hugetlbfs mount gives the guest huge-page RAM.
+	RAMDir string
 }
 
 // Guest is a running QEMU.
@@ -154,7 +157,11 @@ func Start(ctx context.Context, cfg Config) (*Guest, error) {
 	}
 	g.QMPPath = filepath.Join(dir, "qmp.sock")
 	g.SerialPath = filepath.Join(dir, "serial.log")
-	g.RAMPath = fmt.Sprintf("/dev/shm/%s%d-%d", RAMPrefix, os.Getpid(), seq.Add(1))
+	ramDir := cfg.RAMDir
+	if ramDir == "" {
+		ramDir = "/dev/shm"
+	}
+	g.RAMPath = filepath.Join(ramDir, fmt.Sprintf("%s%d-%d", RAMPrefix, os.Getpid(), seq.Add(1)))
 	g.Accel = Accel()
 
 	appendLine := append([]string{"console=ttyS0", "quiet", "panic=-1"}, cfg.Workload.args()...)
