@@ -156,6 +156,12 @@ func TestSaveKeepsPausedGuestPaused(t *testing.T) {
 	res, err = Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: filepath.Join(dir, "b.kvmckpt"), After: AfterKeepPaused})
 	require.NoError(t, err)
 	assert.NotEqual(t, "running", res.GuestState)
+	// QEMU will not migrate from postmigrate: a second save is refused,
+	// saying the first checkpoint is still current.
+	_, err = Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: filepath.Join(dir, "b2.kvmckpt")})
+	require.ErrorIs(t, err, ErrGuestState)
+	assert.ErrorContains(t, err, "still current")
+	assert.NoFileExists(t, filepath.Join(dir, "b2.kvmckpt"))
 	state, err := Resume(ctx, g.QMPPath)
 	require.NoError(t, err)
 	assert.Equal(t, "running", state)

@@ -10,7 +10,7 @@ var saveable = map[string]string{
 	"running":        "",
 	"paused":         "",
 	"prelaunch":      "", // never ran (-S); a valid, boring checkpoint
-	"postmigrate":    "a migration (an earlier save) left it paused, and QEMU refuses to migrate it again until it is resumed (migrate_prepare); resume it first (kvmckpt resume, or QMP cont)",
+	"postmigrate":    "a migration (an earlier save) left it paused, and QEMU refuses to migrate it again until it is resumed (migrate_prepare); it has not run since, so a checkpoint taken then is still current (copy it), or resume it first (kvmckpt resume, or QMP cont)",
 	"suspended":      "", // ACPI S3; the migration wakes the guest up first
 	"debug":          "", // stopped by the gdbstub
 	"io-error":       "", // paused on a block I/O error, state intact
