@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"time"
@@ -23,6 +24,9 @@ type LaunchOptions struct {
 	RestoreOptions
 	// RAMDir holds the new RAM file and QMP socket; empty means /dev/shm.
 	RAMDir string
+	// QEMU is the emulator to run; empty means the recorded program's
+	// name looked up in PATH (see [qemuBinary]).
+	QEMU string
 }
 
 // Launched is the QEMU a launch started. It keeps running after kvmckpt
@@ -64,6 +68,11 @@ func RestoreLaunch(ctx context.Context, opt LaunchOptions) (*Launched, error) {
 	}
 	l.Args, err = launchArgs(h.CommandLine, l.RAMFile, l.QMP)
 	if err != nil {
+		return nil, err
+	}
+	if opt.QEMU != "" {
+		l.Args[0] = opt.QEMU
+	} else if l.Args[0], err = qemuBinary(l.Args[0]); err != nil {
 		return nil, err
 	}
 	logf, err := os.OpenFile(l.Log, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
@@ -163,6 +172,28 @@ func launchArgs(src []string, ramFile, qmpSock string) ([]string, error) {
 		return nil, fmt.Errorf("launching a guest with %d RAM files is not supported; start the target by hand (see kvmckpt inspect)", memPaths)
 	}
 	return append(out, "-qmp", "unix:"+qmpSock+",server=on,wait=off"), nil
+}
+
+// qemuNames are the program names a launch runs: QEMU's system
+// emulators.
+var qemuNames = regexp.MustCompile(`^(qemu-system-[a-z0-9_]+|qemu-kvm)$`)
+
+// qemuBinary is the program a launch runs for the recorded argv[0]: a QEMU
+// system emulator of the same name, found in PATH. The checkpoint is
+// untrusted input: it never chooses the path of what runs, nor anything
+// but a QEMU. (Its options still reach that QEMU, which is why `inspect`
+// shows them.)
+func qemuBinary(recorded string) (string, error) {
+	name := filepath.Base(recorded)
+	if !qemuNames.MatchString(name) {
+		return "", fmt.Errorf("%w: the recorded command line runs %q, not a QEMU system emulator (qemu-system-*, qemu-kvm); "+
+			"give the emulator with --qemu, or start the target by hand (see kvmckpt inspect)", ErrInvalid, recorded)
+	}
+	p, err := exec.LookPath(name)
+	if err != nil {
+		return "", fmt.Errorf("the recorded QEMU %q: %w; give its path with --qemu", recorded, err)
+	}
+	return p, nil
 }
 
 // launchRewrites are the options launchArgs rewrites (all take a value).

@@ -1,6 +1,7 @@
 package checkpoint
 
 import (
+	"os/exec"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -50,4 +51,22 @@ func TestPageSpans(t *testing.T) {
 		off, n, ok := spans[c.span].clip(c.start, c.count)
 		assert.Equal(t, []any{c.off, c.n, c.ok}, []any{off, n, ok}, "%+v", c)
 	}
+}
+
+// TestQEMUBinary: a launch runs only a QEMU system emulator, found in PATH
+// by the recorded name, never a path from the checkpoint.
+func TestQEMUBinary(t *testing.T) {
+	want, err := exec.LookPath("qemu-system-x86_64")
+	require.NoError(t, err, "run make deps")
+	for _, recorded := range []string{"qemu-system-x86_64", "/usr/bin/qemu-system-x86_64", "/tmp/evil/qemu-system-x86_64"} {
+		got, err := qemuBinary(recorded)
+		require.NoError(t, err, recorded)
+		assert.Equal(t, want, got, recorded)
+	}
+	for _, recorded := range []string{"/bin/sh", "qemu-img", "qemu-system-x86_64 -x", "", "/usr/bin/"} {
+		_, err := qemuBinary(recorded)
+		assert.ErrorIs(t, err, ErrInvalid, "%q", recorded)
+	}
+	_, err = qemuBinary("/usr/libexec/qemu-system-nosucharch")
+	assert.ErrorContains(t, err, "--qemu")
 }

@@ -3,7 +3,7 @@
 //
 //	kvmckpt scan    --qmp PATH [--json] [--profile auto|FILE] [--map FILE.png]
 //	kvmckpt save    --qmp PATH -o FILE [--profile auto|FILE] [--keep-paused | --quit] [--compress lz4|none] [--json]
-//	kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR]) [--resume] [--json]
+//	kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH]) [--resume] [--json]
 //	kvmckpt inspect FILE [--json]
 //	kvmckpt verify  FILE
 //	kvmckpt resume  --qmp PATH

@@ -72,6 +72,7 @@ func TestUsage(t *testing.T) {
 		{[]string{"restore", "--qmp", "x"}, exitUsage, "--i is required"},
 		{[]string{"restore", "-i", "x"}, exitUsage, "one of --qmp"},
 		{[]string{"restore", "-i", "x", "--qmp", "y", "--launch"}, exitUsage, "one of --qmp"},
+		{[]string{"restore", "-i", "x", "--qmp", "y", "--qemu", "/usr/bin/qemu-system-x86_64"}, exitUsage, "go with --launch"},
 		{[]string{"inspect"}, exitUsage, "one checkpoint file"},
 		{[]string{"profile"}, exitUsage, "subcommand"},
 		{[]string{"profile", "build"}, exitUsage, "--kernel or --isf"},

@@ -13,6 +13,7 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 	qmpPath := fs.String("qmp", "", "QMP socket of a QEMU started with -incoming defer -S")
 	launch := fs.Bool("launch", false, "start the target QEMU from the command line recorded in the checkpoint")
 	ramDir := fs.String("ram-dir", "", "with --launch: directory for the new RAM file and QMP socket (default /dev/shm)")
+	qemu := fs.String("qemu", "", "with --launch: the QEMU binary to run (default: the recorded emulator's name, found in PATH)")
 	resume := fs.Bool("resume", false, "start the guest once it is restored")
 	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
 	keyFile := keyFlag(fs)
@@ -25,8 +26,8 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 	if *launch == (*qmpPath != "") {
 		return usagef("give one of --qmp (a waiting QEMU) or --launch (start one)")
 	}
-	if *ramDir != "" && !*launch {
-		return usagef("--ram-dir goes with --launch")
+	if (*ramDir != "" || *qemu != "") && !*launch {
+		return usagef("--ram-dir and --qemu go with --launch")
 	}
 	key, err := loadKey(*keyFile)
 	if err != nil {
@@ -35,7 +36,7 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 	bar := newProgress(e.stderr, "restoring")
 	opts := checkpoint.RestoreOptions{Input: *in, QMP: *qmpPath, Resume: *resume, Key: key, Progress: bar.update, Log: e.log}
 	if *launch {
-		l, err := checkpoint.RestoreLaunch(ctx, checkpoint.LaunchOptions{RestoreOptions: opts, RAMDir: *ramDir})
+		l, err := checkpoint.RestoreLaunch(ctx, checkpoint.LaunchOptions{RestoreOptions: opts, RAMDir: *ramDir, QEMU: *qemu})
 		bar.done()
 		if err != nil {
 			return err

@@ -28,7 +28,7 @@ const usage = `kvmckpt checkpoints KVM/QEMU guests by saving only the pages the 
 Usage:
   kvmckpt scan    --qmp PATH [--json] [--profile auto|FILE] [--map FILE.png]
   kvmckpt save    --qmp PATH -o FILE [--profile auto|FILE] [--keep-paused | --quit] [--compress lz4|none] [--encrypt-key FILE] [--json]
-  kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR]) [--resume] [--encrypt-key FILE] [--json]
+  kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH]) [--resume] [--encrypt-key FILE] [--json]
   kvmckpt inspect FILE [--encrypt-key FILE] [--json]
   kvmckpt verify  FILE [--encrypt-key FILE]
   kvmckpt resume  --qmp PATH
