@@ -26,6 +26,7 @@ func TestScanAgainstGuestTruth(t *testing.T) {
 		{"q35-3G-2cpu", vmtest.Config{Machine: "q35", MemMiB: 3072, CPUs: 2}},
 		{"pc-1G-cpumax-la57", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, CPU: "max"}},
 		{"pc-1G-cloud-kernel", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, Kernel: "cloud-amd64"}},
+		{"q35-2G-2cpu-2numa", vmtest.Config{Machine: "q35", MemMiB: 2048, CPUs: 2, NUMANodes: 2}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -32,6 +32,8 @@ var guestConfigs = []struct {
 	{"pc-1G-1cpu", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}},
 	{"q35-3G-2cpu", vmtest.Config{Machine: "q35", MemMiB: 3072, CPUs: 2}},
 	{"pc-1G-cpumax-la57", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, CPU: "max"}},
+	// Two NUMA nodes, each with a RAM backend and file of its own.
+	{"q35-2G-2cpu-2numa", vmtest.Config{Machine: "q35", MemMiB: 2048, CPUs: 2, NUMANodes: 2}},
 }
 
 // dirtyFree is the workload of the acceptance tests: about 60% of RAM

@@ -99,6 +99,10 @@ type Config struct {
 	// RAMDir is the directory of the RAM file: empty means /dev/shm; a
 	// hugetlbfs mount gives the guest huge-page RAM.
 	RAMDir string
+	// NUMANodes, if 2 or more, splits MemMiB evenly into that many guest
+	// NUMA nodes, each with a RAM backend and file of its own; vCPU i
+	// goes to node i mod NUMANodes.
+	NUMANodes int
 }
 
 // Guest is a running QEMU.
@@ -107,7 +111,8 @@ type Guest struct {
 	Args       []string // QEMU's full command line
 	PID        int
 	QMPPath    string
-	RAMPath    string
+	RAMPath    string   // the first RAM file
+	RAMPaths   []string // every RAM file, one per NUMA node
 	SerialPath string
 	Accel      string
 
@@ -162,23 +167,48 @@ func Start(ctx context.Context, cfg Config) (*Guest, error) {
 		ramDir = "/dev/shm"
 	}
 	g.RAMPath = filepath.Join(ramDir, fmt.Sprintf("%s%d-%d", RAMPrefix, os.Getpid(), seq.Add(1)))
+	g.RAMPaths = []string{g.RAMPath}
 	g.Accel = Accel()
+	machine := fmt.Sprintf("%s,accel=%s,memory-backend=mem0", cfg.Machine, g.Accel)
+	memArgs := []string{"-object", fmt.Sprintf("memory-backend-file,id=mem0,size=%dM,mem-path=%s,share=on", cfg.MemMiB, g.RAMPath)}
+	if n := cfg.NUMANodes; n >= 2 {
+		if cfg.MemMiB%n != 0 {
+			g.Close()
+			return nil, fmt.Errorf("%d MiB do not split evenly into %d NUMA nodes", cfg.MemMiB, n)
+		}
+		machine = fmt.Sprintf("%s,accel=%s", cfg.Machine, g.Accel)
+		memArgs, g.RAMPaths = nil, nil
+		for i := range n {
+			path := fmt.Sprintf("%s-node%d", g.RAMPath, i)
+			g.RAMPaths = append(g.RAMPaths, path)
+			node := fmt.Sprintf("node,nodeid=%d,memdev=mem%d", i, i)
+			for c := i; c < cfg.CPUs; c += n {
+				node += fmt.Sprintf(",cpus=%d", c)
+			}
+			memArgs = append(memArgs,
+				"-object", fmt.Sprintf("memory-backend-file,id=mem%d,size=%dM,mem-path=%s,share=on", i, cfg.MemMiB/n, path),
+				"-numa", node)
+		}
+		g.RAMPath = g.RAMPaths[0]
+	}
 
 	appendLine := append([]string{"console=ttyS0", "quiet", "panic=-1"}, cfg.Workload.args()...)
 	appendLine = append(appendLine, cfg.Append...)
 	g.Args = []string{
 		qemu,
-		"-machine", fmt.Sprintf("%s,accel=%s,memory-backend=mem0", cfg.Machine, g.Accel),
+		"-machine", machine,
 		"-smp", strconv.Itoa(cfg.CPUs),
 		"-m", fmt.Sprintf("%dM", cfg.MemMiB),
-		"-object", fmt.Sprintf("memory-backend-file,id=mem0,size=%dM,mem-path=%s,share=on", cfg.MemMiB, g.RAMPath),
+	}
+	g.Args = append(g.Args, memArgs...)
+	g.Args = append(g.Args,
 		"-kernel", kernel,
 		"-initrd", initrd,
 		"-append", strings.Join(appendLine, " "),
 		"-nodefaults", "-display", "none", "-no-reboot",
-		"-serial", "file:" + g.SerialPath,
-		"-qmp", "unix:" + g.QMPPath + ",server=on,wait=off",
-	}
+		"-serial", "file:"+g.SerialPath,
+		"-qmp", "unix:"+g.QMPPath+",server=on,wait=off",
+	)
 	if cfg.CPU != "" {
 		g.Args = append(g.Args, "-cpu", cfg.CPU)
 	}
@@ -347,6 +377,9 @@ func (g *Guest) Close() error {
 		}
 		if g.RAMPath != "" {
 			_ = os.Remove(g.RAMPath)
+		}
+		for _, p := range g.RAMPaths {
+			_ = os.Remove(p)
 		}
 		if g.ownDir != "" {
 			_ = os.RemoveAll(g.ownDir)
