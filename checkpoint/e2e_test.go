@@ -229,38 +229,54 @@ func TestSaveIntoFullDiskFailsCleanly(t *testing.T) {
 }
 
 func TestRestoreLaunch(t *testing.T) {
-	g := vmtest.Boot(t, vmtest.Config{MemMiB: 512, Workload: vmtest.Workload{Churn: 128, Anon: 32, Interval: 1}})
-	g.WaitReady(t)
-	ctx := context.Background()
-	dir := t.TempDir()
-	out := filepath.Join(dir, "g.kvmckpt")
-	// Encrypted, to take the key through save and restore too.
-	key := []byte("0123456789abcdef0123456789abcdef")
-	_, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: out, After: AfterQuit, Key: key})
-	require.NoError(t, err)
-	require.NoError(t, g.Wait(30*time.Second))
-	_, err = RestoreLaunch(ctx, LaunchOptions{RestoreOptions: RestoreOptions{Input: out, Resume: true}, RAMDir: dir})
-	require.ErrorIs(t, err, ErrInvalid, "no key, no restore")
+	for _, c := range []struct {
+		name string
+		cfg  vmtest.Config
+	}{
+		{"pc-512M", vmtest.Config{MemMiB: 512}},
+		// A RAM file per NUMA node, each replaced by a new one.
+		{"q35-1G-2numa", vmtest.Config{Machine: "q35", MemMiB: 1024, CPUs: 2, NUMANodes: 2}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := c.cfg
+			cfg.Workload = vmtest.Workload{Churn: 128, Anon: 32, Interval: 1}
+			g := vmtest.Boot(t, cfg)
+			g.WaitReady(t)
+			ctx := context.Background()
+			dir := t.TempDir()
+			out := filepath.Join(dir, "g.kvmckpt")
+			// Encrypted, to take the key through save and restore too.
+			key := []byte("0123456789abcdef0123456789abcdef")
+			_, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: out, After: AfterQuit, Key: key})
+			require.NoError(t, err)
+			require.NoError(t, g.Wait(30*time.Second))
+			_, err = RestoreLaunch(ctx, LaunchOptions{RestoreOptions: RestoreOptions{Input: out, Resume: true}, RAMDir: dir})
+			require.ErrorIs(t, err, ErrInvalid, "no key, no restore")
 
-	l, err := RestoreLaunch(ctx, LaunchOptions{RestoreOptions: RestoreOptions{Input: out, Resume: true, Key: key}, RAMDir: dir})
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		syscall.Kill(l.PID, syscall.SIGKILL)
-		for i := 0; i < 100 && syscall.Kill(l.PID, 0) == nil; i++ {
-			time.Sleep(20 * time.Millisecond)
-		}
-		os.Remove(l.RAMFile)
-	})
-	assert.Equal(t, "running", l.GuestState)
-	assert.Contains(t, l.Args, "defer")
-	serial := g.SerialPath + ".restored"
-	deadline := time.Now().Add(time.Minute)
-	for {
-		b, _ := os.ReadFile(serial)
-		if regexp.MustCompile(`KW VERIFY OK`).Match(b) {
-			break
-		}
-		require.True(t, time.Now().Before(deadline), "launched guest does not verify; its serial:\n%s", b)
-		time.Sleep(200 * time.Millisecond)
+			l, err := RestoreLaunch(ctx, LaunchOptions{RestoreOptions: RestoreOptions{Input: out, Resume: true, Key: key}, RAMDir: dir})
+			require.NoError(t, err)
+			t.Cleanup(func() {
+				syscall.Kill(l.PID, syscall.SIGKILL)
+				for i := 0; i < 100 && syscall.Kill(l.PID, 0) == nil; i++ {
+					time.Sleep(20 * time.Millisecond)
+				}
+				for _, f := range l.RAMFiles {
+					os.Remove(f)
+				}
+			})
+			assert.Equal(t, "running", l.GuestState)
+			assert.Contains(t, l.Args, "defer")
+			assert.Len(t, l.RAMFiles, len(g.RAMPaths))
+			serial := g.SerialPath + ".restored"
+			deadline := time.Now().Add(time.Minute)
+			for {
+				b, _ := os.ReadFile(serial)
+				if regexp.MustCompile(`KW VERIFY OK`).Match(b) {
+					break
+				}
+				require.True(t, time.Now().Before(deadline), "launched guest does not verify; its serial:\n%s", b)
+				time.Sleep(200 * time.Millisecond)
+			}
+		})
 	}
 }

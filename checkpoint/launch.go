@@ -32,11 +32,15 @@ type LaunchOptions struct {
 // Launched is the QEMU a launch started. It keeps running after kvmckpt
 // ends.
 type Launched struct {
-	PID     int      `json:"pid"`
-	QMP     string   `json:"qmp"`
-	RAMFile string   `json:"ram_file"`
-	Log     string   `json:"log"`
-	Args    []string `json:"args"`
+	PID int    `json:"pid"`
+	QMP string `json:"qmp"`
+	// RAMFile is the first RAM file; RAMFiles all of them, one per
+	// memory-backend-file of the recorded command line (a NUMA guest has
+	// one per node).
+	RAMFile  string   `json:"ram_file"`
+	RAMFiles []string `json:"ram_files"`
+	Log      string   `json:"log"`
+	Args     []string `json:"args"`
 	RestoreResult
 }
 
@@ -62,14 +66,14 @@ func RestoreLaunch(ctx context.Context, opt LaunchOptions) (*Launched, error) {
 	rand.Read(tag[:])
 	name := "kvmckpt-restore-" + hex.EncodeToString(tag[:])
 	l := &Launched{
-		QMP:     filepath.Join(dir, name+".qmp"),
-		RAMFile: filepath.Join(dir, name+".ram"),
-		Log:     filepath.Join(dir, name+".log"),
+		QMP: filepath.Join(dir, name+".qmp"),
+		Log: filepath.Join(dir, name+".log"),
 	}
-	l.Args, err = launchArgs(h.CommandLine, l.RAMFile, l.QMP)
+	l.Args, l.RAMFiles, err = launchArgs(h.CommandLine, filepath.Join(dir, name), l.QMP)
 	if err != nil {
 		return nil, err
 	}
+	l.RAMFile = l.RAMFiles[0]
 	if opt.QEMU != "" {
 		l.Args[0] = opt.QEMU
 	} else if l.Args[0], err = qemuBinary(l.Args[0]); err != nil {
@@ -94,7 +98,9 @@ func RestoreLaunch(ctx context.Context, opt LaunchOptions) (*Launched, error) {
 	fail := func(err error) (*Launched, error) {
 		_ = cmd.Process.Kill()
 		<-exited
-		os.Remove(l.RAMFile)
+		for _, f := range l.RAMFiles {
+			os.Remove(f)
+		}
 		os.Remove(l.QMP)
 		log, _ := os.ReadFile(l.Log)
 		if len(log) > 0 {
@@ -130,12 +136,12 @@ func RestoreLaunch(ctx context.Context, opt LaunchOptions) (*Launched, error) {
 }
 
 // launchArgs makes a restore target's argv from a source's: the RAM
-// backend's mem-path and the QMP socket are replaced by new ones, file
-// outputs get a ".restored" suffix so the source's are not overwritten, and
-// "-incoming defer -S" is added.
-func launchArgs(src []string, ramFile, qmpSock string) ([]string, error) {
-	args := RestoreCommandLine(src)
-	memPaths := 0
+// backends' mem-paths and the QMP socket are replaced by new ones (RAM
+// files named from base: base.ram, then base-1.ram, base-2.ram and so on,
+// returned in order), file outputs get a ".restored" suffix so the
+// source's are not overwritten, and "-incoming defer -S" is added.
+func launchArgs(src []string, base, qmpSock string) (args, ramFiles []string, err error) {
+	args = RestoreCommandLine(src)
 	var out []string
 	for i := 0; i < len(args); i++ {
 		a := args[i]
@@ -150,11 +156,17 @@ func launchArgs(src []string, ramFile, qmpSock string) ([]string, error) {
 		i++
 		switch opt {
 		case "-object":
-			nv, n, err := replaceMemPath(v, ramFile)
-			if err != nil {
-				return nil, err
+			file := base + ".ram"
+			if k := len(ramFiles); k > 0 {
+				file = fmt.Sprintf("%s-%d.ram", base, k)
 			}
-			memPaths += n
+			nv, n, err := replaceMemPath(v, file)
+			if err != nil {
+				return nil, nil, err
+			}
+			if n > 0 {
+				ramFiles = append(ramFiles, file)
+			}
 			v = nv
 		case "-qmp":
 			continue // replaced below
@@ -165,13 +177,10 @@ func launchArgs(src []string, ramFile, qmpSock string) ([]string, error) {
 		}
 		out = append(out, a, v)
 	}
-	switch {
-	case memPaths == 0:
-		return nil, fmt.Errorf("%w: the recorded command line has no memory-backend-file with a mem-path", ErrRAMBackend)
-	case memPaths > 1:
-		return nil, fmt.Errorf("launching a guest with %d RAM files is not supported; start the target by hand (see kvmckpt inspect)", memPaths)
+	if len(ramFiles) == 0 {
+		return nil, nil, fmt.Errorf("%w: the recorded command line has no memory-backend-file with a mem-path", ErrRAMBackend)
 	}
-	return append(out, "-qmp", "unix:"+qmpSock+",server=on,wait=off"), nil
+	return append(out, "-qmp", "unix:"+qmpSock+",server=on,wait=off"), ramFiles, nil
 }
 
 // qemuNames are the program names a launch runs: QEMU's system

@@ -15,8 +15,9 @@ func TestLaunchArgs(t *testing.T) {
 		"-object", "memory-backend-file,id=mem0,size=1G,mem-path=/dev/shm/src.ram,share=on",
 		"-nodefaults", "-serial", "file:/tmp/serial.log", "-qmp", "unix:/tmp/src.qmp,server=on,wait=off",
 		"-incoming", "tcp:0:4444", "-S", "-append", "console=ttyS0 -S"}
-	got, err := launchArgs(src, "/dev/shm/new.ram", "/dev/shm/new.qmp")
+	got, files, err := launchArgs(src, "/dev/shm/new", "/dev/shm/new.qmp")
 	require.NoError(t, err)
+	assert.Equal(t, []string{"/dev/shm/new.ram"}, files)
 	assert.Equal(t, []string{"qemu-system-x86_64", "-machine", "pc,accel=tcg,memory-backend=mem0", "-no-reboot",
 		"-object", "memory-backend-file,id=mem0,size=1G,mem-path=/dev/shm/new.ram,share=on",
 		"-nodefaults", "-serial", "file:/tmp/serial.log.restored",
@@ -24,11 +25,21 @@ func TestLaunchArgs(t *testing.T) {
 		"-qmp", "unix:/dev/shm/new.qmp,server=on,wait=off"}, got)
 
 	json := []string{"qemu", "-object", `{"qom-type":"memory-backend-file","id":"m","mem-path":"/x","share":true,"size":1073741824}`}
-	got, err = launchArgs(json, "/dev/shm/n.ram", "/q")
+	got, _, err = launchArgs(json, "/dev/shm/n", "/q")
 	require.NoError(t, err)
 	assert.Contains(t, got[2], `"mem-path":"/dev/shm/n.ram"`)
 
-	_, err = launchArgs([]string{"qemu", "-m", "1G"}, "/r", "/q")
+	// A NUMA guest: a RAM file per backend.
+	numa := []string{"qemu", "-object", "memory-backend-file,id=m0,size=1G,mem-path=/a,share=on", "-numa", "node,memdev=m0",
+		"-object", "iothread,id=io0", "-object", "memory-backend-file,id=m1,size=1G,mem-path=/b,share=on", "-numa", "node,memdev=m1"}
+	got, files, err = launchArgs(numa, "/r/n", "/q")
+	require.NoError(t, err)
+	assert.Equal(t, []string{"/r/n.ram", "/r/n-1.ram"}, files)
+	assert.Equal(t, "memory-backend-file,id=m0,size=1G,mem-path=/r/n.ram,share=on", got[2])
+	assert.Equal(t, "iothread,id=io0", got[6])
+	assert.Equal(t, "memory-backend-file,id=m1,size=1G,mem-path=/r/n-1.ram,share=on", got[8])
+
+	_, _, err = launchArgs([]string{"qemu", "-m", "1G"}, "/r", "/q")
 	assert.ErrorIs(t, err, ErrRAMBackend)
 }
 

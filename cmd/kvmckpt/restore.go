@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"github.com/kvmckpt/kvmckpt/checkpoint"
 )
@@ -44,7 +45,7 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 		if *asJSON {
 			return e.printJSON(l)
 		}
-		fmt.Fprintf(e.stdout, "started QEMU (pid %d) with RAM file %s, log %s\n", l.PID, l.RAMFile, l.Log)
+		fmt.Fprintf(e.stdout, "started QEMU (pid %d) with RAM in %s, log %s\n", l.PID, strings.Join(l.RAMFiles, ", "), l.Log)
 		fmt.Fprintf(e.stdout, "restored %d of %d pages in %d ms; guest is %s; QMP: %s\n", l.PagesRestored, l.PagesTotal, l.DurationMS, l.GuestState, l.QMP)
 		return nil
 	}
