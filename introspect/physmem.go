@@ -1,6 +1,7 @@
 package introspect
 
 import (
+	"cmp"
 	"encoding/binary"
 	"fmt"
 	"slices"
@@ -78,15 +79,7 @@ func NewPhysMem(backends [][]byte, maps []Mapping) (*PhysMem, error) {
 				m, m.Size, m.Backend, blen, ErrBadMapping)
 		}
 	}
-	slices.SortFunc(ms, func(a, b Mapping) int {
-		switch {
-		case a.GPA < b.GPA:
-			return -1
-		case a.GPA > b.GPA:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(ms, func(a, b Mapping) int { return cmp.Compare(a.GPA, b.GPA) })
 	for i := 1; i < len(ms); i++ {
 		if ms[i-1].Range().Overlaps(ms[i].Range()) {
 			return nil, fmt.Errorf("mappings %v and %v overlap: %w",

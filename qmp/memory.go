@@ -1,6 +1,7 @@
 package qmp
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"math"
@@ -218,15 +219,7 @@ func layout(views []flatView, backends []Backend) ([]Mapping, error) {
 	if len(maps) == 0 {
 		return nil, fmt.Errorf("read memory map: %w in address space %q", ErrNoRAM, systemAddressSpace)
 	}
-	slices.SortFunc(maps, func(a, b Mapping) int {
-		switch {
-		case a.GPA < b.GPA:
-			return -1
-		case a.GPA > b.GPA:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(maps, func(a, b Mapping) int { return cmp.Compare(a.GPA, b.GPA) })
 	merged := maps[:1]
 	for _, m := range maps[1:] {
 		p := &merged[len(merged)-1]
