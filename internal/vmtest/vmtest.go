@@ -232,7 +232,7 @@ func Start(ctx context.Context, cfg Config) (*Guest, error) {
 // example one recorded in a checkpoint). It still owns the process and the
 // RAM file named by ramPath: Close kills the one and removes the other.
 func StartWithArgs(ctx context.Context, args []string, qmpPath, serialPath, ramPath string) (*Guest, error) {
-	g := &Guest{Args: args, QMPPath: qmpPath, SerialPath: serialPath, RAMPath: ramPath, done: make(chan struct{})}
+	g := &Guest{Args: args, QMPPath: qmpPath, SerialPath: serialPath, RAMPath: ramPath, RAMPaths: []string{ramPath}, done: make(chan struct{})}
 	if err := g.start(); err != nil {
 		g.Close()
 		return nil, err
@@ -374,9 +374,6 @@ func (g *Guest) Close() error {
 				}
 			}
 			untrack(g.PID)
-		}
-		if g.RAMPath != "" {
-			_ = os.Remove(g.RAMPath)
 		}
 		for _, p := range g.RAMPaths {
 			_ = os.Remove(p)
