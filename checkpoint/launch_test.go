@@ -1,13 +1,20 @@
 package checkpoint
 
 import (
+	"context"
+	"net"
 	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
+	"github.com/kvmckpt/kvmckpt/pagemap"
 	"github.com/kvmckpt/kvmckpt/qmp"
+	"github.com/kvmckpt/kvmckpt/writer"
 )
 
 func TestLaunchArgs(t *testing.T) {
@@ -80,4 +87,48 @@ func TestQEMUBinary(t *testing.T) {
 	}
 	_, err = qemuBinary("/usr/libexec/qemu-system-nosucharch")
 	assert.ErrorContains(t, err, "--qemu")
+}
+
+// TestRestoreLaunchRefusesOtherPrograms: a checkpoint whose recorded
+// command line runs something other than QEMU is refused before anything
+// is started.
+func TestRestoreLaunchRefusesOtherPrograms(t *testing.T) {
+	dir := t.TempDir()
+	marker := filepath.Join(dir, "ran")
+	const pages = 16
+	h := writer.Header{
+		MachineType: "pc-i440fx-7.2",
+		CommandLine: []string{"/usr/bin/touch", marker, "-object", "memory-backend-file,id=m,size=64K,mem-path=/x,share=on"},
+		Regions: []writer.Region{{ID: "m", Size: pages * writer.PageSize, MemPath: "/x",
+			Mappings: []writer.Mapping{{Size: pages * writer.PageSize}}}},
+	}
+	path := filepath.Join(dir, "evil.kvmckpt")
+	w, err := writer.Create(path, h, writer.Options{})
+	require.NoError(t, err)
+	defer w.Abort()
+	require.NoError(t, w.WritePages([][]byte{make([]byte, pages*writer.PageSize)}, pagemap.NewBitmap(pages), nil))
+	_, err = w.WriteDeviceState(strings.NewReader("device state"))
+	require.NoError(t, err)
+	require.NoError(t, w.Commit())
+
+	_, err = RestoreLaunch(context.Background(), LaunchOptions{RestoreOptions: RestoreOptions{Input: path}, RAMDir: dir})
+	require.ErrorIs(t, err, ErrInvalid)
+	assert.ErrorContains(t, err, "not a QEMU system emulator")
+	assert.NoFileExists(t, marker, "the recorded program must not run")
+}
+
+// TestLockPathIgnoresTMPDIR: every kvmckpt on the host finds the same lock
+// for a guest, whatever its environment.
+func TestLockPathIgnoresTMPDIR(t *testing.T) {
+	if unix.Access("/run/lock", unix.W_OK) != nil {
+		t.Skip("/run/lock is not writable here: locks go to the temporary directory")
+	}
+	sock := filepath.Join(t.TempDir(), "qmp.sock")
+	l, err := net.Listen("unix", sock)
+	require.NoError(t, err)
+	defer l.Close()
+	a := LockPath(sock)
+	t.Setenv("TMPDIR", t.TempDir())
+	assert.Equal(t, a, LockPath(sock))
+	assert.Equal(t, "/run/lock", filepath.Dir(a))
 }
