@@ -9,6 +9,11 @@ KERNELS   ?= amd64=linux-image-6.1.0-47-amd64-unsigned cloud-amd64=linux-image-6
 TESTFLAGS ?=
 FUZZTIME  ?= 5s
 
+# kvmckpt's cache (kernels, emulators, profiles), for the scripts as for the
+# Go code (internal/cachedir): $KVMCKPT_CACHE, else $XDG_CACHE_HOME/kvmckpt,
+# else ~/.cache/kvmckpt.
+KVMCKPT_CACHE ?= $(or $(filter /%,$(XDG_CACHE_HOME)),$(HOME)/.cache)/kvmckpt
+export KVMCKPT_CACHE := $(abspath $(KVMCKPT_CACHE))
 export KVMCKPT_INITRAMFS := $(abspath $(BUILD)/initramfs.cpio.gz)
 
 .PHONY: all deps build initramfs test vet fuzz demo bench bench-sweep clean

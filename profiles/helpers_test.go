@@ -3,9 +3,11 @@ package profiles
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
+	"github.com/kvmckpt/kvmckpt/internal/cachedir"
 	"github.com/stretchr/testify/require"
 )
 
@@ -19,32 +21,32 @@ func readTestdata(tb testing.TB, name string) []byte {
 	return b
 }
 
-// Debian kernels the real-kernel tests use, relative to the kernel cache
-// that `make deps` fills.
+// Debian kernel packages the real-kernel tests use (the committed profile
+// fixtures were built from them), by the flavour `make deps` caches them
+// under: $KVMCKPT_CACHE/kernels/FLAVOUR/{vmlinuz,package}.
 var testKernels = map[string]string{
-	"amd64":       "linux-image-6.1.0-47-amd64-unsigned/boot/vmlinuz-6.1.0-47-amd64",
-	"cloud-amd64": "linux-image-6.1.0-47-cloud-amd64-unsigned/boot/vmlinuz-6.1.0-47-cloud-amd64",
+	"amd64":       "linux-image-6.1.0-47-amd64-unsigned",
+	"cloud-amd64": "linux-image-6.1.0-47-cloud-amd64-unsigned",
 }
 
-// RequiresKernel returns the path of a real Debian kernel image. Under
-// -short it skips; otherwise a missing kernel is a failure, not a skip.
-// KVMCKPT_KERNEL_DIR overrides the cache directory.
+// RequiresKernel returns the path of a real Debian kernel image that
+// `make deps` cached. Under -short it skips; otherwise a missing kernel, or
+// another build than the fixtures were made from, is a failure.
 func RequiresKernel(tb testing.TB, flavor string) string {
 	tb.Helper()
 	if testing.Short() {
 		tb.Skip("needs a real kernel image; skipped with -short")
 	}
-	dir := os.Getenv("KVMCKPT_KERNEL_DIR")
-	if dir == "" {
-		home, err := os.UserHomeDir()
-		require.NoError(tb, err)
-		dir = filepath.Join(home, ".cache", "kvmckpt", "kernels", "x")
-	}
-	rel, ok := testKernels[flavor]
+	want, ok := testKernels[flavor]
 	require.True(tb, ok, "unknown kernel flavor %q", flavor)
-	path := filepath.Join(dir, rel)
+	dir, err := cachedir.Path("kernels", flavor)
+	require.NoError(tb, err)
+	path := filepath.Join(dir, "vmlinuz")
 	if _, err := os.Stat(path); err != nil {
-		tb.Fatalf("kernel image %s is missing (%v): run `make deps` to download the test kernels, or set KVMCKPT_KERNEL_DIR", path, err)
+		tb.Fatalf("kernel image %s is missing (%v): run `make deps` to download the test kernels", path, err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(dir, "package")); strings.TrimSpace(string(got)) != want {
+		tb.Fatalf("kernel %s is %q, the fixtures were made from %s: run `make deps`, or regenerate the fixtures (see realkernel_test.go)", path, strings.TrimSpace(string(got)), want)
 	}
 	return path
 }

@@ -167,8 +167,13 @@ func TestStore(t *testing.T) {
 }
 
 func TestDefaultStoreDir(t *testing.T) {
-	t.Setenv("XDG_CACHE_HOME", "/xdg")
+	t.Setenv("KVMCKPT_CACHE", "/c")
 	dir, err := DefaultStoreDir()
+	require.NoError(t, err)
+	require.Equal(t, "/c/profiles", dir)
+	t.Setenv("KVMCKPT_CACHE", "")
+	t.Setenv("XDG_CACHE_HOME", "/xdg")
+	dir, err = DefaultStoreDir()
 	require.NoError(t, err)
 	require.Equal(t, "/xdg/kvmckpt/profiles", dir)
 	t.Setenv("XDG_CACHE_HOME", "")

@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/kvmckpt/kvmckpt/internal/cachedir"
 )
 
 // Store is a directory of profiles, one "<Name>.json" file each. Saves are
@@ -23,17 +25,15 @@ type StoreEntry struct {
 	Path    string
 }
 
-// DefaultStoreDir returns ${XDG_CACHE_HOME:-$HOME/.cache}/kvmckpt/profiles.
+// DefaultStoreDir returns the profiles directory of kvmckpt's cache
+// (see [cachedir.Dir]): $KVMCKPT_CACHE/profiles, by default
+// ~/.cache/kvmckpt/profiles.
 func DefaultStoreDir() (string, error) {
-	cache := os.Getenv("XDG_CACHE_HOME")
-	if cache == "" || !filepath.IsAbs(cache) {
-		home, err := os.UserHomeDir()
-		if err != nil {
-			return "", fmt.Errorf("find profile store: %w", err)
-		}
-		cache = filepath.Join(home, ".cache")
+	dir, err := cachedir.Path("profiles")
+	if err != nil {
+		return "", fmt.Errorf("find profile store: %w", err)
 	}
-	return filepath.Join(cache, "kvmckpt", "profiles"), nil
+	return dir, nil
 }
 
 // DefaultStore returns the Store in [DefaultStoreDir].

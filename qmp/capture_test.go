@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kvmckpt/kvmckpt/internal/cachedir"
 )
 
 var capture = flag.Bool("qmp.capture", false, "regenerate the monitor output in testdata/ from real QEMU processes (slow)")
@@ -40,12 +42,8 @@ func kernelPath() string {
 	if k := os.Getenv("KVMCKPT_KERNEL"); strings.Contains(k, "/") {
 		return k
 	}
-	dir := os.Getenv("KVMCKPT_CACHE")
-	if dir == "" {
-		cache, _ := os.UserCacheDir()
-		dir = filepath.Join(cache, "kvmckpt")
-	}
-	return filepath.Join(dir, "kernels", "amd64", "vmlinuz")
+	path, _ := cachedir.Path("kernels", "amd64", "vmlinuz")
+	return path
 }
 
 func fixtureVMs() []fixtureVM {

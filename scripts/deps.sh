@@ -4,14 +4,14 @@
 #
 #   scripts/deps.sh [FLAVOUR=PACKAGE ...]
 #
-# Kernels are cached outside git under $KVMCKPT_CACHE (default
-# ${XDG_CACHE_HOME:-$HOME/.cache}/kvmckpt) as kernels/FLAVOUR/vmlinuz, with
-# the package's config and its name beside it. When the requested build has
+# Kernels are cached outside git under $KVMCKPT_CACHE (the Makefile sets it)
+# as kernels/FLAVOUR/vmlinuz, with the package's config and its name beside
+# it. When the requested build has
 # left the archive, the newest linux-image-*-FLAVOUR-unsigned on offer is
 # used instead, and the script says so.
 set -euo pipefail
 
-cache=${KVMCKPT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvmckpt}
+cache=${KVMCKPT_CACHE:?KVMCKPT_CACHE is not set: run make deps}
 packages=(qemu-system-x86 busybox-static cpio)
 kernels=("$@")
 if [ ${#kernels[@]} -eq 0 ]; then

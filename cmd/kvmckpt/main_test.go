@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -238,6 +239,30 @@ func waitPaused(t *testing.T, sock string, timeout time.Duration) {
 	t.Fatal("kvmckpt never paused the guest")
 }
 
+// waitLocked waits until the kvmckpt process cmd holds a flock (the
+// guest's lock: it takes no other), or has exited. It reads /proc/locks
+// rather than probing the lock, which could make kvmckpt find it busy.
+func waitLocked(t *testing.T, cmd *exec.Cmd, timeout time.Duration) {
+	t.Helper()
+	pid := strconv.Itoa(cmd.Process.Pid)
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		b, err := os.ReadFile("/proc/locks")
+		require.NoError(t, err)
+		for _, line := range strings.Split(string(b), "\n") {
+			// "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
+			if f := strings.Fields(line); len(f) > 4 && f[1] == "FLOCK" && f[4] == pid {
+				return
+			}
+		}
+		if st, err := os.ReadFile("/proc/" + pid + "/stat"); err != nil || strings.Contains(string(st), ") Z ") {
+			return // exited
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	t.Fatal("kvmckpt never took the guest's lock")
+}
+
 // TestFaults interrupts saves and restores: by a signal to kvmckpt, and by
 // QEMU dying under it. Each must end quickly with a clear error, no partial
 // file and, where the guest survives, the guest in its prior run state.
@@ -307,7 +332,10 @@ func TestFaults(t *testing.T) {
 		tcfg.Incoming = true
 		dst := vmtest.Boot(t, tcfg)
 		cmd, errOut := start(t, "restore", "-i", good, "--qmp", dst.QMPPath)
-		time.Sleep(20 * time.Millisecond)
+		// Signal it once it holds the target's lock: its signal handler
+		// is in place by then (installed before any work starts), so the
+		// signal must end it in order, never by the default action.
+		waitLocked(t, cmd, 20*time.Second)
 		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
 		code := wait(t, cmd)
 		t.Logf("exit %d: %s", code, errOut)
@@ -348,12 +376,14 @@ func TestFaults(t *testing.T) {
 	})
 }
 
-// isolateProfiles points the profile store at dir for the test, keeping
-// the test bed's kernel cache where it is.
+// isolateProfiles points kvmckpt's cache, and so its profile store, at
+// dir for the test. The test bed's kernel stays the one already resolved.
 func isolateProfiles(t *testing.T, dir string) {
 	t.Helper()
-	t.Setenv("KVMCKPT_CACHE", vmtest.CacheDir())
-	t.Setenv("XDG_CACHE_HOME", dir)
+	kernel, err := vmtest.KernelPath("")
+	require.NoError(t, err, "run make deps")
+	t.Setenv("KVMCKPT_KERNEL", kernel)
+	t.Setenv("KVMCKPT_CACHE", dir)
 }
 
 func checkpointVerify(path string) error { return checkpoint.Verify(path, nil, nil) }
@@ -394,7 +424,9 @@ func TestProfileCommands(t *testing.T) {
 	code, _, stderr = cli(t, "profile", "build", "--isf", isf[0], "-o", filepath.Join(dir, "isf.json"))
 	assert.Equal(t, exitOK, code, stderr)
 
-	code, _, stderr = cli(t, "profile", "build", "--kernel", "/etc/hostname")
+	notKernel := filepath.Join(dir, "not-a-kernel")
+	require.NoError(t, os.WriteFile(notKernel, []byte("hostname\n"), 0o600))
+	code, _, stderr = cli(t, "profile", "build", "--kernel", notKernel)
 	assert.Equal(t, exitFailed, code)
 	assert.Contains(t, stderr, "not an x86 bzImage or ELF vmlinux")
 	code, _, stderr = cli(t, "profile", "show", "no-such-profile")

@@ -10,19 +10,20 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/kvmckpt/kvmckpt/internal/cachedir"
 )
 
-// CacheDir is where `make deps` keeps kernels: $KVMCKPT_CACHE, else
-// ${XDG_CACHE_HOME:-$HOME/.cache}/kvmckpt.
+// CacheDir is kvmckpt's cache (see [cachedir.Dir]), where `make deps`
+// keeps the test kernels and emulators.
 func CacheDir() string {
-	if d := os.Getenv("KVMCKPT_CACHE"); d != "" {
-		return d
+	d, err := cachedir.Dir()
+	if err != nil {
+		// Only without HOME and KVMCKPT_CACHE; every path below it
+		// then fails to resolve with a message naming it.
+		return filepath.Join(os.TempDir(), "kvmckpt-no-cache")
 	}
-	if d := os.Getenv("XDG_CACHE_HOME"); d != "" {
-		return filepath.Join(d, "kvmckpt")
-	}
-	home, _ := os.UserHomeDir()
-	return filepath.Join(home, ".cache", "kvmckpt")
+	return d
 }
 
 // KernelPath resolves a kernel flavour ("amd64", "cloud-amd64") cached by
