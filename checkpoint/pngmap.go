@@ -7,12 +7,13 @@ import (
 	"image/color"
 	"image/draw"
 	"image/png"
-	"os"
+	"io"
 
 	"golang.org/x/image/font"
 	"golang.org/x/image/font/basicfont"
 	"golang.org/x/image/math/fixed"
 
+	"github.com/kvmckpt/kvmckpt/internal/safefile"
 	"github.com/kvmckpt/kvmckpt/pagemap"
 )
 
@@ -77,18 +78,15 @@ func drawMap(path string, save, free *pagemap.Bitmap, zeroOrHole func(page uint6
 	}
 	d.Dot = fixed.P(x, y+11)
 	d.DrawString(fmt.Sprintf("%d page/pixel, %d MiB/row, RAM file order", per, per*w*4096>>20))
-	f, err := os.Create(path)
+	err := safefile.Write(path, 0o644, func(f io.Writer) error {
+		bw := bufio.NewWriter(f)
+		if err := png.Encode(bw, img); err != nil {
+			return err
+		}
+		return bw.Flush()
+	})
 	if err != nil {
 		return fmt.Errorf("write map: %w", err)
 	}
-	bw := bufio.NewWriter(f)
-	if err := png.Encode(bw, img); err != nil {
-		f.Close()
-		return fmt.Errorf("write map: %w", err)
-	}
-	if err := bw.Flush(); err != nil {
-		f.Close()
-		return fmt.Errorf("write map: %w", err)
-	}
-	return f.Close()
+	return nil
 }

@@ -5,8 +5,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"os"
 
+	"github.com/kvmckpt/kvmckpt/internal/safefile"
 	"github.com/kvmckpt/kvmckpt/introspect"
 	"github.com/kvmckpt/kvmckpt/profiles"
 	"github.com/kvmckpt/kvmckpt/qmp"
@@ -20,7 +20,7 @@ const vmcoreinfoMax = 4096
 // guest's, or one built from the guest's own memory, which is then stored.
 func (g *guest) profile(ctx context.Context, opt ScanOptions, regs qmp.Registers) (*profiles.Profile, error) {
 	if opt.Profile != "" && opt.Profile != "auto" {
-		f, err := os.Open(opt.Profile)
+		f, err := safefile.Open(opt.Profile)
 		if err != nil {
 			return nil, fmt.Errorf("open profile: %w", err)
 		}
@@ -94,10 +94,11 @@ func readVmcoreinfo(img *introspect.KernelImage, p *profiles.Profile) []byte {
 // lookupStored finds a stored profile whose banner is in guest memory at
 // that profile's linux_banner: the guest runs the build it describes.
 func lookupStored(store profiles.Store, img *introspect.KernelImage, log *slog.Logger) *profiles.Profile {
+	// A file that does not decode is left out of the list and reported;
+	// the others still serve.
 	list, err := store.List()
 	if err != nil {
-		log.Warn("cannot list stored profiles", "err", err)
-		return nil
+		log.Warn("some stored profiles cannot be read; they are passed over", "dir", store.Dir, "err", err)
 	}
 	for _, e := range list {
 		p, err := store.Lookup(e.Banner)

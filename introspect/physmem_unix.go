@@ -5,10 +5,11 @@ package introspect
 import (
 	"fmt"
 	"math"
-	"os"
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kvmckpt/kvmckpt/internal/safefile"
 )
 
 // MapFile maps the first size bytes of the guest RAM file at path read-only
@@ -26,7 +27,7 @@ import (
 // On tmpfs, touching a page that is a hole in the file allocates it (see
 // package pagemap's Holes); callers should skip holes rather than read them.
 func MapFile(path string, size int64) (data []byte, unmap func() error, err error) {
-	f, err := os.Open(path)
+	f, err := safefile.Open(path)
 	if err != nil {
 		return nil, nil, fmt.Errorf("map guest RAM: %w", err)
 	}

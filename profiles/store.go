@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/kvmckpt/kvmckpt/internal/cachedir"
+	"github.com/kvmckpt/kvmckpt/internal/safefile"
 )
 
 // Store is a directory of profiles, one "<Name>.json" file each. Saves are
@@ -128,7 +129,7 @@ func (s Store) Save(p *Profile) (string, error) {
 }
 
 func readProfileFile(path string) (*Profile, error) {
-	f, err := os.Open(path)
+	f, err := safefile.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("read profile: %w", err)
 	}

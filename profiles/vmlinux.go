@@ -9,10 +9,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/kvmckpt/kvmckpt/internal/safefile"
 )
 
 const (
@@ -57,7 +58,7 @@ func BuildFromImage(path string) (*Profile, error) {
 func BuildFromImageWithOptions(path string, opts BuildOptions) (*Profile, error) {
 	var ext map[string]uint64
 	if opts.SystemMap != "" {
-		f, err := os.Open(opts.SystemMap)
+		f, err := safefile.Open(opts.SystemMap)
 		if err != nil {
 			return nil, fmt.Errorf("open System.map: %w", err)
 		}
@@ -67,7 +68,7 @@ func BuildFromImageWithOptions(path string, opts BuildOptions) (*Profile, error)
 			return nil, fmt.Errorf("read System.map %s: %w", opts.SystemMap, err)
 		}
 	}
-	f, err := os.Open(path)
+	f, err := safefile.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("open kernel image: %w", err)
 	}

@@ -8,7 +8,6 @@ import (
 	"hash/crc32"
 	"io"
 	"iter"
-	"os"
 	"runtime"
 	"runtime/debug"
 	"sync"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/pierrec/lz4/v4"
 
+	"github.com/kvmckpt/kvmckpt/internal/safefile"
 	"github.com/kvmckpt/kvmckpt/pagemap"
 )
 
@@ -61,7 +61,7 @@ func Open(path string) (*Reader, error) { return OpenKey(path, nil) }
 // OpenKey is [Open] with a key, for a checkpoint that may be encrypted;
 // see [NewReaderKey]. The caller must Close the Reader.
 func OpenKey(path string, key []byte) (*Reader, error) {
-	f, err := os.Open(path)
+	f, err := safefile.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("open checkpoint: %w", err)
 	}

@@ -10,7 +10,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
+
+	"github.com/kvmckpt/kvmckpt/internal/safefile"
 )
 
 // KeySize is the size in bytes of an encryption key: an AES-256 key.
@@ -173,7 +174,7 @@ func (s *sealer) openBlocks(part Part, off int64, b []byte) ([]byte, error) {
 // them. It refuses a file that its group or others may access, as ssh
 // does a private key: the key opens every checkpoint sealed with it.
 func LoadKeyFile(path string) ([]byte, error) {
-	f, err := os.Open(path)
+	f, err := safefile.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("load key file: %w", err)
 	}

@@ -3,9 +3,9 @@ package main
 import (
 	"context"
 	"fmt"
-	"strings"
 
 	"github.com/kvmckpt/kvmckpt/checkpoint"
+	"github.com/kvmckpt/kvmckpt/internal/term"
 )
 
 func cmdInspect(ctx context.Context, e *env, args []string) error {
@@ -31,13 +31,16 @@ func cmdInspect(ctx context.Context, e *env, args []string) error {
 		return e.printJSON(info)
 	}
 	w := e.stdout
-	fmt.Fprintf(w, "checkpoint:   %s (%s)\n", info.Path, mib(info.FileBytes))
+	// Every string below but the file's own path comes from the
+	// checkpoint: untrusted, so escaped for the terminal.
+	esc := term.Escape
+	fmt.Fprintf(w, "checkpoint:   %s (%s)\n", esc(info.Path), mib(info.FileBytes))
 	fmt.Fprintf(w, "created:      %s\n", info.Created.Format("2006-01-02 15:04:05 MST"))
-	fmt.Fprintf(w, "kernel:       %s\n", info.KernelBanner)
-	fmt.Fprintf(w, "profile:      %s\n", info.Profile)
-	fmt.Fprintf(w, "qemu:         %s, machine %s\n", info.QEMUVersion, info.MachineType)
+	fmt.Fprintf(w, "kernel:       %s\n", esc(info.KernelBanner))
+	fmt.Fprintf(w, "profile:      %s\n", esc(info.Profile))
+	fmt.Fprintf(w, "qemu:         %s, machine %s\n", esc(info.QEMUVersion), esc(info.MachineType))
 	for _, r := range info.Regions {
-		fmt.Fprintf(w, "ram:          %s %d MiB (source %s)\n", r.ID, r.Size>>20, r.MemPath)
+		fmt.Fprintf(w, "ram:          %s %d MiB (source %s)\n", esc(r.ID), r.Size>>20, esc(r.MemPath))
 		for _, m := range r.Mappings {
 			fmt.Fprintf(w, "                guest-physical [%#x, %#x) at offset %#x\n", m.GPA, m.GPA+m.Size, m.Offset)
 		}
@@ -51,8 +54,8 @@ func cmdInspect(ctx context.Context, e *env, args []string) error {
 	}
 	fmt.Fprintf(w, "storage:      %d chunks, %s, %s, fill byte %#02x, device state %s\n", info.Chunks, info.Compression, enc, info.FillByte, mib(info.DeviceStateBytes))
 	if len(info.RestoreCommandLine) > 0 {
-		fmt.Fprintf(w, "restore into: %s\n", shellJoin(info.RestoreCommandLine))
-		fmt.Fprintf(w, "              (give it its own mem-path and QMP socket, then: kvmckpt restore -i %s --qmp SOCKET --resume)\n", info.Path)
+		fmt.Fprintf(w, "restore into: %s\n", term.ShellJoin(info.RestoreCommandLine))
+		fmt.Fprintf(w, "              (give it its own mem-path and QMP socket, then: kvmckpt restore -i %s --qmp SOCKET --resume)\n", term.ShellQuote(info.Path))
 	}
 	return nil
 }
@@ -79,19 +82,4 @@ func cmdVerify(ctx context.Context, e *env, args []string) error {
 	}
 	fmt.Fprintf(e.stdout, "%s: every checksum holds\n", pos[0])
 	return nil
-}
-
-// shellJoin quotes argv for a POSIX shell.
-func shellJoin(argv []string) string {
-	q := make([]string, len(argv))
-	for i, a := range argv {
-		if a != "" && strings.IndexFunc(a, func(r rune) bool {
-			return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_./=,:@+", r))
-		}) < 0 {
-			q[i] = a
-		} else {
-			q[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
-		}
-	}
-	return strings.Join(q, " ")
 }

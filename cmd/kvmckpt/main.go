@@ -21,6 +21,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/kvmckpt/kvmckpt/internal/term"
 )
 
 func main() {
@@ -39,7 +41,8 @@ func main() {
 		if cause := context.Cause(ctx); cause != nil && !errors.Is(err, errInterrupted) {
 			err = fmt.Errorf("%w: %w", cause, err)
 		}
-		fmt.Fprintf(os.Stderr, "kvmckpt: %v\n", err)
+		// Errors quote guest, QEMU and checkpoint text: escaped.
+		fmt.Fprintf(os.Stderr, "kvmckpt: %s\n", term.EscapeText(err.Error()))
 	}
 	os.Exit(exitCode(ctx, err))
 }

@@ -2,12 +2,15 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"sort"
 	"strings"
 	"text/tabwriter"
 
+	"github.com/kvmckpt/kvmckpt/internal/safefile"
+	"github.com/kvmckpt/kvmckpt/internal/term"
 	"github.com/kvmckpt/kvmckpt/profiles"
 )
 
@@ -44,7 +47,7 @@ func profileBuild(e *env, args []string) error {
 		p, err = profiles.BuildFromImageWithOptions(*kernel, profiles.BuildOptions{SystemMap: *systemMap})
 	} else {
 		var f *os.File
-		if f, err = os.Open(*isf); err != nil {
+		if f, err = safefile.Open(*isf); err != nil {
 			return err
 		}
 		p, err = profiles.FromISF(f)
@@ -63,19 +66,11 @@ func profileBuild(e *env, args []string) error {
 			return err
 		}
 	} else {
-		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-		if err != nil {
-			return err
-		}
-		if err := p.Encode(f); err != nil {
-			f.Close()
-			return err
-		}
-		if err := f.Close(); err != nil {
+		if err := safefile.Write(path, 0o644, p.Encode); err != nil {
 			return err
 		}
 	}
-	fmt.Fprintf(e.stdout, "profile %s (%d symbols, %d structs) written to %s\n", p.Name, len(p.Symbols), len(p.Structs), path)
+	fmt.Fprintf(e.stdout, "profile %s (%d symbols, %d structs) written to %s\n", term.Escape(p.Name), len(p.Symbols), len(p.Structs), term.Escape(path))
 	return nil
 }
 
@@ -90,12 +85,13 @@ func profileList(e *env, args []string) error {
 	}
 	list, err := store.List()
 	if err != nil {
-		return err
+		// The readable ones are listed all the same.
+		fmt.Fprintf(e.stderr, "kvmckpt: warning: %s\n", term.Escape(err.Error()))
 	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "NAME\tRELEASE\tPATH\n")
 	for _, p := range list {
-		fmt.Fprintf(tw, "%s\t%s\t%s\n", p.Name, p.Release, p.Path)
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", term.Escape(p.Name), term.Escape(p.Release), term.Escape(p.Path))
 	}
 	return tw.Flush()
 }
@@ -118,44 +114,46 @@ func profileShow(e *env, args []string) error {
 		return p.Encode(e.stdout)
 	}
 	w := e.stdout
-	fmt.Fprintf(w, "name:    %s\nbanner:  %s\nrelease: %s\nsource:  %s\n", p.Name, p.Banner, p.Release, p.Source)
+	esc := term.Escape // a profile is untrusted input
+	fmt.Fprintf(w, "name:    %s\nbanner:  %s\nrelease: %s\nsource:  %s\n", esc(p.Name), esc(p.Banner), esc(p.Release), esc(p.Source))
 	if p.BuildID != "" {
-		fmt.Fprintf(w, "build id: %s\n", p.BuildID)
+		fmt.Fprintf(w, "build id: %s\n", esc(p.BuildID))
 	}
 	fmt.Fprintf(w, "symbols:\n")
 	for _, n := range sortedKeys(p.Symbols) {
-		fmt.Fprintf(w, "  %-28s %#x\n", n, p.Symbols[n])
+		fmt.Fprintf(w, "  %-28s %#x\n", esc(n), p.Symbols[n])
 	}
 	fmt.Fprintf(w, "structs:\n")
 	for _, n := range sortedKeys(p.Structs) {
 		s := p.Structs[n]
 		var fields []string
 		for _, f := range sortedKeys(s.Fields) {
-			fields = append(fields, fmt.Sprintf("%s@%d", f, s.Fields[f].Offset))
+			fields = append(fields, fmt.Sprintf("%s@%d", esc(f), s.Fields[f].Offset))
 		}
-		fmt.Fprintf(w, "  %-16s size %-5d %s\n", n, s.Size, strings.Join(fields, " "))
+		fmt.Fprintf(w, "  %-16s size %-5d %s\n", esc(n), s.Size, strings.Join(fields, " "))
 	}
 	fmt.Fprintf(w, "constants:\n")
 	for _, n := range sortedKeys(p.Constants) {
-		fmt.Fprintf(w, "  %-28s %d\n", n, p.Constants[n])
+		fmt.Fprintf(w, "  %-28s %d\n", esc(n), p.Constants[n])
 	}
 	return nil
 }
 
 // loadProfile reads a profile file, or a stored profile by name.
 func loadProfile(nameOrPath string) (*profiles.Profile, error) {
-	if f, err := os.Open(nameOrPath); err == nil {
+	f, err := safefile.Open(nameOrPath)
+	if err == nil {
 		defer f.Close()
 		return profiles.Decode(f)
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("profile: %w", err)
 	}
 	store, err := profiles.DefaultStore()
 	if err != nil {
 		return nil, err
 	}
-	list, err := store.List()
-	if err != nil {
-		return nil, err
-	}
+	list, _ := store.List() // unreadable files are not the one asked for
 	for _, p := range list {
 		if p.Name == nameOrPath {
 			return loadProfile(p.Path)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/kvmckpt/kvmckpt/checkpoint"
+	"github.com/kvmckpt/kvmckpt/internal/term"
 	"github.com/kvmckpt/kvmckpt/writer"
 )
 
@@ -66,7 +67,7 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	fmt.Fprintf(e.stdout, "guest paused %d ms (scan %d, pages %d, device state %d, sync %d), total %d ms; guest is %s\n",
 		res.PauseMS, res.ScanMS, res.PagesMS, res.DeviceStateMS, res.SyncMS, res.DurationMS, res.GuestState)
 	for _, w := range res.Warnings {
-		fmt.Fprintf(e.stderr, "warning: %s\n", w)
+		fmt.Fprintf(e.stderr, "warning: %s\n", term.EscapeText(w))
 	}
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/kvmckpt/kvmckpt/checkpoint"
+	"github.com/kvmckpt/kvmckpt/internal/term"
 )
 
 func cmdScan(ctx context.Context, e *env, args []string) error {
@@ -29,7 +30,7 @@ func cmdScan(ctx context.Context, e *env, args []string) error {
 	}
 	pct := func(n uint64) string { return fmt.Sprintf("%5.1f%%", 100*float64(n)/float64(max(st.PagesTotal, 1))) }
 	tw := tabwriter.NewWriter(e.stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(e.stdout, "kernel:  %s\nprofile: %s\n", st.Banner, st.Profile)
+	fmt.Fprintf(e.stdout, "kernel:  %s\nprofile: %s\n", term.Escape(st.Banner), term.Escape(st.Profile))
 	fmt.Fprintf(tw, "\tpages\tMiB\tshare\t\n")
 	for _, r := range []struct {
 		name string
@@ -43,7 +44,7 @@ func cmdScan(ctx context.Context, e *env, args []string) error {
 	tw.Flush()
 	fmt.Fprintf(e.stdout, "walk %d ms, guest paused %d ms, total %d ms\n", st.WalkMS, st.PauseMS, st.DurationMS)
 	for _, w := range st.Warnings {
-		fmt.Fprintf(e.stderr, "warning: %s\n", w)
+		fmt.Fprintf(e.stderr, "warning: %s\n", term.EscapeText(w))
 	}
 	if *mapPNG != "" {
 		fmt.Fprintf(e.stdout, "map: %s\n", *mapPNG)
