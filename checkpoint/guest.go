@@ -28,6 +28,9 @@ var (
 	ErrGuestState = errors.New("guest not in a state to checkpoint")
 	// ErrRAMBackend means the guest's RAM is not a shared file kvmckpt can map.
 	ErrRAMBackend = errors.New("guest RAM is not a shared file backend")
+	// ErrUnsafePath means a directory or file kvmckpt would use could be
+	// changed by another user, or is not of the kind it must be.
+	ErrUnsafePath = errors.New("unsafe path")
 )
 
 // ramHint shows the QEMU options kvmckpt needs.
@@ -59,10 +62,9 @@ type guest struct {
 // it. A kvmckpt holds an exclusive flock on it while it works on the guest.
 // It returns "" if the socket does not exist.
 //
-// The file is in /run/lock, where every process on the host sees the same
-// files whatever its TMPDIR (and systemd's PrivateTmp does not hide them),
-// or in the temporary directory where /run/lock is missing or not ours to
-// write (some distributions keep it for root).
+// The file is in [RunDir], a directory only the user running kvmckpt can
+// write: lock files double as pause records that decide whether a guest is
+// resumed, so nobody else may create, hold or replace them.
 func LockPath(socket string) string {
 	p, _ := lockPath(SocketPath(socket))
 	return p
@@ -74,14 +76,50 @@ func lockPath(socket string) (string, error) {
 		return "", fmt.Errorf("QMP socket %s: %w", socket, err)
 	}
 	sum := sha256.Sum256(fmt.Appendf(nil, "%d:%d", st.Dev, st.Ino))
-	return filepath.Join(lockDir(), "kvmckpt-"+hex.EncodeToString(sum[:8])+".lock"), nil
+	return filepath.Join(RunDir(), "kvmckpt-"+hex.EncodeToString(sum[:8])+".lock"), nil
 }
 
-func lockDir() string {
-	if st, err := os.Stat("/run/lock"); err == nil && st.IsDir() && unix.Access("/run/lock", unix.W_OK) == nil {
-		return "/run/lock"
+// RunDirEnv names the variable that overrides [RunDir].
+const RunDirEnv = "KVMCKPT_RUN_DIR"
+
+// RunDir is where kvmckpt keeps its lock files: $KVMCKPT_RUN_DIR if set;
+// for root /run/kvmckpt; for another user $XDG_RUNTIME_DIR/kvmckpt, else
+// kvmckpt-UID in the temporary directory. [ensureRunDir] makes it and
+// checks it before any use.
+func RunDir() string {
+	if d := os.Getenv(RunDirEnv); d != "" {
+		return d
 	}
-	return os.TempDir()
+	if os.Geteuid() == 0 {
+		return "/run/kvmckpt"
+	}
+	if d := os.Getenv("XDG_RUNTIME_DIR"); filepath.IsAbs(d) {
+		return filepath.Join(d, "kvmckpt")
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("kvmckpt-%d", os.Geteuid()))
+}
+
+// ensureRunDir makes dir (mode 0700) if it is missing and checks that it
+// is a directory, not a link, owned by this user and writable by nobody
+// else (group and others may read it). The error wraps [ErrUnsafePath].
+func ensureRunDir(dir string) error {
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("make lock directory: %w", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil {
+		return fmt.Errorf("lock directory: %w", err)
+	}
+	fix := fmt.Sprintf("remove it and kvmckpt makes it anew (or set %s to a directory only you can write)", RunDirEnv)
+	switch {
+	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
+		return fmt.Errorf("%w: lock directory %s is not a directory (a link or a file); %s", ErrUnsafePath, dir, fix)
+	case int(st.Uid) != os.Geteuid():
+		return fmt.Errorf("%w: lock directory %s belongs to uid %d, not to you (uid %d); %s", ErrUnsafePath, dir, st.Uid, os.Geteuid(), fix)
+	case st.Mode&0o022 != 0:
+		return fmt.Errorf("%w: lock directory %s has mode %04o: others may create or replace its lock files; chmod 700 %s, or %s", ErrUnsafePath, dir, st.Mode&0o7777, dir, fix)
+	}
+	return nil
 }
 
 // SocketPath strips an optional "unix:" prefix.
@@ -101,6 +139,10 @@ func openGuest(ctx context.Context, socket string, log *slog.Logger) (*guest, er
 	}
 	sess, err := qmp.Dial(ctx, socket)
 	if err != nil {
+		// Still locked: nobody else can have written a record into it.
+		if st, serr := lf.Stat(); serr == nil && st.Size() == 0 {
+			_ = os.Remove(lp)
+		}
 		lf.Close()
 		return nil, err
 	}
@@ -131,17 +173,29 @@ func openSaveable(ctx context.Context, socket string, log *slog.Logger) (*guest,
 	return g, nil
 }
 
-// lockFile opens and locks the lock file at path. A holder removes the file
+// lockFile opens and locks the lock file at path, in a directory that
+// [ensureRunDir] checked. It neither follows a link nor blocks: the lock is
+// taken with LOCK_NB, and the open with O_NONBLOCK, so whatever is at the
+// path (a FIFO included) cannot stall kvmckpt. A holder removes the file
 // when it is done and holds no pause record (see [guest.close]), so a file
 // opened just before that removal is locked in vain: the lock must be on
 // the file that is at path once it is held.
 func lockFile(path string) (*os.File, error) {
+	if err := ensureRunDir(filepath.Dir(path)); err != nil {
+		return nil, err
+	}
 	for range 10 {
-		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
+		fd, err := unix.Open(path, unix.O_RDWR|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0o600)
 		if err != nil {
-			return nil, fmt.Errorf("open lock file: %w", err)
+			return nil, fmt.Errorf("open lock file %s: %w", path, err)
 		}
-		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f := os.NewFile(uintptr(fd), path)
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || int(st.Uid) != os.Geteuid() {
+			f.Close()
+			return nil, fmt.Errorf("%w: lock file %s is not a regular file of yours; remove it", ErrUnsafePath, path)
+		}
+		if err := syscall.Flock(fd, syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 			f.Close()
 			if errors.Is(err, syscall.EWOULDBLOCK) {
 				return nil, fmt.Errorf("%w (lock %s held); wait for it to finish", ErrBusy, path)

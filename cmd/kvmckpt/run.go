@@ -72,7 +72,9 @@ func run(ctx context.Context, stdout, stderr io.Writer, args []string) error {
 	if !ok {
 		return usagef("unknown command %q (see kvmckpt --help)", args[0])
 	}
-	e := &env{stdout: stdout, stderr: stderr, log: slog.New(slog.DiscardHandler)}
+	// Warnings reach stderr whatever the flags (an earlier kvmckpt killed
+	// mid-save, a profile that could not be stored); -v adds the rest.
+	e := &env{stdout: stdout, stderr: stderr, log: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 	return cmd(ctx, e, args[1:])
 }
 
