@@ -267,7 +267,16 @@ func TestRestoreLaunch(t *testing.T) {
 			assert.Equal(t, "running", l.GuestState)
 			assert.Contains(t, l.Args, "defer")
 			assert.Len(t, l.RAMFiles, len(g.RAMPaths))
-			serial := g.SerialPath + ".restored"
+			// Guest memory and the monitor are the user's alone.
+			for _, f := range append(append([]string(nil), l.RAMFiles...), l.QMP) {
+				st, err := os.Stat(f)
+				require.NoError(t, err)
+				assert.Zero(t, st.Mode().Perm()&0o077, "%s is mode %v: others may read it", f, st.Mode().Perm())
+			}
+			// The copy writes its own serial file, not the source's.
+			serial := l.Paths[g.SerialPath]
+			require.NotEmpty(t, serial, "the serial file was moved: %v", l.Paths)
+			t.Cleanup(func() { os.Remove(serial) })
 			deadline := time.Now().Add(time.Minute)
 			for {
 				b, _ := os.ReadFile(serial)

@@ -41,6 +41,10 @@ type Launched struct {
 	RAMFiles []string `json:"ram_files"`
 	Log      string   `json:"log"`
 	Args     []string `json:"args"`
+	// Paths maps every other path of the recorded command line that the
+	// copy would have shared with the source (sockets, files, the pid
+	// file) to the copy's own.
+	Paths map[string]string `json:"paths,omitempty"`
 	RestoreResult
 }
 
@@ -69,7 +73,7 @@ func RestoreLaunch(ctx context.Context, opt LaunchOptions) (*Launched, error) {
 		QMP: filepath.Join(dir, name+".qmp"),
 		Log: filepath.Join(dir, name+".log"),
 	}
-	l.Args, l.RAMFiles, err = launchArgs(h.CommandLine, filepath.Join(dir, name), l.QMP)
+	l.Args, l.RAMFiles, l.Paths, err = launchPaths(h.CommandLine, filepath.Join(dir, name), l.QMP)
 	if err != nil {
 		return nil, err
 	}
@@ -79,8 +83,28 @@ func RestoreLaunch(ctx context.Context, opt LaunchOptions) (*Launched, error) {
 	} else if l.Args[0], err = qemuBinary(l.Args[0]); err != nil {
 		return nil, err
 	}
+	removeOurs := func() {
+		for _, f := range l.RAMFiles {
+			os.Remove(f)
+		}
+		for _, p := range l.Paths {
+			os.Remove(p)
+		}
+		os.Remove(l.QMP)
+	}
+	// The RAM files hold guest memory: made here, 0600, before QEMU
+	// opens them (it would create them with its umask, readable by all).
+	for _, f := range l.RAMFiles {
+		fd, err := os.OpenFile(f, os.O_RDWR|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+		if err != nil {
+			removeOurs()
+			return nil, fmt.Errorf("create RAM file: %w", err)
+		}
+		fd.Close()
+	}
 	logf, err := os.OpenFile(l.Log, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
+		removeOurs()
 		return nil, fmt.Errorf("create QEMU log: %w", err)
 	}
 	defer logf.Close()
@@ -89,7 +113,14 @@ func RestoreLaunch(ctx context.Context, opt LaunchOptions) (*Launched, error) {
 	// Its own session: the restored guest outlives kvmckpt and its
 	// terminal.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
+	// And a umask that keeps what QEMU creates (its QMP socket, serial
+	// files) to this user: the umask is the process's, so it is set
+	// around the fork alone.
+	old := syscall.Umask(0o077)
+	err = cmd.Start()
+	syscall.Umask(old)
+	if err != nil {
+		removeOurs()
 		return nil, fmt.Errorf("start QEMU: %w", err)
 	}
 	l.PID = cmd.Process.Pid
@@ -98,10 +129,7 @@ func RestoreLaunch(ctx context.Context, opt LaunchOptions) (*Launched, error) {
 	fail := func(err error) (*Launched, error) {
 		_ = cmd.Process.Kill()
 		<-exited
-		for _, f := range l.RAMFiles {
-			os.Remove(f)
-		}
-		os.Remove(l.QMP)
+		removeOurs()
 		log, _ := os.ReadFile(l.Log)
 		if len(log) > 0 {
 			err = fmt.Errorf("%w\nQEMU said: %s", err, strings.TrimSpace(string(log)))
@@ -135,20 +163,47 @@ func RestoreLaunch(ctx context.Context, opt LaunchOptions) (*Launched, error) {
 	return l, nil
 }
 
-// launchArgs makes a restore target's argv from a source's: the RAM
-// backends' mem-paths and the QMP socket are replaced by new ones (RAM
-// files named from base: base.ram, then base-1.ram, base-2.ram and so on,
-// returned in order), file outputs get a ".restored" suffix so the
-// source's are not overwritten, and "-incoming defer -S" is added.
+// launchArgs makes a restore target's argv from a source's. Nothing the
+// copy creates may be something the source uses: the source may still run,
+// and QEMU replaces an existing unix socket at a listening path, so a copy
+// given the source's monitor path would take the operator's monitor over.
+// So every path the copy writes or listens on is moved to a new one named
+// from base (see [launchPaths]): RAM files (base.ram, then base-1.ram and
+// so on, returned in order), character-device sockets, files and pipes
+// (-chardev, -serial, -monitor, -parallel, -debugcon, -vnc unix:), the pid
+// file and the debug log. -qmp goes, replaced by qmpSock, and
+// "-incoming defer -S" is added. Options whose paths it does not know how
+// to move are refused.
 func launchArgs(src []string, base, qmpSock string) (args, ramFiles []string, err error) {
+	args, ramFiles, _, err = launchPaths(src, base, qmpSock)
+	return args, ramFiles, err
+}
+
+// launchPaths is [launchArgs] that also returns every moved path, the
+// recorded one mapped to the new one.
+func launchPaths(src []string, base, qmpSock string) (args, ramFiles []string, moved map[string]string, err error) {
 	args = RestoreCommandLine(src)
+	moved = map[string]string{}
+	n := 0
+	newPath := func(old, ext string) string {
+		n++
+		p := fmt.Sprintf("%s-%d-%s%s", base, n, sanitizeName(filepath.Base(old)), ext)
+		moved[old] = p
+		return p
+	}
 	var out []string
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		opt := "-" + strings.TrimLeft(a, "-")
-		// Only the options changed here are taken with their value; every
-		// other word passes through as it is.
-		if !strings.HasPrefix(a, "-") || !launchRewrites[opt] || i+1 >= len(args) {
+		if !strings.HasPrefix(a, "-") || i+1 >= len(args) {
+			out = append(out, a)
+			continue
+		}
+		if refused, why := launchRefuses(opt, args[i+1]); refused {
+			return nil, nil, nil, fmt.Errorf("%w: the recorded option %s %s %s; start the target by hand (see kvmckpt inspect) and use --qmp",
+				ErrInvalid, a, args[i+1], why)
+		}
+		if !launchRewrites[opt] {
 			out = append(out, a)
 			continue
 		}
@@ -162,25 +217,103 @@ func launchArgs(src []string, base, qmpSock string) (args, ramFiles []string, er
 			}
 			nv, n, err := replaceMemPath(v, file)
 			if err != nil {
-				return nil, nil, err
+				return nil, nil, nil, err
 			}
 			if n > 0 {
 				ramFiles = append(ramFiles, file)
 			}
 			v = nv
-		case "-qmp":
+		case "-qmp", "-qmp-pretty":
 			continue // replaced below
-		case "-serial", "-monitor", "-chardev":
-			v = suffixFileOutput(v)
-		case "-pidfile", "-D":
-			v += ".restored"
+		case "-chardev":
+			v = movePathOption(v, newPath)
+		case "-serial", "-monitor", "-parallel", "-debugcon", "-vnc":
+			v = moveLegacyChardev(v, newPath)
+		case "-pidfile":
+			v = newPath(v, "")
+		case "-D":
+			v = newPath(v, "")
+		}
+		if strings.Contains(v, "\x00") {
+			return nil, nil, nil, fmt.Errorf("%w: a recorded option holds a NUL byte", ErrInvalid)
 		}
 		out = append(out, a, v)
 	}
 	if len(ramFiles) == 0 {
-		return nil, nil, fmt.Errorf("%w: the recorded command line has no memory-backend-file with a mem-path", ErrRAMBackend)
+		return nil, nil, nil, fmt.Errorf("%w: the recorded command line has no memory-backend-file with a mem-path", ErrRAMBackend)
 	}
-	return append(out, "-qmp", "unix:"+qmpSock+",server=on,wait=off"), ramFiles, nil
+	return append(out, "-qmp", "unix:"+qmpSock+",server=on,wait=off"), ramFiles, moved, nil
+}
+
+// launchRewrites are the options launchPaths rewrites (all take a value).
+var launchRewrites = map[string]bool{"-object": true, "-qmp": true, "-qmp-pretty": true, "-serial": true, "-monitor": true,
+	"-parallel": true, "-debugcon": true, "-vnc": true, "-chardev": true, "-pidfile": true, "-D": true}
+
+// launchRefuses reports options with paths a launch cannot move: a SPICE
+// server on a unix socket, and a -add-fd or -incoming source it cannot
+// know to be the copy's own.
+func launchRefuses(opt, v string) (bool, string) {
+	switch {
+	case opt == "-spice" && strings.Contains(v, "unix=on"):
+		return true, "listens on a unix socket the source may be using"
+	case opt == "-add-fd":
+		return true, "passes a descriptor of the source's"
+	}
+	return false, ""
+}
+
+// sanitizeName keeps a file name's letters, digits, dots, dashes and
+// underscores, for the names of moved paths.
+func sanitizeName(s string) string {
+	s = strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '-' || r == '_' {
+			return r
+		}
+		return '_'
+	}, s)
+	if len(s) > 40 {
+		s = s[:40]
+	}
+	return s
+}
+
+// movePathOption moves the path= of a -chardev whose backend has one
+// (socket, unix, file, pipe, and the serial-port devices' paths are left:
+// they are devices, not files the copy creates).
+func movePathOption(v string, newPath func(old, ext string) string) string {
+	parts := strings.Split(v, ",")
+	switch parts[0] {
+	case "socket", "unix", "file", "pipe":
+	default:
+		return v
+	}
+	for i, p := range parts {
+		if old, ok := strings.CutPrefix(p, "path="); ok && old != "" {
+			parts[i] = "path=" + newPath(old, "")
+		}
+	}
+	return strings.Join(parts, ",")
+}
+
+// moveLegacyChardev moves the path of a legacy character-device spec:
+// "unix:PATH[,opts]", "file:PATH", "pipe:PATH".
+func moveLegacyChardev(v string, newPath func(old, ext string) string) string {
+	for _, prefix := range []string{"unix:", "file:", "pipe:"} {
+		rest, ok := strings.CutPrefix(v, prefix)
+		if !ok {
+			continue
+		}
+		path, opts, _ := strings.Cut(rest, ",")
+		if path == "" {
+			return v
+		}
+		nv := prefix + newPath(path, "")
+		if opts != "" {
+			nv += "," + opts
+		}
+		return nv
+	}
+	return v
 }
 
 // qemuNames are the program names a launch runs: QEMU's system
@@ -204,9 +337,6 @@ func qemuBinary(recorded string) (string, error) {
 	}
 	return p, nil
 }
-
-// launchRewrites are the options launchArgs rewrites (all take a value).
-var launchRewrites = map[string]bool{"-object": true, "-qmp": true, "-serial": true, "-monitor": true, "-chardev": true, "-pidfile": true, "-D": true}
 
 // replaceMemPath rewrites the mem-path of a memory-backend-file object,
 // given as key=value pairs or as JSON.
@@ -238,21 +368,4 @@ func replaceMemPath(v, path string) (string, int, error) {
 		}
 	}
 	return strings.Join(parts, ","), n, nil
-}
-
-// suffixFileOutput renames the file of a "file:PATH" or "file,path=PATH"
-// character device.
-func suffixFileOutput(v string) string {
-	if strings.HasPrefix(v, "file:") {
-		return v + ".restored"
-	}
-	parts := strings.Split(v, ",")
-	if parts[0] == "file" {
-		for i, p := range parts {
-			if strings.HasPrefix(p, "path=") {
-				parts[i] = p + ".restored"
-			}
-		}
-	}
-	return strings.Join(parts, ",")
 }

@@ -27,9 +27,34 @@ func TestLaunchArgs(t *testing.T) {
 	assert.Equal(t, []string{"/dev/shm/new.ram"}, files)
 	assert.Equal(t, []string{"qemu-system-x86_64", "-machine", "pc,accel=tcg,memory-backend=mem0", "-no-reboot",
 		"-object", "memory-backend-file,id=mem0,size=1G,mem-path=/dev/shm/new.ram,share=on",
-		"-nodefaults", "-serial", "file:/tmp/serial.log.restored",
+		"-nodefaults", "-serial", "file:/dev/shm/new-1-serial.log",
 		"-append", "console=ttyS0 -S", "-incoming", "defer", "-S",
 		"-qmp", "unix:/dev/shm/new.qmp,server=on,wait=off"}, got)
+
+	// libvirt's style of monitor: a chardev socket and -mon. The copy
+	// must not listen on the source's path (QEMU would replace the
+	// source's socket there); nor share any other socket, file or pid
+	// file.
+	libvirtStyle := []string{"qemu-system-x86_64", "-object", "memory-backend-file,id=mem0,size=1G,mem-path=/dev/shm/src.ram,share=on",
+		"-chardev", "socket,id=charmonitor,path=/run/vm/monitor.sock,server=on,wait=off", "-mon", "chardev=charmonitor,id=monitor,mode=control",
+		"-chardev", "file,id=log0,path=/var/log/vm.log", "-monitor", "unix:/run/vm/hmp.sock,server,nowait",
+		"-serial", "pipe:/run/vm/serial", "-pidfile", "/run/vm/qemu.pid", "-D", "/var/log/qemu-debug.log",
+		"-vnc", "unix:/run/vm/vnc.sock", "-chardev", "socket,id=tcp0,host=127.0.0.1,port=4555,server=on,wait=off"}
+	got, _, moved, err := launchPaths(libvirtStyle, "/dev/shm/new", "/dev/shm/new.qmp")
+	require.NoError(t, err)
+	joined := strings.Join(got, " ")
+	for _, old := range []string{"/run/vm/monitor.sock", "/var/log/vm.log", "/run/vm/hmp.sock", "/run/vm/serial", "/run/vm/qemu.pid", "/var/log/qemu-debug.log", "/run/vm/vnc.sock", "/dev/shm/src.ram"} {
+		assert.NotContains(t, joined, old, "the copy must not use the source's %s", old)
+	}
+	assert.Len(t, moved, 7)
+	for old, p := range moved {
+		assert.True(t, strings.HasPrefix(p, "/dev/shm/new-"), "%s moved to %s", old, p)
+	}
+	assert.Contains(t, got, "chardev=charmonitor,id=monitor,mode=control")
+	assert.Contains(t, got, "socket,id=tcp0,host=127.0.0.1,port=4555,server=on,wait=off", "a TCP port is not a path: QEMU refuses it if it is taken")
+
+	_, _, err = launchArgs([]string{"qemu", "-object", "memory-backend-file,id=m,size=1G,mem-path=/a,share=on", "-spice", "unix=on,addr=/run/spice.sock"}, "/r", "/q")
+	assert.ErrorIs(t, err, ErrInvalid)
 
 	json := []string{"qemu", "-object", `{"qom-type":"memory-backend-file","id":"m","mem-path":"/x","share":true,"size":1073741824}`}
 	got, _, err = launchArgs(json, "/dev/shm/n", "/q")

@@ -74,6 +74,9 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	if err := g.mapRAM(ctx, true); err != nil {
 		return nil, err
 	}
+	if err := g.checkRAMPrivate(); err != nil {
+		return nil, err
+	}
 	if err := g.matches(ctx, h); err != nil {
 		return nil, err
 	}
@@ -110,6 +113,36 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	}
 	res.DurationMS = time.Since(start).Milliseconds()
 	return res, nil
+}
+
+// checkRAMPrivate refuses a target whose RAM files another process maps:
+// a target started with the source's mem-path (as `inspect` once printed
+// it) shares the running source's memory, and a restore would overwrite
+// that guest. Only the target QEMU and kvmckpt itself may map them. When
+// the target's pid cannot be told (another pid namespace), one mapper is
+// taken to be the target.
+func (g *guest) checkRAMPrivate() error {
+	skip := []int{os.Getpid()}
+	allowed := 1
+	if pid, err := g.sess.PeerPID(); err == nil {
+		skip = append(skip, pid)
+		allowed = 0
+	}
+	for i, f := range g.files {
+		id, ok := fdID(f)
+		if !ok {
+			continue
+		}
+		m, err := mappersOf(id, skip...)
+		if err != nil {
+			return err
+		}
+		if len(m) > allowed {
+			return inUse("the target's RAM file", g.backends[i].MemPath, m[len(m)-1],
+				"start the restore target with a mem-path of its own (a new file), never the source's")
+		}
+	}
+	return nil
 }
 
 // matches checks that the target's RAM has the checkpoint's geometry:

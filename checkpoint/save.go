@@ -86,6 +86,11 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 			log.Info("removed a temporary file left by an interrupted save", "path", r)
 		}
 	}
+	// The output replaces whatever is at its path: never memory in use,
+	// such as the guest's own RAM file.
+	if err := checkNotMapped(opt.Output, "output", "write the checkpoint elsewhere"); err != nil {
+		return nil, err
+	}
 	caps, err := g.sess.MigrationCapabilities(ctx)
 	if err != nil {
 		return nil, err

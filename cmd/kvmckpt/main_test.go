@@ -346,6 +346,48 @@ func TestFaults(t *testing.T) {
 		}
 	})
 
+	// A target started with the source's own mem-path (as an operator
+	// copying inspect's command line might) shares the running source's
+	// memory: a restore into it would overwrite that guest. So would a
+	// save whose output is the guest's RAM file.
+	t.Run("memory in use", func(t *testing.T) {
+		tdir := t.TempDir()
+		args := append([]string(nil), src.Args...)
+		for i := range args {
+			if strings.HasPrefix(args[i], "unix:"+src.QMPPath) {
+				args[i] = "unix:" + filepath.Join(tdir, "qmp.sock") + ",server=on,wait=off"
+			}
+			if strings.HasPrefix(args[i], "file:"+src.SerialPath) {
+				args[i] = "file:" + filepath.Join(tdir, "serial.log")
+			}
+		}
+		args = append(args, "-incoming", "defer", "-S")
+		// No RAM path of its own: Close must not remove the source's.
+		dst, err := vmtest.StartWithArgs(context.Background(), args, filepath.Join(tdir, "qmp.sock"), filepath.Join(tdir, "serial.log"), filepath.Join(tdir, "none"))
+		require.NoError(t, err)
+		defer dst.Close()
+		ramBefore, err := os.Stat(src.RAMPath)
+		require.NoError(t, err)
+
+		code, _, stderr := cli(t, "restore", "-i", good, "--qmp", dst.QMPPath, "--resume")
+		assert.Equal(t, exitFailed, code)
+		assert.Contains(t, stderr, "mapped by")
+		assert.Contains(t, stderr, "mem-path of its own")
+		assert.Equal(t, "inmigrate", dst.Status(t).State, "the target was not started")
+
+		code, _, stderr = cli(t, "save", "--qmp", src.QMPPath, "-o", src.RAMPath)
+		assert.Equal(t, exitFailed, code)
+		assert.Contains(t, stderr, "mapped by")
+		ramAfter, err := os.Stat(src.RAMPath)
+		require.NoError(t, err)
+		assert.True(t, os.SameFile(ramBefore, ramAfter), "the guest's RAM file is still at its path")
+		assert.True(t, src.Status(t).Running, "the source runs on")
+		// Its workload verifies its memory every second: untouched.
+		code, _, stderr = cli(t, "save", "--qmp", src.QMPPath, "-o", filepath.Join(tdir, "after.kvmckpt"))
+		require.Equal(t, exitOK, code, stderr)
+		assert.NotContains(t, src.Serial(), "VERIFY FAIL")
+	})
+
 	t.Run("qemu dies during restore", func(t *testing.T) {
 		tcfg := cfg
 		tcfg.Incoming = true
