@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -390,29 +391,75 @@ func (g *guest) pause(ctx context.Context) (restore func(context.Context) error,
 	}
 	resume := func(ctx context.Context) error {
 		if err := g.sess.Cont(ctx); err != nil {
-			return fmt.Errorf("resume guest: %w", err)
+			return err // says "resume guest"
 		}
 		g.clearPauseRecord()
 		return nil
 	}
 	if g.stale == "" {
 		g.writePauseRecord(pausingRecord)
-		// Not cancellable half-way: a stop that QEMU carried out while we
-		// gave up waiting would leave the guest paused behind our back.
-		if err := g.sess.Stop(context.WithoutCancel(ctx)); err != nil {
+		// Not given up at the first signal: a stop that QEMU carried out
+		// while we gave up waiting would leave the guest paused behind
+		// our back. But not waited for without end either.
+		sctx, cancel := settleContext(ctx)
+		err := g.sess.Stop(sctx)
+		cancel()
+		var qe *qmp.Error
+		switch {
+		case errors.As(err, &qe):
+			// QEMU answered: it did not pause the guest.
 			g.clearPauseRecord()
 			return nil, fmt.Errorf("pause guest: %w", err)
+		case err != nil:
+			// No answer: QEMU may pause the guest once it reads the
+			// command. The record stays, so the next kvmckpt on this
+			// guest puts it back to running.
+			return nil, fmt.Errorf("pause guest: %w; QEMU may still pause the guest: the next kvmckpt on it resumes it, or run `kvmckpt resume --qmp %s`", err, g.sess.Path())
 		}
 	}
 	// Paused now, by us or by the killed kvmckpt before us.
 	g.writePauseRecord(pauseRecord)
 	if err := ctx.Err(); err != nil {
-		if rerr := resume(context.WithoutCancel(ctx)); rerr != nil {
+		sctx, cancel := settleContext(ctx)
+		defer cancel()
+		if rerr := resume(sctx); rerr != nil {
 			return nil, fmt.Errorf("%w; and the guest could not be resumed: %v", err, rerr)
 		}
 		return nil, err
 	}
 	return resume, nil
+}
+
+// settleGrace is how long kvmckpt keeps trying to put a guest back in its
+// run state after a signal asked it to stop.
+var settleGrace = 5 * time.Second
+
+// settleContext returns the context for putting the guest back after ctx
+// may have ended (a signal, a failure): not cancelled with ctx, so that a
+// signal does not leave the guest paused, but ended settleGrace after ctx
+// is, so that a QEMU that does not answer (stopped with SIGSTOP, say)
+// cannot hold kvmckpt past a signal. Each command is bounded by the
+// session's command timeout too.
+func settleContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	sctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	var timer *time.Timer
+	var mu sync.Mutex
+	stop := context.AfterFunc(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		timer = time.AfterFunc(settleGrace, func() {
+			cancel(fmt.Errorf("%w: QEMU did not answer within %v of the signal", qmp.ErrTimeout, settleGrace))
+		})
+	})
+	return sctx, func() {
+		stop()
+		mu.Lock()
+		if timer != nil {
+			timer.Stop()
+		}
+		mu.Unlock()
+		cancel(context.Canceled)
+	}
 }
 
 func (g *guest) close() {

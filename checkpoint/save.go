@@ -103,7 +103,8 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 	res, saveErr := g.save(ctx, opt, caps)
 	// Whatever happened, and even if a signal cancelled ctx, the guest goes
 	// back to a defined run state.
-	bg := context.WithoutCancel(ctx)
+	bg, cancelBG := settleContext(ctx)
+	defer cancelBG()
 	var afterErr error
 	switch {
 	case saveErr != nil || opt.After == AfterPriorState:
@@ -117,7 +118,7 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 	}
 	if saveErr != nil {
 		if afterErr != nil {
-			return nil, fmt.Errorf("%w; and the guest could not be resumed: %v (run `kvmckpt resume --qmp %s`)", saveErr, afterErr, opt.QMP)
+			return nil, fmt.Errorf("%w; and the guest could not be resumed: %v (the next kvmckpt on this guest resumes it, or run `kvmckpt resume --qmp %s`)", saveErr, afterErr, opt.QMP)
 		}
 		return nil, saveErr
 	}
@@ -237,7 +238,9 @@ func (g *guest) saveDevice(ctx context.Context, w *writer.Writer, caps map[strin
 	pw.CloseWithError(qerr)
 	r := <-done
 	if ignore, ok := caps[qmp.CapIgnoreShared]; ok {
-		if err := g.sess.SetMigrationCapabilities(context.WithoutCancel(ctx), map[string]bool{qmp.CapIgnoreShared: ignore}); err != nil {
+		sctx, cancel := settleContext(ctx)
+		defer cancel()
+		if err := g.sess.SetMigrationCapabilities(sctx, map[string]bool{qmp.CapIgnoreShared: ignore}); err != nil {
 			g.log.Warn("could not reset the migration capability", "capability", qmp.CapIgnoreShared, "err", err)
 		}
 	}

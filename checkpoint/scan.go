@@ -87,7 +87,9 @@ func Scan(ctx context.Context, opt ScanOptions) (*ScanStats, error) {
 	res, scanErr := g.scan(ctx, opt)
 	// The guest goes back to its run state whatever happened, even when ctx
 	// was cancelled by a signal.
-	rerr := restore(context.WithoutCancel(ctx))
+	sctx, cancel := settleContext(ctx)
+	rerr := restore(sctx)
+	cancel()
 	if scanErr != nil {
 		if rerr != nil {
 			return nil, fmt.Errorf("%w (and: %v)", scanErr, rerr)

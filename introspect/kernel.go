@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/kvmckpt/kvmckpt/profiles"
 )
@@ -122,6 +123,11 @@ func (k *Kernel) checkBanner() error {
 			if real, berr := img.Banner(); berr == nil {
 				return k.Profile.MatchBanner(real)
 			}
+		}
+		if !strings.HasPrefix(got, "Linux version ") {
+			// Whatever bytes are there (the tail of another string,
+			// say) are no banner: do not quote them as one.
+			return &profiles.BannerMismatchError{Profile: k.Profile.Banner, Kernel: "unknown (no Linux banner at the profile's linux_banner address)"}
 		}
 		return err
 	}

@@ -617,6 +617,11 @@ func TestOpenKernelBanner(t *testing.T) {
 						copy(g.ram[g.symPA("linux_banner"):], "\x48\x89\xe5\x41\x57 not a banner\x00")
 						copy(g.ram[g.imagePA(0)+0x1234:], otherBanner+"\n\x00")
 					}, otherBanner, p.Banner},
+					{"no banner to be found", func(g *synthGuest) {
+						// The tail of some other string: not quoted
+						// as if it were the guest's banner.
+						copy(g.ram[g.symPA("linux_banner"):], "8)\n\x00")
+					}, "unknown (no Linux banner at the profile's linux_banner address)", p.Banner},
 				} {
 					t.Run(tt.name, func(t *testing.T) {
 						g := newSynthGuest(t, realProfile(t), cfg)

@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -25,6 +26,14 @@ const MaxMessageSize = 64 << 20
 // reply to the capabilities negotiation, unless ctx has an earlier deadline.
 // QEMU answers at once; a peer that says nothing is not QMP.
 const HandshakeTimeout = 5 * time.Second
+
+// DefaultCommandTimeout bounds how long a command waits for its reply,
+// unless ctx has an earlier deadline (see [Session.SetCommandTimeout]).
+// QEMU answers every command kvmckpt sends within milliseconds, even a
+// paused or busy one; long operations (migration) are polled with short
+// commands. A peer that completes the handshake and then falls silent, or
+// sends only events, or a QEMU stopped by SIGSTOP, hangs no command longer.
+const DefaultCommandTimeout = 30 * time.Second
 
 // writeTimeout bounds a single write of a command. Commands are small and
 // fit in the socket buffer, so a write only blocks when QEMU has stopped
@@ -57,6 +66,7 @@ type Session struct {
 	readErr error         // why the reader ended; set before done closes
 
 	closeOnce sync.Once
+	timeout   atomic.Int64 // command timeout in nanoseconds
 	fdMu      sync.Mutex
 	fdSeq     uint64 // guarded by fdMu
 }
@@ -146,9 +156,14 @@ func Dial(ctx context.Context, path string) (*Session, error) {
 		pending: make(map[uint64]chan reply),
 		done:    make(chan struct{}),
 	}
+	s.timeout.Store(int64(DefaultCommandTimeout))
 	go s.read(dec, lr)
 	return s, nil
 }
+
+// SetCommandTimeout sets how long each command waits for its reply from
+// now on (0: only as long as its context allows).
+func (s *Session) SetCommandTimeout(d time.Duration) { s.timeout.Store(int64(d)) }
 
 // handshake reads the greeting and negotiates no optional capabilities:
 // kvmckpt needs neither out-of-band execution nor any other.
@@ -261,6 +276,14 @@ func (s *Session) Path() string { return s.path }
 // passed.
 func ctxErr(ctx context.Context) error {
 	err := ctx.Err()
+	if cause := context.Cause(ctx); cause != nil && cause != err {
+		// A cause the caller gave says more (the signal, the grace
+		// period that ran out); it wraps its own sentinels.
+		if errors.Is(cause, err) {
+			return cause
+		}
+		return fmt.Errorf("%w: %w", err, cause)
+	}
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("%w: %w", ErrTimeout, err)
 	}
@@ -279,6 +302,21 @@ func (s *Session) Run(ctx context.Context, cmd string, args, ret any) error {
 // run is [Session.Run] that can pass file to QEMU with the command (as
 // SCM_RIGHTS ancillary data), for getfd.
 func (s *Session) run(ctx context.Context, cmd string, args any, file *os.File, ret any) error {
+	parent := ctx
+	if d := time.Duration(s.timeout.Load()); d > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, d)
+		defer cancel()
+	}
+	// ctxErr names the command and, where the session's own deadline
+	// ended the wait, says so.
+	ctxErr := func(ctx context.Context) error {
+		if parent.Err() == nil && ctx.Err() != nil {
+			return fmt.Errorf("command %s: QEMU did not answer within %v (is it stopped, or not QEMU?): %w: %w",
+				cmd, time.Duration(s.timeout.Load()), ErrTimeout, ctx.Err())
+		}
+		return fmt.Errorf("command %s: %w", cmd, ctxErr(parent))
+	}
 	select {
 	case s.sem <- struct{}{}:
 	case <-s.done:

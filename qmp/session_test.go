@@ -421,3 +421,66 @@ func TestSaveDeviceStateFailed(t *testing.T) {
 		})
 	}
 }
+
+// TestSilentAfterHandshake: a peer that completes the handshake and then
+// stays silent, or sends only events, must not hang a command for ever,
+// even one whose context has no deadline.
+func TestSilentAfterHandshake(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		serve func(p *qmpPeer)
+	}{
+		{"silent", func(p *qmpPeer) {
+			for {
+				if _, err := p.read(); err != nil {
+					return
+				}
+			}
+		}},
+		{"only events", func(p *qmpPeer) {
+			go func() {
+				for {
+					if _, err := p.read(); err != nil {
+						return
+					}
+				}
+			}()
+			for range 200 {
+				if p.send(`{"event": "RTC_CHANGE", "data": {"offset": 1}, "timestamp": {"seconds": 1, "microseconds": 2}}`) != nil {
+					return
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			path := fakeServer(t, func(conn net.Conn) {
+				p, err := greet(conn)
+				if err != nil {
+					return
+				}
+				c.serve(p)
+			})
+			s, err := Dial(testContext(t, 5*time.Second), path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			s.SetCommandTimeout(300 * time.Millisecond)
+			start := time.Now()
+			err = s.Run(context.Background(), "stop", nil, nil)
+			if !errors.Is(err, ErrTimeout) {
+				t.Fatalf("got %v, want ErrTimeout", err)
+			}
+			if !strings.Contains(err.Error(), "did not answer") || !strings.Contains(err.Error(), "stop") {
+				t.Errorf("error does not say which command went unanswered: %v", err)
+			}
+			if d := time.Since(start); d > 5*time.Second {
+				t.Errorf("took %v", d)
+			}
+		})
+	}
+	if DefaultCommandTimeout <= 0 {
+		t.Fatal("commands have no default deadline")
+	}
+}

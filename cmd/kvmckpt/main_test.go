@@ -400,6 +400,42 @@ func TestFaults(t *testing.T) {
 		assert.NotEqual(t, exitOK, code)
 	})
 
+	// QEMU stopped (SIGSTOP) while it holds the guest paused for a save:
+	// a signal to kvmckpt must still end it within a bound, saying that
+	// the guest could not be resumed; once QEMU continues, the next
+	// kvmckpt puts the guest back to running.
+	t.Run("qemu stopped during save", func(t *testing.T) {
+		out := filepath.Join(dir, "stopped.kvmckpt")
+		cmd, errOut := start(t, "save", "--qmp", src.QMPPath, "-o", out)
+		waitPaused(t, src.QMPPath, 20*time.Second)
+		require.NoError(t, syscall.Kill(src.PID, syscall.SIGSTOP))
+		defer syscall.Kill(src.PID, syscall.SIGCONT)
+		time.Sleep(200 * time.Millisecond)
+		sent := time.Now()
+		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+		code := wait(t, cmd)
+		took := time.Since(sent)
+		t.Logf("exit %d after %v: %s", code, took, errOut)
+		require.NoError(t, syscall.Kill(src.PID, syscall.SIGCONT))
+		if code == exitOK {
+			return // the save was done before QEMU stopped
+		}
+		assert.Equal(t, exitInterrupted, code)
+		assert.Less(t, took, 20*time.Second, "a signal must end the wait on a stopped QEMU")
+		assert.Contains(t, errOut.String(), "could not be resumed")
+		assert.Contains(t, errOut.String(), "kvmckpt resume")
+		_, err := os.Stat(out)
+		assert.True(t, os.IsNotExist(err), "no checkpoint from an interrupted save")
+		noTemp(t)
+
+		// QEMU may run the commands still queued on the closed
+		// connection once it continues (the guest then runs already), or
+		// not: either way the next save leaves the guest running.
+		code, _, stderr := cli(t, "save", "--qmp", src.QMPPath, "-o", out)
+		require.Equal(t, exitOK, code, stderr)
+		assert.True(t, src.Status(t).Running, "the guest runs after the next save")
+	})
+
 	// Last: the source dies.
 	t.Run("qemu dies during save", func(t *testing.T) {
 		out := filepath.Join(dir, "dies.kvmckpt")
