@@ -6,8 +6,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
+	"github.com/kvmckpt/kvmckpt/internal/safefile"
 	"github.com/stretchr/testify/require"
 )
 
@@ -153,8 +155,15 @@ func TestStore(t *testing.T) {
 	require.Equal(t, p.Name, q.Name)
 
 	require.NoError(t, os.WriteFile(filepath.Join(s.Dir, "broken.json"), []byte("{"), 0o644))
+	// A FIFO in the store blocked every save (the guest already paused)
+	// until something wrote to it: now it is passed over at once.
+	require.NoError(t, syscall.Mkfifo(filepath.Join(s.Dir, "fifo.json"), 0o644))
+	require.NoError(t, syscall.Mkfifo(filepath.Join(s.Dir, p.Name+".json"), 0o644))
 	list, err = s.List()
 	require.ErrorIs(t, err, ErrMalformed)
+	require.ErrorIs(t, err, safefile.ErrNotRegular)
+	q, err = s.Lookup(p.Banner)
+	require.NoError(t, err, "the readable profiles still serve")
 	require.Equal(t, []StoreEntry{{Name: p.Name, Release: p.Release, Banner: p.Banner, Path: filepath.Join(s.Dir, "renamed.json")}}, list)
 
 	_, err = s.Lookup("Linux version 6.1.0-48-amd64 (x) #1")
