@@ -4,7 +4,8 @@
 GO        ?= go
 BUILD     := build
 # Kernel flavours the test bed boots: FLAVOUR=DEBIAN-PACKAGE (see scripts/deps.sh).
-KERNELS   ?= amd64=linux-image-6.1.0-47-amd64-unsigned cloud-amd64=linux-image-6.1.0-47-cloud-amd64-unsigned
+KERNELS   ?= amd64=linux-image-6.1.0-47-amd64-unsigned cloud-amd64=linux-image-6.1.0-47-cloud-amd64-unsigned \
+             6.12-amd64=linux-image-6.12.118+deb12-amd64-unsigned 6.12-cloud-amd64=linux-image-6.12.118+deb12-cloud-amd64-unsigned
 # Go test flags; `make test TESTFLAGS=-short` skips everything that boots a guest.
 TESTFLAGS ?=
 FUZZTIME  ?= 5s
@@ -16,7 +17,7 @@ KVMCKPT_CACHE ?= $(or $(filter /%,$(XDG_CACHE_HOME)),$(HOME)/.cache)/kvmckpt
 export KVMCKPT_CACHE := $(abspath $(KVMCKPT_CACHE))
 export KVMCKPT_INITRAMFS := $(abspath $(BUILD)/initramfs.cpio.gz)
 
-.PHONY: all deps build initramfs test vet fuzz demo bench bench-sweep clean
+.PHONY: all deps build initramfs test vet fuzz demo bench bench-sweep clean matrix
 
 all: build
 
@@ -43,8 +44,15 @@ vet:
 
 test: deps initramfs vet
 	@FUZZTIME=$(FUZZTIME) GO=$(GO) scripts/fuzz.sh
+	@rm -f $(BUILD)/test-matrix.jsonl
 	$(GO) test -count=1 -timeout 25m $(TESTFLAGS) ./...
 	@scripts/leftovers.sh
+	@$(GO) run ./internal/matrix 2>/dev/null || true
+
+# The README's table of tested QEMU and kernel versions, from the last
+# `make test`.
+matrix:
+	$(GO) run ./internal/matrix -readme README.md
 
 fuzz:
 	@FUZZTIME=$(FUZZTIME) GO=$(GO) scripts/fuzz.sh

@@ -27,6 +27,11 @@ func TestScanAgainstGuestTruth(t *testing.T) {
 		{"pc-1G-cpumax-la57", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, CPU: "max"}},
 		{"pc-1G-cloud-kernel", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, Kernel: "cloud-amd64"}},
 		{"q35-2G-2cpu-2numa", vmtest.Config{Machine: "q35", MemMiB: 2048, CPUs: 2, NUMANodes: 2}},
+		// The version matrix (see guestConfigs).
+		{"pc-1G-6.12", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, Kernel: "6.12-amd64"}},
+		{"pc-1G-6.12-cloud", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, Kernel: "6.12-cloud-amd64"}},
+		{"pc-1G-qemu10", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, QEMU: "10.0"}},
+		{"q35-2G-2cpu-qemu10-6.12", vmtest.Config{Machine: "q35", MemMiB: 2048, CPUs: 2, QEMU: "10.0", Kernel: "6.12-amd64"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -86,6 +91,10 @@ func TestScanAgainstGuestTruth(t *testing.T) {
 				}
 			}
 
+			if !t.Failed() {
+				vmtest.RecordMatrix(cfg, "profile: image = guest memory")
+			}
+
 			fp, err := k.WalkFree(ctx, introspect.WalkOptions{})
 			require.NoError(t, err)
 			for _, z := range fp.Zones {
@@ -132,6 +141,9 @@ func TestScanAgainstGuestTruth(t *testing.T) {
 						}
 					}
 				}
+			}
+			if !t.Failed() {
+				vmtest.RecordMatrix(cfg, "scan against /proc/kpageflags")
 			}
 		})
 	}

@@ -34,6 +34,11 @@ var guestConfigs = []struct {
 	{"pc-1G-cpumax-la57", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, CPU: "max"}},
 	// Two NUMA nodes, each with a RAM backend and file of its own.
 	{"q35-2G-2cpu-2numa", vmtest.Config{Machine: "q35", MemMiB: 2048, CPUs: 2, NUMANodes: 2}},
+	// The version matrix: QEMU 7.2 (bookworm) and 10.0 (backports), Linux
+	// 6.1 and 6.12 guests. The cells above are all QEMU 7.2 with 6.1.
+	{"pc-1G-6.12", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, Kernel: "6.12-amd64"}},
+	{"pc-1G-qemu10", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, QEMU: "10.0"}},
+	{"q35-2G-2cpu-qemu10-6.12", vmtest.Config{Machine: "q35", MemMiB: 2048, CPUs: 2, QEMU: "10.0", Kernel: "6.12-amd64"}},
 }
 
 // dirtyFree is the workload of the acceptance tests: about 60% of RAM
@@ -92,6 +97,9 @@ func TestSaveRestore(t *testing.T) {
 			_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK`), 0, 2*time.Minute)
 			require.NoError(t, err, "restored guest does not verify its data")
 			assert.NotRegexp(t, kernelTrouble, dst.Serial(), "restored guest's console shows trouble")
+			if !t.Failed() {
+				vmtest.RecordMatrix(cfg, "save, restore, data verified")
+			}
 		})
 	}
 }

@@ -104,7 +104,7 @@ func Resume(ctx context.Context, socket string) (string, error) {
 		return "", fmt.Errorf("%w: the guest is waiting for an incoming migration; restore a checkpoint into it with `kvmckpt restore`", ErrGuestState)
 	}
 	if err := g.sess.Cont(ctx); err != nil {
-		return "", fmt.Errorf("resume guest: %w", err)
+		return "", err // says "resume guest"
 	}
 	g.clearPauseRecord()
 	st, err := g.sess.Status(ctx)

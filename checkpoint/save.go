@@ -59,6 +59,9 @@ type SaveResult struct {
 	Output           string `json:"output"`
 	Profile          string `json:"profile"`
 	KernelBanner     string `json:"kernel_banner"`
+	// FullSave is true when the guest kernel could not be introspected
+	// and every non-zero page was saved (Warnings say why).
+	FullSave bool `json:"full_save"`
 	// GuestState is the guest's run state when kvmckpt left it.
 	GuestState string   `json:"guest_state"`
 	Warnings   []string `json:"warnings,omitempty"`
@@ -216,6 +219,7 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 		Profile:          scan.Profile,
 		KernelBanner:     scan.Banner,
 		Warnings:         scan.Warnings,
+		FullSave:         scan.FullSave,
 	}, nil
 }
 

@@ -2,12 +2,15 @@ package checkpoint
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
 
 	"github.com/kvmckpt/kvmckpt/introspect"
 	"github.com/kvmckpt/kvmckpt/pagemap"
+	"github.com/kvmckpt/kvmckpt/profiles"
+	"github.com/kvmckpt/kvmckpt/qmp"
 )
 
 // ScanOptions say which guest to scan and how.
@@ -24,27 +27,40 @@ type ScanOptions struct {
 	Map string
 	// WalkTimeout bounds the free-list walk; zero means 10 s.
 	WalkTimeout time.Duration
-	Log         *slog.Logger
+	// RequireIntrospection refuses a guest whose kernel kvmckpt cannot
+	// read (no Linux kernel found, a profile that does not fit, lists
+	// that do not add up in every zone), with an error wrapping
+	// [ErrNoIntrospection], instead of saving every non-zero page.
+	RequireIntrospection bool
+	Log                  *slog.Logger
 }
+
+// ErrNoIntrospection means kvmckpt could not read the guest kernel's
+// memory management and the caller asked for no full save instead.
+var ErrNoIntrospection = errors.New("guest kernel could not be introspected")
 
 // ScanStats are a scan's counts, in 4 KiB pages.
 type ScanStats struct {
 	PagesTotal uint64 `json:"pages_total"`
 	// PagesUsed are the pages that must be saved: neither free in the
 	// guest nor zero nor holes on the host.
-	PagesUsed  uint64 `json:"pages_used"`
-	PagesFree  uint64 `json:"pages_free"`
-	FreeBuddy  uint64 `json:"pages_free_buddy"`
-	FreePCP    uint64 `json:"pages_free_pcp"`
-	PagesZero  uint64 `json:"pages_zero"`
-	PagesHole  uint64 `json:"pages_hole"`
-	RAMBytes   uint64 `json:"ram_bytes"`
-	Banner     string `json:"kernel_banner"`
-	Profile    string `json:"profile"`
-	FillByte   byte   `json:"fill_byte"`
-	WalkMS     int64  `json:"walk_ms"`
-	PauseMS    int64  `json:"pause_ms"`
-	DurationMS int64  `json:"duration_ms"`
+	PagesUsed uint64 `json:"pages_used"`
+	PagesFree uint64 `json:"pages_free"`
+	FreeBuddy uint64 `json:"pages_free_buddy"`
+	FreePCP   uint64 `json:"pages_free_pcp"`
+	PagesZero uint64 `json:"pages_zero"`
+	PagesHole uint64 `json:"pages_hole"`
+	RAMBytes  uint64 `json:"ram_bytes"`
+	Banner    string `json:"kernel_banner"`
+	Profile   string `json:"profile"`
+	// FullSave is true when the guest kernel could not be introspected:
+	// no page is called free, every non-zero page is saved, and
+	// Warnings say why.
+	FullSave   bool  `json:"full_save"`
+	FillByte   byte  `json:"fill_byte"`
+	WalkMS     int64 `json:"walk_ms"`
+	PauseMS    int64 `json:"pause_ms"`
+	DurationMS int64 `json:"duration_ms"`
 
 	Zones    []introspect.ZoneReport `json:"zones"`
 	Warnings []string                `json:"warnings,omitempty"`
@@ -115,36 +131,38 @@ func (g *guest) scan(ctx context.Context, opt ScanOptions) (*scanResult, error) 
 	if err != nil {
 		return nil, err
 	}
-	prof, err := g.profile(ctx, opt, regs)
-	if err != nil {
-		return nil, err
-	}
-	g.log.Debug("profile ready", "profile", prof.Name, "ms", time.Since(t0).Milliseconds())
-	k, err := introspect.OpenKernel(g.mem, regs.CR3, regs.LA57(), prof)
-	if err != nil {
-		return nil, err
-	}
-	fp, err := k.WalkFree(ctx, introspect.WalkOptions{Timeout: opt.WalkTimeout})
-	if err != nil {
-		return nil, err
-	}
-	for _, w := range fp.Warnings {
-		g.log.Warn(w)
-	}
-	res := &scanResult{ScanStats: ScanStats{
-		PagesTotal: g.pages(),
-		FreeBuddy:  fp.Buddy,
-		FreePCP:    fp.PCP,
-		Banner:     prof.Banner,
-		Profile:    prof.Name,
-		FillByte:   fp.FillByte,
-		WalkMS:     fp.Duration.Milliseconds(),
-		Zones:      fp.Zones,
-		Warnings:   fp.Warnings,
-	}}
-	res.frames = fp
+	res := &scanResult{ScanStats: ScanStats{PagesTotal: g.pages()}}
 	res.RAMBytes = res.PagesTotal * introspect.PageSize
-	res.free = g.fileFree(fp.Free)
+	fp, prof, err := g.introspect(ctx, opt, regs)
+	switch {
+	case err == nil:
+		for _, w := range fp.Warnings {
+			g.log.Debug(w) // returned in Warnings: the caller reports them
+		}
+		res.FreeBuddy, res.FreePCP = fp.Buddy, fp.PCP
+		res.Banner, res.Profile = prof.Banner, prof.Name
+		res.FillByte = fp.FillByte
+		res.WalkMS = fp.Duration.Milliseconds()
+		res.Zones, res.Warnings = fp.Zones, fp.Warnings
+		res.frames = fp
+		res.free = g.fileFree(fp.Free)
+	case ctx.Err() != nil:
+		return nil, err
+	case opt.RequireIntrospection:
+		return nil, fmt.Errorf("%w: %w (without --require-introspection kvmckpt would save every non-zero page)", ErrNoIntrospection, err)
+	case opt.Profile != "" && opt.Profile != "auto":
+		// A profile the operator chose that does not fit is their
+		// mistake to hear about, not a reason to save everything.
+		return nil, err
+	default:
+		// Nothing is called free without proof: a full save, as QEMU's
+		// own would be, less the zero pages and holes.
+		w := fmt.Sprintf("the guest kernel could not be introspected (%v); saving every non-zero page", err)
+		g.log.Debug(w)
+		res.FullSave = true
+		res.Warnings = []string{w}
+		res.free = pagemap.NewBitmap(res.PagesTotal)
+	}
 	res.PagesFree = res.free.Count()
 	res.save = pagemap.NewBitmap(res.PagesTotal)
 	res.save.SetRange(0, res.PagesTotal)
@@ -160,6 +178,27 @@ func (g *guest) scan(ctx context.Context, opt ScanOptions) (*scanResult, error) 
 		}
 	}
 	return res, nil
+}
+
+// introspect finds the guest kernel, its profile, and its free pages.
+// Every error it returns means the guest's memory management could not be
+// read with proof (or ctx ended).
+func (g *guest) introspect(ctx context.Context, opt ScanOptions, regs qmp.Registers) (*introspect.FreePages, *profiles.Profile, error) {
+	t0 := time.Now()
+	prof, err := g.profile(ctx, opt, regs)
+	if err != nil {
+		return nil, nil, err
+	}
+	g.log.Debug("profile ready", "profile", prof.Name, "ms", time.Since(t0).Milliseconds())
+	k, err := introspect.OpenKernel(g.mem, regs.CR3, regs.LA57(), prof)
+	if err != nil {
+		return nil, nil, err
+	}
+	fp, err := k.WalkFree(ctx, introspect.WalkOptions{Timeout: opt.WalkTimeout})
+	if err != nil {
+		return nil, nil, err
+	}
+	return fp, prof, nil
 }
 
 // fileFree turns a bitmap of free guest frames into one of free RAM file

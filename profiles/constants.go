@@ -91,6 +91,28 @@ func deriveConstants(p *Profile, enums enumLookup, nodes nodeCount, vi *vmcorein
 			}
 		}
 	}
+	// Since 6.12 a page's type is the top byte of page_type, from enum
+	// pagetype (include/linux/page-flags.h: PGTY_buddy = 0xf0, and
+	// __folio_set_buddy stores PGTY_buddy << 24), which BTF holds; before,
+	// it was a cleared bit of a -1 (PAGE_BUDDY_MAPCOUNT_VALUE = ~PG_buddy),
+	// a macro known only from vmcoreinfo or the default.
+	for _, t := range []struct{ constant, value string }{
+		{"PAGE_BUDDY_MAPCOUNT_VALUE", "PGTY_buddy"},
+		{"PAGE_OFFLINE_MAPCOUNT_VALUE", "PGTY_offline"},
+	} {
+		e, ok := enums("pagetype", t.value)
+		if !ok {
+			continue
+		}
+		if e < 0 || e > 0xff {
+			return &MismatchError{What: "enum pagetype " + t.value, Source: "BTF", Got: fmt.Sprint(e), Want: "a byte"}
+		}
+		v := int64(int32(uint32(e) << 24))
+		if got, ok := c[t.constant]; ok && got != v {
+			return &MismatchError{What: t.constant + " (BTF enum pagetype)", Source: "vmcoreinfo", Got: fmt.Sprint(v), Want: fmt.Sprint(got)}
+		}
+		c[t.constant] = v
+	}
 	if _, ok := c["PAGE_BUDDY_MAPCOUNT_VALUE"]; !ok {
 		c["PAGE_BUDDY_MAPCOUNT_VALUE"] = defaultBuddyMapcount
 		p.addDefault("PAGE_BUDDY_MAPCOUNT_VALUE")

@@ -27,6 +27,9 @@ func readTestdata(tb testing.TB, name string) []byte {
 var testKernels = map[string]string{
 	"amd64":       "linux-image-6.1.0-47-amd64-unsigned",
 	"cloud-amd64": "linux-image-6.1.0-47-cloud-amd64-unsigned",
+	// bookworm-backports' 6.12 (see the Makefile's KERNELS).
+	"6.12-amd64":       "linux-image-6.12.118+deb12-amd64-unsigned",
+	"6.12-cloud-amd64": "linux-image-6.12.118+deb12-cloud-amd64-unsigned",
 }
 
 // RequiresKernel returns the path of a real Debian kernel image that

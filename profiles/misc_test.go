@@ -57,6 +57,12 @@ func TestParseVmcoreinfo(t *testing.T) {
 	require.True(t, v.hasKernelOffset)
 	require.Equal(t, uint64(0xc000000), v.kernelOffset)
 
+	// 6.12 prints some numbers in hex (arch/x86/kernel/vmcore_info_64.c).
+	v, err = parseVmcoreinfo([]byte("NUMBER(VMALLOC_START)=0xffffce2440000000\nNUMBER(KERNEL_IMAGE_SIZE)=0x40000000\n"))
+	require.NoError(t, err)
+	require.Equal(t, uint64(0xffffce2440000000), uint64(v.numbers["VMALLOC_START"]))
+	require.Equal(t, int64(0x40000000), v.numbers["KERNEL_IMAGE_SIZE"])
+
 	_, err = parseVmcoreinfo([]byte("SYMBOL(x)=zz\n"))
 	var fe *FormatError
 	require.ErrorAs(t, err, &fe)

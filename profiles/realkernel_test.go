@@ -182,3 +182,26 @@ func BenchmarkBuildFromImage(b *testing.B) {
 		})
 	}
 }
+
+// TestRealKernel612 builds the profiles of Debian's 6.12 kernels from their
+// images: what changed since 6.1 comes from BTF, with no version table.
+// The page type is the top byte of page_type since 6.12 (enum pagetype,
+// PGTY_buddy = 0xf0), which BTF gives even without vmcoreinfo.
+func TestRealKernel612(t *testing.T) {
+	for _, flavor := range []string{"6.12-amd64", "6.12-cloud-amd64"} {
+		t.Run(flavor, func(t *testing.T) {
+			p := kernelProfile(t, flavor)
+			require.Regexp(t, `^Linux version 6\.12\.`, p.Banner)
+			require.NoError(t, p.Validate())
+			require.Equal(t, int64(int32(-0x10000000)), p.Constants["PAGE_BUDDY_MAPCOUNT_VALUE"], "PGTY_buddy << 24")
+			require.Equal(t, int64(int32(-0x0f000000)), p.Constants["PAGE_OFFLINE_MAPCOUNT_VALUE"], "PGTY_offline << 24")
+			require.NotContains(t, p.Defaults, "PAGE_BUDDY_MAPCOUNT_VALUE")
+			require.Equal(t, int64(11), p.Constants["MAX_ORDER"], "NR_PAGE_ORDERS")
+			require.Equal(t, int64(14), p.Constants["NR_PCP_LISTS"], "3 migrate types x 4 orders + 2 THP lists")
+		})
+	}
+	t.Run("6.1 keeps its encoding", func(t *testing.T) {
+		p := kernelProfile(t, "amd64")
+		require.Equal(t, int64(-129), p.Constants["PAGE_BUDDY_MAPCOUNT_VALUE"], "~PG_buddy")
+	})
+}

@@ -22,6 +22,7 @@ const maxVmcoreinfo = 1 << 20
 //	OFFSET(page.lru)=8                      (%lu)
 //	LENGTH(zone.free_area)=11               (%lu)
 //	NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=-129  (%ld)
+//	NUMBER(VMALLOC_START)=0xffffce2440000000 (0x%lx: arch/x86/kernel/vmcore_info_64.c, 6.12)
 //	KERNELOFFSET=3a000000                   (%lx, KASLR delta)
 type vmcoreinfo struct {
 	osRelease, buildID string
@@ -33,6 +34,17 @@ type vmcoreinfo struct {
 	offsets            map[string]uint64
 	lengths            map[string]uint64
 	numbers            map[string]int64
+}
+
+// parseNumber parses a NUMBER() value: decimal (%ld) or, as x86-64
+// kernels print addresses (VMALLOC_START, VMEMMAP_START since 6.12),
+// hexadecimal with 0x (%lx), kept as the same 64 bits.
+func parseNumber(val string) (int64, error) {
+	if h, ok := strings.CutPrefix(val, "0x"); ok {
+		u, err := strconv.ParseUint(h, 16, 64)
+		return int64(u), err
+	}
+	return strconv.ParseInt(val, 10, 64)
 }
 
 // parseVmcoreinfo parses vmcoreinfo text. Unknown keys are ignored (the
@@ -91,7 +103,7 @@ func parseVmcoreinfo(b []byte) (*vmcoreinfo, error) {
 		case "LENGTH":
 			v.lengths[name], err = strconv.ParseUint(val, 10, 64)
 		case "NUMBER":
-			v.numbers[name], err = strconv.ParseInt(val, 10, 64)
+			v.numbers[name], err = parseNumber(val)
 		}
 		if err != nil {
 			return nil, bad(err)

@@ -26,8 +26,8 @@ func usagef(format string, args ...any) error { return &usageError{fmt.Sprintf(f
 const usage = `kvmckpt checkpoints KVM/QEMU guests by saving only the pages the guest uses.
 
 Usage:
-  kvmckpt scan    --qmp PATH [--json] [--profile auto|FILE] [--map FILE.png]
-  kvmckpt save    --qmp PATH -o FILE [--profile auto|FILE] [--keep-paused | --quit] [--compress lz4|none] [--encrypt-key FILE] [--json]
+  kvmckpt scan    --qmp PATH [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
+  kvmckpt save    --qmp PATH -o FILE [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--encrypt-key FILE] [--json]
   kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH]) [--resume] [--encrypt-key FILE] [--json]
   kvmckpt inspect FILE [--encrypt-key FILE] [--json]
   kvmckpt verify  FILE [--encrypt-key FILE]

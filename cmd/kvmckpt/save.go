@@ -14,6 +14,7 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	qmpPath := fs.String("qmp", "", "QMP socket of the guest (PATH or unix:PATH)")
 	out := fs.String("o", "", "checkpoint file to write")
 	profile := fs.String("profile", "auto", "kernel profile: auto, or a profile file")
+	requireIntro := fs.Bool("require-introspection", false, "fail rather than save every non-zero page when the guest kernel cannot be read")
 	keepPaused := fs.Bool("keep-paused", false, "leave the guest paused after the save")
 	quit := fs.Bool("quit", false, "end QEMU once the checkpoint is durable")
 	compress := fs.String("compress", "lz4", "page compression: lz4 or none")
@@ -47,7 +48,7 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	}
 	bar := newProgress(e.stderr, "saving")
 	res, err := checkpoint.Save(ctx, checkpoint.SaveOptions{
-		ScanOptions: checkpoint.ScanOptions{QMP: *qmpPath, Profile: *profile, Log: e.log},
+		ScanOptions: checkpoint.ScanOptions{QMP: *qmpPath, Profile: *profile, RequireIntrospection: *requireIntro, Log: e.log},
 		Output:      *out,
 		After:       after,
 		Compression: writer.Compression(*compress),

@@ -14,6 +14,7 @@ func cmdScan(ctx context.Context, e *env, args []string) error {
 	qmpPath := fs.String("qmp", "", "QMP socket of the guest (PATH or unix:PATH)")
 	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
 	profile := fs.String("profile", "auto", "kernel profile: auto, or a profile file")
+	requireIntro := fs.Bool("require-introspection", false, "fail rather than save every non-zero page when the guest kernel cannot be read")
 	mapPNG := fs.String("map", "", "draw guest memory into this PNG file")
 	if _, err := e.parse(fs, verbose, args); err != nil {
 		return err
@@ -21,7 +22,7 @@ func cmdScan(ctx context.Context, e *env, args []string) error {
 	if err := required("qmp", *qmpPath); err != nil {
 		return err
 	}
-	st, err := checkpoint.Scan(ctx, checkpoint.ScanOptions{QMP: *qmpPath, Profile: *profile, Map: *mapPNG, Log: e.log})
+	st, err := checkpoint.Scan(ctx, checkpoint.ScanOptions{QMP: *qmpPath, Profile: *profile, RequireIntrospection: *requireIntro, Map: *mapPNG, Log: e.log})
 	if err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package vmtest
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -44,6 +45,39 @@ func KernelPath(kernel string) (string, error) {
 		return "", fmt.Errorf("kernel %s: %w", path, ErrNotFound)
 	}
 	return path, nil
+}
+
+// QEMUPath resolves an emulator setting (see [Config.QEMU]) to a program:
+// "" is qemu-system-x86_64 in PATH; a version ("10.0") is the wrapper
+// `make deps` writes at $KVMCKPT_CACHE/qemu/VERSION/bin, which runs the
+// unpacked emulator with its own firmware; a path is itself.
+func QEMUPath(qemu string) (string, error) {
+	switch {
+	case qemu == "":
+		p, err := exec.LookPath("qemu-system-x86_64")
+		if err != nil {
+			return "", fmt.Errorf("qemu-system-x86_64: %w", ErrNotFound)
+		}
+		return p, nil
+	case strings.Contains(qemu, "/"):
+		return qemu, nil
+	}
+	p := filepath.Join(CacheDir(), "qemu", qemu, "bin", "qemu-system-x86_64")
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("QEMU %s at %s: %w", qemu, p, ErrNotFound)
+	}
+	return p, nil
+}
+
+// QEMUVersion is the Debian package version of an emulator setting: the
+// cached one's version file, or the system package's.
+func QEMUVersion(qemu string) string {
+	if qemu != "" && !strings.Contains(qemu, "/") {
+		b, _ := os.ReadFile(filepath.Join(CacheDir(), "qemu", qemu, "version"))
+		return strings.TrimSpace(string(b))
+	}
+	out, _ := exec.Command("dpkg-query", "-W", "-f=${Version}", "qemu-system-x86").Output()
+	return strings.TrimSpace(string(out))
 }
 
 // KernelPackage names the Debian package a cached kernel flavour came from.
@@ -135,4 +169,63 @@ func kvmUsable() bool {
 		"-kernel", kernel, "-append", "console=ttyS0 panic=-1",
 		"-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio").Output()
 	return strings.Contains(string(out), "Linux version")
+}
+
+// MatrixRecord is one check that passed on one cell of the version
+// matrix, as the tests record it for the README's table.
+type MatrixRecord struct {
+	QEMU    string `json:"qemu"`
+	Kernel  string `json:"kernel"`
+	Machine string `json:"machine"`
+	Check   string `json:"check"`
+}
+
+// MatrixFile is where tests record the matrix cells they passed:
+// build/test-matrix.jsonl at the module root, emptied by `make test`.
+func MatrixFile() (string, error) {
+	root, err := ModuleRoot()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(root, "build", "test-matrix.jsonl"), nil
+}
+
+var matrixMu sync.Mutex
+
+// RecordMatrix appends a passed check of the guest's cell to
+// [MatrixFile]. Errors are ignored: the record is a report, not a test.
+func RecordMatrix(cfg Config, check string) {
+	kernel := cfg.Kernel
+	if kernel == "" {
+		kernel = os.Getenv("KVMCKPT_KERNEL")
+	}
+	if kernel == "" {
+		kernel = "amd64"
+	}
+	pkg := KernelPackage(kernel)
+	if pkg == "" {
+		pkg = kernel
+	}
+	machine := cfg.Machine
+	if machine == "" {
+		machine = "pc"
+	}
+	rec := MatrixRecord{QEMU: QEMUVersion(cfg.QEMU), Kernel: strings.TrimSuffix(strings.TrimPrefix(pkg, "linux-image-"), "-unsigned"), Machine: machine, Check: check}
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return
+	}
+	path, err := MatrixFile()
+	if err != nil {
+		return
+	}
+	matrixMu.Lock()
+	defer matrixMu.Unlock()
+	_ = os.MkdirAll(filepath.Dir(path), 0o755)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	f.Write(append(b, '\n'))
 }

@@ -76,6 +76,11 @@ type Config struct {
 	// Kernel is a flavour cached by `make deps` ("amd64", "cloud-amd64") or
 	// a path to a bzImage. Empty means $KVMCKPT_KERNEL, else "amd64".
 	Kernel string
+	// QEMU is the emulator: empty means qemu-system-x86_64 from PATH (the
+	// system's, bookworm's 7.2), a version such as "10.0" the one `make
+	// deps` unpacked into the cache from bookworm-backports (see
+	// [QEMUPath]), anything with a slash a path.
+	QEMU string
 	// Initramfs is the path of the initramfs; empty means the one built by
 	// the Makefile ($KVMCKPT_INITRAMFS, else build/initramfs.cpio.gz at the
 	// module root).
@@ -89,6 +94,10 @@ type Config struct {
 	Workload Workload
 	// Append adds kernel command-line arguments, for example page_poison=1.
 	Append []string
+	// NoKernel boots no kernel at all: the guest stays in its firmware
+	// (SeaBIOS finds nothing to boot), as a guest in early boot or with
+	// another operating system looks to kvmckpt.
+	NoKernel bool
 	// Incoming starts QEMU as a restore target: -incoming defer and -S.
 	Incoming bool
 	// Dir holds the QMP socket and the serial log; empty means a new
@@ -147,9 +156,9 @@ func Start(ctx context.Context, cfg Config) (*Guest, error) {
 			return nil, err
 		}
 	}
-	qemu, err := exec.LookPath("qemu-system-x86_64")
+	qemu, err := QEMUPath(cfg.QEMU)
 	if err != nil {
-		return nil, fmt.Errorf("qemu-system-x86_64: %w", ErrNotFound)
+		return nil, err
 	}
 	g := &Guest{Config: cfg, done: make(chan struct{})}
 	dir := cfg.Dir
@@ -201,10 +210,13 @@ func Start(ctx context.Context, cfg Config) (*Guest, error) {
 		"-m", fmt.Sprintf("%dM", cfg.MemMiB),
 	}
 	g.Args = append(g.Args, memArgs...)
+	if !cfg.NoKernel {
+		g.Args = append(g.Args,
+			"-kernel", kernel,
+			"-initrd", initrd,
+			"-append", strings.Join(appendLine, " "))
+	}
 	g.Args = append(g.Args,
-		"-kernel", kernel,
-		"-initrd", initrd,
-		"-append", strings.Join(appendLine, " "),
 		"-nodefaults", "-display", "none", "-no-reboot",
 		"-serial", "file:"+g.SerialPath,
 		"-qmp", "unix:"+g.QMPPath+",server=on,wait=off",
