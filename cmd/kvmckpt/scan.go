@@ -31,7 +31,11 @@ func cmdScan(ctx context.Context, e *env, args []string) error {
 	}
 	pct := func(n uint64) string { return fmt.Sprintf("%5.1f%%", 100*float64(n)/float64(max(st.PagesTotal, 1))) }
 	tw := tabwriter.NewWriter(e.stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(e.stdout, "kernel:  %s\nprofile: %s\n", term.Escape(st.Banner), term.Escape(st.Profile))
+	if st.FullSave {
+		fmt.Fprintf(e.stdout, "kernel:  not introspected: every non-zero page would be saved (see the warning)\n")
+	} else {
+		fmt.Fprintf(e.stdout, "kernel:  %s\nprofile: %s\n", term.Escape(st.Banner), term.Escape(st.Profile))
+	}
 	fmt.Fprintf(tw, "\tpages\tMiB\tshare\t\n")
 	for _, r := range []struct {
 		name string
