@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -23,6 +24,10 @@ const (
 	toolQEMU    = "qemu"
 	toolNaive   = "naive"
 	toolKvmckpt = "kvmckpt"
+	// toolMappedRAM is QEMU 8.2+'s best save to a file: mapped-ram with
+	// multifd channels and direct-io (what `virsh save --image-format
+	// sparse --parallel-channels 2 --bypass-cache` asks of QEMU).
+	toolMappedRAM = "qemu-mapped-ram"
 )
 
 // Operations.
@@ -33,25 +38,35 @@ const (
 
 // toolNames are the tools' names in tables.
 var toolNames = map[string]string{
-	toolQEMU:    "QEMU's own save (migrate to file, fsync)",
-	toolNaive:   "naive sparse copy of the RAM file",
-	toolKvmckpt: "kvmckpt",
+	toolQEMU:      "QEMU's own save (migrate to file, fsync)",
+	toolNaive:     "naive sparse copy of the RAM file",
+	toolKvmckpt:   "kvmckpt",
+	toolMappedRAM: fmt.Sprintf("QEMU mapped-ram + %d multifd + direct-io", multifdChannels),
 }
 
 // saveOrder alternates the order of the saves across repetitions, so that
 // no tool always comes first (after the guest was quiet longest) or last.
-func saveOrder(rep int) []string {
-	if rep%2 == 0 {
-		return []string{toolQEMU, toolNaive, toolKvmckpt}
+// mappedRAM adds QEMU's mapped-ram save (QEMU 8.2 and later).
+func saveOrder(rep int, mappedRAM bool) []string {
+	order := []string{toolQEMU, toolNaive, toolKvmckpt}
+	if mappedRAM {
+		order = []string{toolQEMU, toolMappedRAM, toolNaive, toolKvmckpt}
 	}
-	return []string{toolKvmckpt, toolNaive, toolQEMU}
+	if rep%2 == 1 {
+		slices.Reverse(order)
+	}
+	return order
 }
 
-func restoreOrder(rep int) []string {
-	if rep%2 == 0 {
-		return []string{toolQEMU, toolKvmckpt}
+func restoreOrder(rep int, mappedRAM bool) []string {
+	order := []string{toolQEMU, toolKvmckpt}
+	if mappedRAM {
+		order = []string{toolQEMU, toolMappedRAM, toolKvmckpt}
 	}
-	return []string{toolKvmckpt, toolQEMU}
+	if rep%2 == 1 {
+		slices.Reverse(order)
+	}
+	return order
 }
 
 // churnReserve is what a guest needs besides the churned memory: the
@@ -71,6 +86,9 @@ type workload struct {
 	IntervalS int    `json:"interval_s"`
 	CPUs      int    `json:"cpus"`
 	Machine   string `json:"machine"`
+	// QEMU is the emulator (vmtest.Config.QEMU): "" bookworm's 7.2,
+	// "10.0" the backported one.
+	QEMU string `json:"qemu,omitempty"`
 }
 
 // newWorkload shapes a guest of mem MiB: churn of it filled with non-zero
@@ -88,11 +106,13 @@ func newWorkload(c config, mem int, churn float64) workload {
 		IntervalS: c.Interval,
 		CPUs:      c.CPUs,
 		Machine:   c.Machine,
+		QEMU:      c.QEMU,
 	}
 }
 
 func (w workload) guest() vmtest.Config {
 	return vmtest.Config{
+		QEMU:    w.QEMU,
 		Machine: w.Machine,
 		MemMiB:  w.MemMiB,
 		CPUs:    w.CPUs,
@@ -243,7 +263,7 @@ func (b *bench) rep(ctx context.Context, g *vmtest.Guest, w workload, rep int, r
 	}
 	defer os.RemoveAll(dir)
 	files := map[string][]string{}
-	for i, tool := range saveOrder(rep) {
+	for i, tool := range saveOrder(rep, b.cfg.mappedRAM()) {
 		if err := b.settle(ctx, g, w); err != nil {
 			return fmt.Errorf("rep %d, before %s save: %w", rep+1, tool, err)
 		}
@@ -300,7 +320,7 @@ func (b *bench) rep(ctx context.Context, g *vmtest.Guest, w workload, rep int, r
 			setRunning(context.WithoutCancel(ctx), g.QMPPath, true)
 		}
 	}()
-	for i, tool := range restoreOrder(rep) {
+	for i, tool := range restoreOrder(rep, b.cfg.mappedRAM()) {
 		if err := syncfs(b.work); err != nil {
 			return err
 		}
@@ -379,10 +399,13 @@ func (b *bench) save(ctx context.Context, g *vmtest.Guest, w workload, tool, dir
 	var pr procResult
 	var files []string
 	switch tool {
-	case toolQEMU, toolNaive:
+	case toolQEMU, toolNaive, toolMappedRAM:
 		spec := childSpec{Mode: modeQEMUSave, QMP: g.QMPPath, Output: filepath.Join(dir, "qemu.migration"), Timeout: timeout, Copier: b.cfg.Copier}
-		if tool == toolNaive {
+		switch tool {
+		case toolNaive:
 			spec.Mode, spec.Output = modeNaiveSave, filepath.Join(dir, "naive")
+		case toolMappedRAM:
+			spec.Mode, spec.Output = modeMappedRAMSave, filepath.Join(dir, "qemu.mapped-ram")
 		}
 		var cr childResult
 		pr, err = b.child(ctx, spec, &cr)
@@ -485,9 +508,9 @@ func (b *bench) restore(ctx context.Context, w workload, tool, file string) (mea
 		return m, err
 	}
 	switch tool {
-	case toolQEMU:
+	case toolQEMU, toolMappedRAM:
 		t1 := time.Now()
-		if err := qemuLoad(ctx, tg, file, timeout); err != nil {
+		if err := qemuLoad(ctx, tg, file, tool == toolMappedRAM, timeout); err != nil {
 			return m, err
 		}
 		m.TotalMS = ms(time.Since(t1))
@@ -520,7 +543,10 @@ func (b *bench) restore(ctx context.Context, w workload, tool, file string) (mea
 // into a QEMU waiting with -incoming defer -S, then cont once the load
 // completed. (On this side QEMU reads to the end of its stream before it
 // closes the channel, so cat's early death, see [qemuSave], is harmless.)
-func qemuLoad(ctx context.Context, tg *vmtest.Guest, file string, timeout time.Duration) error {
+//
+// With mappedRAM the file is a mapped-ram one, which QEMU reads itself
+// with the same capabilities and parameters as its save.
+func qemuLoad(ctx context.Context, tg *vmtest.Guest, file string, mappedRAM bool, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	s, err := qmp.Dial(ctx, tg.QMPPath)
@@ -528,7 +554,14 @@ func qemuLoad(ctx context.Context, tg *vmtest.Guest, file string, timeout time.D
 		return err
 	}
 	defer s.Close()
-	if err := s.Run(ctx, "migrate-incoming", map[string]string{"uri": "exec:cat " + shellQuote(file)}, nil); err != nil {
+	uri := "exec:cat " + shellQuote(file)
+	if mappedRAM {
+		if err := setMappedRAM(ctx, s); err != nil {
+			return err
+		}
+		uri = "file:" + file
+	}
+	if err := s.Run(ctx, "migrate-incoming", map[string]string{"uri": uri}, nil); err != nil {
 		return fmt.Errorf("start incoming migration: %w", err)
 	}
 	tick := time.NewTicker(5 * time.Millisecond)

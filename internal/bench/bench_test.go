@@ -28,9 +28,10 @@ func TestMain(m *testing.M) {
 	vmtest.Main(m)
 }
 
-// TestSmoke runs `go run ./internal/bench -smoke` end to end: a 512 MiB
-// guest that filled and freed more than half its RAM, the three saves, the
-// disk measurement, the two restores and their verification.
+// TestSmoke runs `go run ./internal/bench -smoke -qemu 10.0` end to end: a
+// 512 MiB guest under QEMU 10 that filled and freed more than half its
+// RAM, the four saves (QEMU's stream, QEMU's mapped-ram, naive, kvmckpt),
+// the disk measurement, the three restores and their verification.
 func TestSmoke(t *testing.T) {
 	vmtest.RequiresQEMU(t)
 	dir := t.TempDir()
@@ -39,7 +40,7 @@ func TestSmoke(t *testing.T) {
 	defer cancel()
 	var stdout bytes.Buffer
 	start := time.Now()
-	r, err := run(ctx, &stdout, t.Output(), []string{"-smoke", "-out", out, "-png", chart})
+	r, err := run(ctx, &stdout, t.Output(), []string{"-smoke", "-qemu", "10.0", "-out", out, "-png", chart})
 	t.Logf("smoke run took %v\n%s", time.Since(start).Round(time.Millisecond), stdout.String())
 	require.NoError(t, err)
 	require.NotNil(t, r.Result)
@@ -63,6 +64,7 @@ func TestSmoke(t *testing.T) {
 	q, n, k := saves[toolQEMU], saves[toolNaive], saves[toolKvmckpt]
 	// The premise: QEMU's save carries the freed pages, which are not zero.
 	assert.Greater(t, q.Allocated.Median, churned, "QEMU's own save should hold the freed, non-zero pages")
+	assert.Greater(t, saves[toolMappedRAM].Allocated.Median, churned, "QEMU's mapped-ram save should hold the freed, non-zero pages")
 	assert.Greater(t, n.Allocated.Median, churned, "the naive copy should hold the freed, non-zero pages")
 	assert.Greater(t, n.Apparent.Median, float64(p.Workload.MemMiB)*(1<<20), "the naive copy is as long as RAM")
 	assert.Less(t, n.Allocated.Median, n.Apparent.Median, "the naive copy is sparse")
@@ -71,7 +73,7 @@ func TestSmoke(t *testing.T) {
 	assert.Contains(t, p.KvmckptSave, "pages_saved")
 	assert.Less(t, p.KvmckptSave["pages_saved"].Median, p.KvmckptSave["pages_total"].Median/2)
 
-	for _, tool := range []string{toolQEMU, toolKvmckpt} {
+	for _, tool := range []string{toolQEMU, toolMappedRAM, toolKvmckpt} {
 		s, ok := findSummary(p.Summary, opRestore, tool)
 		require.True(t, ok, "no %s restore", tool)
 		assert.Equal(t, 1, s.Verified, "%s's restored guest must verify its data", tool)
@@ -85,14 +87,14 @@ func TestSmoke(t *testing.T) {
 	}
 	assert.Empty(t, p.Failures)
 
-	for _, want := range []string{"## Save", "## Restore", "## The disk's limit", toolNames[toolQEMU], toolNames[toolKvmckpt], "1/1"} {
+	for _, want := range []string{"## Save", "## Restore", "## The disk's limit", toolNames[toolQEMU], toolNames[toolMappedRAM], toolNames[toolKvmckpt], "(Debian 1:10.0", "1/1"} {
 		assert.Contains(t, stdout.String(), want)
 	}
 	b, err := os.ReadFile(out)
 	require.NoError(t, err)
 	var back report
 	require.NoError(t, json.Unmarshal(b, &back))
-	assert.Len(t, back.Result.Measurements, 5)
+	assert.Len(t, back.Result.Measurements, 7, "four saves and three restores")
 	f, err := os.Open(chart)
 	require.NoError(t, err)
 	defer f.Close()
@@ -354,13 +356,20 @@ func TestParseFlags(t *testing.T) {
 }
 
 func TestSaveOrderAlternates(t *testing.T) {
-	for rep := range 4 {
-		s, r := saveOrder(rep), restoreOrder(rep)
-		assert.ElementsMatch(t, tools, s)
-		assert.ElementsMatch(t, []string{toolQEMU, toolKvmckpt}, r)
-		if prev := rep - 1; prev >= 0 {
-			assert.NotEqual(t, saveOrder(prev)[0], s[0], "rep %d starts with the same tool as the one before", rep)
-			assert.NotEqual(t, restoreOrder(prev)[0], r[0])
+	for _, mapped := range []bool{false, true} {
+		for rep := range 4 {
+			s, r := saveOrder(rep, mapped), restoreOrder(rep, mapped)
+			if mapped {
+				assert.ElementsMatch(t, tools, s)
+				assert.ElementsMatch(t, []string{toolQEMU, toolMappedRAM, toolKvmckpt}, r)
+			} else {
+				assert.ElementsMatch(t, []string{toolQEMU, toolNaive, toolKvmckpt}, s)
+				assert.ElementsMatch(t, []string{toolQEMU, toolKvmckpt}, r)
+			}
+			if prev := rep - 1; prev >= 0 {
+				assert.NotEqual(t, saveOrder(prev, mapped)[0], s[0], "rep %d starts with the same tool as the one before", rep)
+				assert.NotEqual(t, restoreOrder(prev, mapped)[0], r[0])
+			}
 		}
 	}
 }

@@ -44,8 +44,9 @@ type machine struct {
 	Disk        mountInfo `json:"disk"`
 }
 
-// probeMachine describes the host and the filesystem of dir.
-func probeMachine(ctx context.Context, dir string) machine {
+// probeMachine describes the host, the emulator qemu (a vmtest.Config.QEMU
+// setting) and the filesystem of dir.
+func probeMachine(ctx context.Context, dir, qemu string) machine {
 	m := machine{Cores: runtime.NumCPU(), Accel: vmtest.Accel(), Go: runtime.Version(), Dir: dir}
 	m.CPUModel = firstField("/proc/cpuinfo", "model name")
 	if kb, err := strconv.Atoi(strings.Fields(firstField("/proc/meminfo", "MemTotal") + " 0")[0]); err == nil {
@@ -53,7 +54,8 @@ func probeMachine(ctx context.Context, dir string) machine {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if out, err := exec.CommandContext(ctx, "qemu-system-x86_64", "--version").Output(); err == nil {
+	prog, _ := vmtest.QEMUPath(qemu)
+	if out, err := exec.CommandContext(ctx, prog, "--version").Output(); err == nil {
 		m.QEMU = strings.TrimPrefix(strings.SplitN(string(out), "\n", 2)[0], "QEMU emulator version ")
 	}
 	var u unix.Utsname
@@ -159,7 +161,7 @@ func writePoint(w io.Writer, p *pointResult, reps int, copier string) {
 			continue
 		}
 		toolCPU, rss := cell(s.ToolCPUMS, 1, 0), cell(s.ToolMaxRSS, 1<<20, 0)
-		if s.Tool == toolQEMU {
+		if s.Tool == toolQEMU || s.Tool == toolMappedRAM {
 			toolCPU, rss = "— (QEMU alone)", "—"
 		}
 		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %d/%d |\n",
@@ -227,8 +229,11 @@ var diskModeNames = map[string]string{
 }
 
 func restoreName(tool string) string {
-	if tool == toolQEMU {
+	switch tool {
+	case toolQEMU:
 		return "QEMU's own restore (-incoming from the file)"
+	case toolMappedRAM:
+		return "QEMU's mapped-ram restore (file:, same multifd and direct-io)"
 	}
 	return "kvmckpt restore --resume"
 }

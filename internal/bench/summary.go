@@ -50,7 +50,7 @@ type diskRow struct {
 	DiskAloneMS stat `json:"disk_alone_ms"`
 }
 
-var tools = []string{toolQEMU, toolNaive, toolKvmckpt}
+var tools = []string{toolQEMU, toolMappedRAM, toolNaive, toolKvmckpt}
 
 // summarizePoint fills in res's summaries from its measurements.
 func summarizePoint(res *pointResult) {
