@@ -20,13 +20,21 @@ import (
 // reads and writes. It writes version 1 for a checkpoint without a key and
 // version 2, which adds encryption, for one with a key, so that readers
 // that know only version 1 go on reading the files they can.
-const FormatVersion = 2
+const FormatVersion = 3
 
 // The format versions.
 const (
 	versionPlain  = 1 // no encryption
 	versionSealed = 2 // encrypted: AES-256-GCM
+	versionPlaced = 3 // chunks placed anywhere: live checkpoints
 )
+
+// placedAlign is the alignment of the chunk area, and of every chunk a
+// [Live] writer places, in a version 3 file.
+const placedAlign = 4096
+
+// alignUp rounds n up to a multiple of placedAlign.
+func alignUp(n int64) int64 { return (n + placedAlign - 1) &^ (placedAlign - 1) }
 
 // Limits of the format; see the package documentation.
 const (
@@ -303,7 +311,7 @@ func parseFixedHeader(fixed []byte, avail int64) (fixedHeader, error) {
 		return fh, formatErr(PartHeader, 0, 8, ErrNewerVersion, "version %d, newest supported %d", fh.version, FormatVersion)
 	case fh.version < versionPlain:
 		return fh, formatErr(PartHeader, 0, 8, ErrCorrupt, "version %d", fh.version)
-	case fh.version == versionPlain:
+	case fh.version == versionPlain, fh.version == versionPlaced:
 		fh.len = fixedHeaderLen
 	case fh.version == versionSealed:
 		fh.len = sealedFixedHeaderLen

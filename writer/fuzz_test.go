@@ -68,6 +68,24 @@ func seedCheckpoints(tb testing.TB) map[string][]byte {
 	used = pagemap.NewBitmap(4)
 	used.SetRange(0, 3)
 	write("encrypted", h, Options{ChunkPages: 2, Key: testKey}, used, "QEVM")
+	// Version 3, as a live save writes it: chunks placed out of page
+	// order, one rewritten, one moved past a punched hole.
+	h = testHeader(4)
+	h.CommandLine = nil
+	path := filepath.Join(tb.TempDir(), "live")
+	l, err := CreateLive(path, h, Options{ChunkPages: 2})
+	require.NoError(tb, err)
+	defer l.Abort()
+	page := func(s string) []byte { return bytes.Repeat([]byte(s), PageSize)[:PageSize] }
+	require.NoError(tb, l.Put(1, []uint64{2, 3}, append(page("c"), page("d")...)))
+	require.NoError(tb, l.Put(0, []uint64{0}, page("a")))
+	require.NoError(tb, l.Put(0, []uint64{0, 1}, append(page("a"), page("b")...)))
+	_, err = l.WriteDeviceState(strings.NewReader("QEVM"))
+	require.NoError(tb, err)
+	require.NoError(tb, l.Commit())
+	data, err := os.ReadFile(path)
+	require.NoError(tb, err)
+	seeds["live"] = data
 	return seeds
 }
 

@@ -1,6 +1,7 @@
 package writer
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -10,6 +11,7 @@ import (
 	"iter"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -44,7 +46,8 @@ type Reader struct {
 	closer io.Closer
 
 	seal      *sealer // nil if the file is not encrypted
-	fixedLen  int     // of the fixed part of the header
+	version   uint32
+	fixedLen  int // of the fixed part of the header
 	h         Header
 	used      *pagemap.Bitmap
 	bitmapOff int64 // end of the header, start of the bitmap
@@ -128,7 +131,7 @@ func NewReaderKey(ra io.ReaderAt, size int64, key []byte) (*Reader, error) {
 	switch {
 	case fh.version == versionSealed && key == nil:
 		return nil, formatErr(PartHeader, 0, 8, ErrEncrypted, "version %d, AES-256-GCM", fh.version)
-	case fh.version == versionPlain && key != nil:
+	case fh.version != versionSealed && key != nil:
 		return nil, formatErr(PartHeader, 0, 8, ErrNotEncrypted, "version %d read with a key", fh.version)
 	case key != nil:
 		if r.seal, err = newSealer(key, fh.salt); err != nil {
@@ -136,6 +139,7 @@ func NewReaderKey(ra io.ReaderAt, size int64, key []byte) (*Reader, error) {
 		}
 	}
 	r.fixedLen = fh.len
+	r.version = fh.version
 	// parseFixedHeader bounded bodyLen by MaxHeaderBody and size.
 	hdr := make([]byte, fh.len+int(fh.bodyLen)+crcLen)
 	if err := r.readAt(PartHeader, 0, hdr, 0); err != nil {
@@ -233,8 +237,17 @@ func (r *Reader) readBitmap() error {
 		return formatErr(PartBitmap, 0, r.bitmapOff, ErrCorrupt, "has %d pages set, header says %d saved", c, r.h.Pages.Saved)
 	}
 	r.chunksOff = r.bitmapOff + int64(r.storedLen(n)) + crcLen
+	if r.version == versionPlaced {
+		// Zeros (a hole) up to the aligned chunk area; the trailer
+		// check below makes sure the file reaches that far.
+		r.chunksOff = alignUp(r.chunksOff)
+	}
 	return nil
 }
+
+// placed reports whether chunks may lie anywhere in the chunk area, with
+// gaps, in any order (version 3), rather than back to back in page order.
+func (r *Reader) placed() bool { return r.version == versionPlaced }
 
 func (r *Reader) readTrailer() error {
 	off := r.size - trailerLen // readBitmap made sure this is past the bitmap
@@ -250,6 +263,16 @@ func (r *Reader) readTrailer() error {
 	// not overflow.
 	u := uint64(off)
 	nChunks := chunkCount(r.h.Pages.Saved, r.h.ChunkPages)
+	if r.placed() {
+		// As many chunks as the index holds: at least as many as
+		// full ones would take, at most one per saved page.
+		if n := t.indexLen / indexEntryLen; t.indexLen%indexEntryLen == 0 && n >= nChunks && n <= r.h.Pages.Saved {
+			nChunks = n
+		}
+		if t.fileCRC != 0 {
+			return formatErr(PartTrailer, 0, off+32, ErrCorrupt, "file crc %#08x in a version 3 file, which has none", t.fileCRC)
+		}
+	}
 	devLen, devOK := t.devLen, true
 	if r.seal != nil {
 		devLen, devOK = openedLen(t.devLen)
@@ -275,6 +298,9 @@ func (r *Reader) readTrailer() error {
 
 func (r *Reader) readIndex() error {
 	off := int64(r.tr.indexOff)
+	if r.placed() {
+		return r.readPlacedIndex(off)
+	}
 	// readTrailer bounded indexLen by the file size and checked it against
 	// the number of chunks.
 	n := chunkCount(r.h.Pages.Saved, r.h.ChunkPages) * indexEntryLen
@@ -326,6 +352,85 @@ func (r *Reader) readIndex() error {
 	}
 	if next != r.tr.indexOff {
 		return formatErr(PartIndex, 0, off, ErrCorrupt, "chunks end at %#x, index starts at %#x", next, r.tr.indexOff)
+	}
+	return nil
+}
+
+// readPlacedIndex reads the index of a version 3 file. Its chunks, in
+// index order, cover the saved pages in page order, each exactly once:
+// chunk i holds rawLen/page_size saved pages (1 to chunk_pages) from
+// firstPage, which must be the first saved page no chunk before covers.
+// Each lies in the chunk area [C, index), placedAlign-aligned, and no two
+// overlap; bytes of the area that no chunk holds are not read.
+func (r *Reader) readPlacedIndex(off int64) error {
+	n := r.tr.indexLen // readTrailer checked it: a whole number of entries, at most one per saved page
+	b, err := r.readSection(PartIndex, off, n)
+	if err != nil {
+		return err
+	}
+	k := int(n / indexEntryLen)
+	r.chunks = make([]ChunkInfo, 0, k)
+	ps := uint64(r.h.PageSize)
+	var cursor, covered uint64 // next page that may start a chunk; saved pages covered
+	for i := range k {
+		e, ok := parseIndexEntry(b[i*indexEntryLen:])
+		pages := uint64(e.rawLen) / ps
+		first, have := r.used.NextSet(cursor)
+		var msg string
+		switch {
+		case !ok:
+			msg = "reserved bytes set"
+		case uint64(e.rawLen)%ps != 0 || pages == 0 || pages > uint64(r.h.ChunkPages):
+			msg = fmt.Sprintf("raw length %d is not 1 to %d pages", e.rawLen, r.h.ChunkPages)
+		case !have || e.firstPage != first:
+			msg = fmt.Sprintf("first page %d, the next saved page is %d", e.firstPage, first)
+		case covered+pages > r.h.Pages.Saved:
+			msg = fmt.Sprintf("covers saved pages past the %d of the bitmap", r.h.Pages.Saved)
+		case e.encoding == EncodingRaw && e.storedLen != e.rawLen:
+			msg = fmt.Sprintf("raw chunk stores %d bytes of %d", e.storedLen, e.rawLen)
+		case e.encoding == EncodingLZ4 && r.h.Compression == CompressionNone:
+			msg = "lz4 chunk in a file without compression"
+		case e.encoding == EncodingLZ4 && (e.storedLen == 0 || e.storedLen > maxStored(e.rawLen)):
+			msg = fmt.Sprintf("lz4 chunk stores %d bytes of %d", e.storedLen, e.rawLen)
+		case e.encoding != EncodingRaw && e.encoding != EncodingLZ4:
+			msg = fmt.Sprintf("unknown encoding %d", e.encoding)
+		case e.offset < uint64(r.chunksOff) || e.offset%placedAlign != 0 || e.offset > r.tr.indexOff || uint64(e.storedLen) > r.tr.indexOff-e.offset:
+			msg = fmt.Sprintf("%d stored bytes at %#x outside the aligned chunk area [%#x, %#x)", e.storedLen, e.offset, r.chunksOff, r.tr.indexOff)
+		}
+		if msg != "" {
+			return formatErr(PartIndex, 0, r.contentOff(off, uint64(i*indexEntryLen)), ErrCorrupt, "entry %d: %s", i, msg)
+		}
+		// The page after the chunk's last: pages saved pages on from
+		// first (bounded: covered+pages <= saved).
+		last := first
+		for range pages - 1 {
+			last, _ = r.used.NextSet(last + 1)
+		}
+		cursor = last + 1
+		covered += pages
+		r.chunks = append(r.chunks, ChunkInfo{
+			Offset:    int64(e.offset),
+			FirstPage: e.firstPage,
+			Pages:     pages,
+			RawLen:    e.rawLen,
+			StoredLen: e.storedLen,
+			CRC:       e.crc,
+			Encoding:  e.encoding,
+		})
+	}
+	if covered != r.h.Pages.Saved {
+		return formatErr(PartIndex, 0, off, ErrCorrupt, "chunks cover %d saved pages of %d", covered, r.h.Pages.Saved)
+	}
+	byOff := make([]int, k)
+	for i := range byOff {
+		byOff[i] = i
+	}
+	slices.SortFunc(byOff, func(a, b int) int { return cmp.Compare(r.chunks[a].Offset, r.chunks[b].Offset) })
+	for j := 1; j < k; j++ {
+		a, c := r.chunks[byOff[j-1]], r.chunks[byOff[j]]
+		if a.Offset+int64(a.StoredLen) > c.Offset {
+			return formatErr(PartIndex, 0, off, ErrCorrupt, "chunks %d and %d overlap at %#x", byOff[j-1], byOff[j], c.Offset)
+		}
 	}
 	return nil
 }
@@ -759,7 +864,12 @@ func (r *Reader) Verify(progress func(done, total uint64)) error {
 	if err := v.header(); err != nil {
 		return err
 	}
-	if err := v.section(PartBitmap, r.bitmapOff, r.chunksOff-crcLen-r.bitmapOff); err != nil {
+	bitmapLen := r.chunksOff - crcLen - r.bitmapOff
+	if r.placed() {
+		n, _ := pagemap.EncodedLen(r.h.Pages.Total)
+		bitmapLen = int64(n)
+	}
+	if err := v.section(PartBitmap, r.bitmapOff, bitmapLen); err != nil {
 		return err
 	}
 	var b chunkBuffers
@@ -786,9 +896,10 @@ func (r *Reader) Verify(progress func(done, total uint64)) error {
 	if t != r.tr {
 		return formatErr(PartTrailer, 0, off, ErrCorrupt, "changed since the file was opened")
 	}
-	if v.fileCRC != t.fileCRC {
+	if !r.placed() && v.fileCRC != t.fileCRC {
 		return formatErr(PartTrailer, 0, off+32, ErrCorrupt, "file crc %#08x, stored %#08x", v.fileCRC, t.fileCRC)
 	}
+	v.pos = off
 	v.advance(trailerLen)
 	return nil
 }
@@ -833,6 +944,11 @@ func (v *verifier) header() error {
 // section checks the n stored bytes at off followed by their CRC; in an
 // encrypted file, it opens each block.
 func (v *verifier) section(part Part, off, n int64) error {
+	if v.r.placed() {
+		// Version 3 has gaps (holes) and no file CRC: each part is
+		// checked where the index and trailer place it.
+		v.pos = off
+	}
 	if off != v.pos {
 		// The layout checks of NewReader rule this out.
 		return formatErr(part, 0, off, ErrCorrupt, "starts at %#x, previous part ends at %#x", off, v.pos)
@@ -867,6 +983,9 @@ func (v *verifier) section(part Part, off, n int64) error {
 
 func (v *verifier) chunk(i int, b *chunkBuffers) error {
 	c := &v.r.chunks[i]
+	if v.r.placed() {
+		v.pos = c.Offset
+	}
 	if c.Offset != v.pos {
 		return formatErr(PartChunk, i, c.Offset, ErrCorrupt, "starts at %#x, previous part ends at %#x", c.Offset, v.pos)
 	}

@@ -1,0 +1,445 @@
+package writer
+
+import (
+	"cmp"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"slices"
+	"time"
+
+	"github.com/pierrec/lz4/v4"
+	"golang.org/x/sys/unix"
+
+	"github.com/kvmckpt/kvmckpt/pagemap"
+)
+
+// Live writes a version 3 checkpoint whose chunks are placed, and
+// replaced, in any order before the set of saved pages is final: the file
+// of a live checkpoint, whose pre-copy rounds write pages while the guest
+// runs and rewrite those it changes. Each chunk has a key (the caller's:
+// a group of pages, say); [Live.Put] stores the chunk of a key, replacing
+// the one it had. A replaced chunk is rewritten in place where the new one
+// fits its extent, else placed at the end and its old extent punched out
+// of the file (FALLOC_FL_PUNCH_HOLE), so that no stale copy survives to
+// the committed file, whose chunks are exactly the last Put of each key.
+//
+// [CreateLive], any number of [Live.Put] and [Live.Drop] (with
+// [Live.Sync] between rounds, so that the last round's sync is short),
+// then [Live.WriteDeviceState] and [Live.Commit]. The bitmap of saved
+// pages is the union of the chunks' pages, known at Commit, and written
+// with the header into the space reserved for them at the start of the
+// file.
+//
+// A Live writer is not safe for concurrent use. It writes through the page
+// cache (rewrites in place would defeat O_DIRECT's alignment) and does not
+// encrypt: a rewritten chunk sealed again under its position's nonce would
+// reuse it.
+type Live struct {
+	dir   *targetDir
+	f     *os.File
+	tmp   string
+	h     Header
+	opts  Options
+	state writerState
+	err   error
+
+	reserve  int // header body bytes reserved at the start
+	chunksAt int64
+	end      int64 // end of the chunk area so far
+	devOff   int64
+	devLen   uint64
+	index    []indexEntry
+	chunks   map[uint64]*placed
+	lz4      lz4.Compressor
+	buf      []byte
+	stats    LiveStats
+}
+
+// placed is a chunk's place in the file.
+type placed struct {
+	off    int64
+	extent int64 // bytes of the file it may use: stored length, aligned up
+	pages  []uint64
+	e      indexEntry
+}
+
+// LiveStats counts what a [Live] writer did.
+type LiveStats struct {
+	Stats
+	// Puts counts [Live.Put] calls; InPlace those that rewrote a chunk in
+	// its old extent, Moved those that placed it anew and punched the old
+	// one.
+	Puts, InPlace, Moved int
+	// PutBytes is what every Put stored, rewrites included: the bytes
+	// written for pages. Punched is what was punched out again.
+	PutBytes, Punched int64
+}
+
+// headerReserve is how many bytes the header body may grow between
+// [CreateLive] and Commit: the page counts, at most 2^36 (11 digits) each,
+// are all that changes.
+const headerReserve = 256
+
+// CreateLive starts writing a version 3 checkpoint to be committed at
+// path, as [Create] does for version 1: a temporary file beside it, mode
+// 0600, never through a symlink. opts.Key must be nil; opts.Zeros and
+// opts.Workers are not used.
+func CreateLive(path string, h Header, opts Options) (*Live, error) {
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, fmt.Errorf("create checkpoint: %w", err)
+	}
+	if opts.Key != nil {
+		return nil, fmt.Errorf("create checkpoint: a live checkpoint cannot be encrypted")
+	}
+	h = h.clone()
+	if h.PageSize == 0 {
+		h.PageSize = PageSize
+	}
+	h.ChunkPages = uint32(opts.ChunkPages)
+	h.Compression = opts.Compression
+	if h.Created.IsZero() {
+		h.Created = time.Now().UTC()
+	}
+	h.Pages.Saved = 0
+	if h.Pages.Total, err = h.totalPages(); err != nil {
+		return nil, fmt.Errorf("create checkpoint: header: %w", err)
+	}
+	if err := h.check(); err != nil {
+		return nil, fmt.Errorf("create checkpoint: header: %w", err)
+	}
+	body, err := json.Marshal(&h)
+	if err != nil {
+		return nil, fmt.Errorf("create checkpoint: header: %w", err)
+	}
+	reserve := len(body) + headerReserve
+	if reserve > MaxHeaderBody {
+		return nil, fmt.Errorf("create checkpoint: header body of %d bytes: %w", len(body), ErrTooLarge)
+	}
+	bitmapLen, _ := pagemap.EncodedLen(h.Pages.Total)
+	chunksAt := alignUp(int64(fixedHeaderLen+reserve+crcLen) + int64(bitmapLen) + crcLen)
+
+	dir, err := openTargetDir(path)
+	if err != nil {
+		return nil, fmt.Errorf("create checkpoint: %w", err)
+	}
+	if err := dir.checkTarget(); err != nil {
+		dir.close()
+		return nil, fmt.Errorf("create checkpoint: %w", err)
+	}
+	f, tmp, err := dir.createTemp()
+	if err != nil {
+		dir.close()
+		return nil, fmt.Errorf("create checkpoint: %w", err)
+	}
+	return &Live{
+		dir: dir, f: f, tmp: tmp, h: h, opts: opts,
+		reserve: reserve, chunksAt: chunksAt, end: chunksAt,
+		chunks: map[uint64]*placed{},
+		buf:    make([]byte, lz4.CompressBlockBound(opts.ChunkPages*PageSize)),
+	}, nil
+}
+
+// TempPath returns the path of the temporary file being written.
+func (l *Live) TempPath() string { return l.dir.join(l.tmp) }
+
+// Stats returns what l has done so far.
+func (l *Live) Stats() LiveStats { return l.stats }
+
+// Has reports whether key has a chunk.
+func (l *Live) Has(key uint64) bool { _, ok := l.chunks[key]; return ok }
+
+func (l *Live) fail(err error) error {
+	l.err = err
+	l.state = stateFailed
+	l.cleanup()
+	return err
+}
+
+func (l *Live) cleanup() {
+	if l.f != nil {
+		l.f.Close()
+		l.f = nil
+		unix.Unlinkat(l.dir.fd, l.tmp, 0)
+	}
+	l.dir.close()
+}
+
+func (l *Live) expect(s writerState, op string) error {
+	switch {
+	case l.state == s:
+		return nil
+	case l.state == stateFailed:
+		return fmt.Errorf("%s: checkpoint writer failed earlier: %w", op, l.err)
+	case l.state >= stateCommitted:
+		return fmt.Errorf("%s: checkpoint writer closed", op)
+	}
+	return fmt.Errorf("%s: called out of order", op)
+}
+
+// Abort removes the temporary file unless Commit succeeded; it may be
+// deferred and called more than once.
+func (l *Live) Abort() error {
+	if l.state >= stateCommitted {
+		return nil
+	}
+	l.state = stateAborted
+	l.cleanup()
+	return nil
+}
+
+// Put stores the chunk of key: the pages (page numbers of the checkpoint,
+// ascending, 1 to chunk_pages of them) whose contents data holds, one page
+// after the other. It replaces the chunk key had. data is not kept.
+func (l *Live) Put(key uint64, pages []uint64, data []byte) error {
+	if err := l.expect(stateOpen, "put chunk"); err != nil {
+		return err
+	}
+	ps := uint64(l.h.PageSize)
+	switch {
+	case len(pages) == 0 || len(pages) > int(l.h.ChunkPages):
+		return fmt.Errorf("put chunk: %d pages, want 1 to %d", len(pages), l.h.ChunkPages)
+	case uint64(len(data)) != uint64(len(pages))*ps:
+		return fmt.Errorf("put chunk: %d bytes for %d pages", len(data), len(pages))
+	case pages[len(pages)-1] >= l.h.Pages.Total:
+		return fmt.Errorf("put chunk: page %d past the %d of the regions", pages[len(pages)-1], l.h.Pages.Total)
+	}
+	for i := 1; i < len(pages); i++ {
+		if pages[i] <= pages[i-1] {
+			return fmt.Errorf("put chunk: pages not ascending at %d", i)
+		}
+	}
+	e := indexEntry{firstPage: pages[0], rawLen: uint32(len(data)), encoding: EncodingRaw}
+	out := data
+	if l.h.Compression == CompressionLZ4 {
+		// As the sequential writer: LZ4 only where it saves 1/16.
+		limit := len(data) - len(data)/16
+		if n, _ := l.lz4.CompressBlock(data, l.buf[:limit]); n > 0 {
+			e.encoding, out = EncodingLZ4, l.buf[:n]
+		}
+	}
+	e.storedLen = uint32(len(out))
+	e.crc = crc(out)
+	need := alignUp(int64(len(out)))
+	p := l.chunks[key]
+	switch {
+	case p != nil && need <= p.extent:
+		l.stats.InPlace++
+	case p != nil:
+		if err := l.punch(p.off, p.extent); err != nil {
+			return l.fail(err)
+		}
+		l.stats.Moved++
+		p.off, p.extent = l.end, need
+		l.end += need
+	default:
+		p = &placed{off: l.end, extent: need}
+		l.end += need
+		l.chunks[key] = p
+	}
+	if _, err := l.f.WriteAt(out, p.off); err != nil {
+		return l.fail(fmt.Errorf("put chunk: %w", err))
+	}
+	e.offset = uint64(p.off)
+	p.e = e
+	p.pages = append(p.pages[:0], pages...)
+	l.stats.Puts++
+	l.stats.PutBytes += int64(len(out))
+	return nil
+}
+
+// Drop removes the chunk of key, if it has one, and punches its extent.
+func (l *Live) Drop(key uint64) error {
+	if err := l.expect(stateOpen, "drop chunk"); err != nil {
+		return err
+	}
+	p, ok := l.chunks[key]
+	if !ok {
+		return nil
+	}
+	delete(l.chunks, key)
+	if err := l.punch(p.off, p.extent); err != nil {
+		return l.fail(err)
+	}
+	return nil
+}
+
+// punch frees [off, off+n) of the file; it reads as zeros afterwards. A
+// file system that cannot punch gets zeros written, so that no stale page
+// stays in the file either way.
+func (l *Live) punch(off, n int64) error {
+	l.stats.Punched += n
+	err := unix.Fallocate(int(l.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, unix.EOPNOTSUPP) {
+		return fmt.Errorf("punch stale chunk: %w", err)
+	}
+	if _, err := l.f.WriteAt(make([]byte, n), off); err != nil {
+		return fmt.Errorf("zero stale chunk: %w", err)
+	}
+	return nil
+}
+
+// Sync makes what was put so far durable (fdatasync), so that the sync in
+// Commit has only the last round's chunks to write.
+func (l *Live) Sync() error {
+	if err := l.expect(stateOpen, "sync checkpoint"); err != nil {
+		return err
+	}
+	if err := unix.Fdatasync(int(l.f.Fd())); err != nil {
+		return l.fail(fmt.Errorf("sync checkpoint: %w", err))
+	}
+	return nil
+}
+
+// WriteDeviceState writes the index of the chunks put so far, then QEMU's
+// device state, read from r until EOF; no chunk can be put after it.
+func (l *Live) WriteDeviceState(r io.Reader) (int64, error) {
+	if err := l.expect(stateOpen, "write device state"); err != nil {
+		return 0, err
+	}
+	ps := make([]*placed, 0, len(l.chunks))
+	for _, p := range l.chunks {
+		ps = append(ps, p)
+	}
+	slices.SortFunc(ps, func(a, b *placed) int { return cmp.Compare(a.pages[0], b.pages[0]) })
+	used := pagemap.NewBitmap(l.h.Pages.Total)
+	var last uint64
+	for i, p := range ps {
+		if i > 0 && p.pages[0] <= last {
+			return 0, l.fail(fmt.Errorf("write device state: chunks overlap at page %d", p.pages[0]))
+		}
+		for _, pg := range p.pages {
+			used.Set(pg)
+		}
+		last = p.pages[len(p.pages)-1]
+		l.index = append(l.index, p.e)
+		l.stats.PagesWritten += uint64(len(p.pages))
+		l.stats.PageBytes += int64(p.e.rawLen)
+		l.stats.StoredBytes += int64(p.e.storedLen)
+		if p.e.encoding == EncodingLZ4 {
+			l.stats.ChunksLZ4++
+		} else {
+			l.stats.ChunksRaw++
+		}
+	}
+	l.h.Pages.Saved = l.stats.PagesWritten
+	idx := make([]byte, 0, len(l.index)*indexEntryLen+crcLen)
+	for i := range l.index {
+		idx = l.index[i].append(idx)
+	}
+	idx = binary.LittleEndian.AppendUint32(idx, crc(idx))
+	if _, err := l.f.WriteAt(idx, l.end); err != nil {
+		return 0, l.fail(fmt.Errorf("write index: %w", err))
+	}
+	l.devOff = l.end + int64(len(idx))
+	cw := &crcWriterAt{f: l.f, off: l.devOff}
+	n, err := io.CopyBuffer(cw, io.LimitReader(r, l.opts.MaxDeviceState+1), make([]byte, 1<<20))
+	switch {
+	case cw.err != nil:
+		return n, l.fail(fmt.Errorf("write device state: %w", cw.err))
+	case err != nil:
+		return n, l.fail(fmt.Errorf("read device state: %w", err))
+	case n > l.opts.MaxDeviceState:
+		return n, l.fail(fmt.Errorf("write device state: more than %d bytes: %w", l.opts.MaxDeviceState, ErrTooLarge))
+	}
+	l.devLen = uint64(n)
+	l.stats.DeviceStateBytes = n
+	if _, err := l.f.WriteAt(binary.LittleEndian.AppendUint32(nil, cw.crc), cw.off); err != nil {
+		return n, l.fail(fmt.Errorf("write device state: %w", err))
+	}
+	// The header and bitmap, at the start: written now that the saved
+	// pages are known.
+	body, err := json.Marshal(&l.h)
+	if err != nil || len(body) > l.reserve {
+		return n, l.fail(fmt.Errorf("write header: body of %d bytes outgrew the %d reserved", len(body), l.reserve))
+	}
+	head := make([]byte, 0, fixedHeaderLen+l.reserve+crcLen)
+	head = append(head, magic[:]...)
+	head = binary.LittleEndian.AppendUint32(head, versionPlaced)
+	head = binary.LittleEndian.AppendUint32(head, uint32(l.reserve))
+	head = append(head, body...)
+	for len(head) < fixedHeaderLen+l.reserve {
+		head = append(head, ' ') // JSON allows trailing white space
+	}
+	head = binary.LittleEndian.AppendUint32(head, crc(head))
+	bm, err := used.MarshalBinary()
+	if err != nil {
+		return n, l.fail(fmt.Errorf("write bitmap: %w", err))
+	}
+	head = append(head, bm...)
+	head = binary.LittleEndian.AppendUint32(head, crc(bm))
+	if int64(len(head)) > l.chunksAt {
+		return n, l.fail(fmt.Errorf("write header: %d bytes, %d reserved", len(head), l.chunksAt))
+	}
+	if _, err := l.f.WriteAt(head, 0); err != nil {
+		return n, l.fail(fmt.Errorf("write header: %w", err))
+	}
+	l.state = stateDevice
+	return n, nil
+}
+
+// crcWriterAt writes sequentially at off with WriteAt, keeping a CRC.
+type crcWriterAt struct {
+	f   *os.File
+	off int64
+	crc uint32
+	err error
+}
+
+func (c *crcWriterAt) Write(p []byte) (int, error) {
+	if c.err != nil {
+		return 0, c.err
+	}
+	n, err := c.f.WriteAt(p, c.off)
+	c.off += int64(n)
+	c.crc = crc32.Update(c.crc, castagnoli, p[:n])
+	c.err = err
+	return n, err
+}
+
+// Commit writes the trailer, syncs the file, renames it over the target
+// and syncs the directory, as [Writer.Commit].
+func (l *Live) Commit() error {
+	if err := l.expect(stateDevice, "commit checkpoint"); err != nil {
+		return err
+	}
+	tr := trailer{
+		indexOff: uint64(l.end),
+		indexLen: uint64(len(l.index) * indexEntryLen),
+		devOff:   uint64(l.devOff),
+		devLen:   l.devLen,
+	}
+	end := l.devOff + int64(l.devLen) + crcLen
+	if _, err := l.f.WriteAt(tr.append(nil), end); err != nil {
+		return l.fail(fmt.Errorf("commit checkpoint: %w", err))
+	}
+	l.stats.BytesWritten = end + trailerLen
+	if err := l.f.Sync(); err != nil {
+		return l.fail(fmt.Errorf("commit checkpoint: %w", err))
+	}
+	err := l.f.Close()
+	l.f = nil
+	if err != nil {
+		unix.Unlinkat(l.dir.fd, l.tmp, 0)
+		return l.fail(fmt.Errorf("commit checkpoint: %w", err))
+	}
+	if err := unix.Renameat(l.dir.fd, l.tmp, l.dir.fd, l.dir.base); err != nil {
+		unix.Unlinkat(l.dir.fd, l.tmp, 0)
+		return l.fail(fmt.Errorf("commit checkpoint: %w", &os.LinkError{Op: "rename", Old: l.TempPath(), New: l.dir.join(l.dir.base), Err: err}))
+	}
+	l.state = stateCommitted
+	err = unix.Fsync(l.dir.fd)
+	l.dir.close()
+	if err != nil {
+		return fmt.Errorf("commit checkpoint: sync directory %s: %w", l.dir.path, err)
+	}
+	return nil
+}
