@@ -317,6 +317,9 @@ func (g *guest) clearPauseRecord() {
 // mapRAM finds the guest's RAM backends and layout and maps the files.
 // writable maps them for writing (restore).
 func (g *guest) mapRAM(ctx context.Context, writable bool) error {
+	if g.mem != nil {
+		return nil // mapped already (a live save maps before its rounds)
+	}
 	var err error
 	if g.backends, err = g.sess.RAMBackends(ctx); err != nil {
 		return err

@@ -37,6 +37,14 @@ type SaveOptions struct {
 	Key []byte
 	// Progress, if not nil, is called as pages are written.
 	Progress func(done, total uint64)
+	// Live copies the used pages while the guest runs, in pre-copy
+	// rounds, and pauses it only for the final round (see live.go).
+	Live bool
+	// MaxPause is the pause a live save aims for; 0 means
+	// [DefaultMaxPause].
+	MaxPause time.Duration
+	// NoPredict turns off the delayed copy of hot groups in a live save.
+	NoPredict bool
 }
 
 // SaveResult is what a save did. The JSON names are part of the CLI.
@@ -62,6 +70,8 @@ type SaveResult struct {
 	// FullSave is true when the guest kernel could not be introspected
 	// and every non-zero page was saved (Warnings say why).
 	FullSave bool `json:"full_save"`
+	// Live is what the pre-copy rounds of a live save did.
+	Live *LiveReport `json:"live,omitempty"`
 	// GuestState is the guest's run state when kvmckpt left it.
 	GuestState string   `json:"guest_state"`
 	Warnings   []string `json:"warnings,omitempty"`
@@ -98,12 +108,25 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 	if err != nil {
 		return nil, err
 	}
+	var live *liveSave
+	if opt.Live {
+		if live, err = g.precopy(ctx, opt); err != nil {
+			return nil, err
+		}
+		defer live.w.Abort()
+	}
 	restore, err := g.pause(ctx)
 	if err != nil {
 		return nil, err
 	}
 	paused := time.Now()
-	res, saveErr := g.save(ctx, opt, caps)
+	var res *SaveResult
+	var saveErr error
+	if live != nil {
+		res, saveErr = g.finishLive(ctx, live, opt, caps)
+	} else {
+		res, saveErr = g.save(ctx, opt, caps)
+	}
 	// Whatever happened, and even if a signal cancelled ctx, the guest goes
 	// back to a defined run state.
 	bg, cancelBG := settleContext(ctx)
@@ -145,34 +168,14 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 		return nil, err
 	}
 	tScan := time.Since(t0)
-	h := writer.Header{
-		FillByte:     scan.FillByte,
-		KernelBanner: scan.Banner,
-		Profile:      scan.Profile,
-		Pages: writer.PageCounts{
-			FreeBuddy: scan.FreeBuddy, FreePCP: scan.FreePCP,
-			Zero: scan.PagesZero, Hole: scan.PagesHole,
-		},
-	}
-	for _, b := range g.backends {
-		r := writer.Region{ID: b.ID, Size: b.Size, MemPath: b.MemPath}
-		for _, m := range g.layout {
-			if m.Backend == b.ID {
-				r.Mappings = append(r.Mappings, writer.Mapping{GPA: m.GPA, Offset: m.Offset, Size: m.Size})
-			}
-		}
-		h.Regions = append(h.Regions, r)
-	}
-	if h.QEMUVersion, err = g.sess.Version(ctx); err != nil {
-		return nil, err
-	}
-	m, err := g.sess.MachineType(ctx)
+	h, err := g.header(ctx, scan.Banner, scan.Profile)
 	if err != nil {
 		return nil, err
 	}
-	h.MachineType = m.Type
-	if pid, err := g.sess.PeerPID(); err == nil {
-		h.CommandLine, _ = qmp.ProcessCmdline(pid)
+	h.FillByte = scan.FillByte
+	h.Pages = writer.PageCounts{
+		FreeBuddy: scan.FreeBuddy, FreePCP: scan.FreePCP,
+		Zero: scan.PagesZero, Hole: scan.PagesHole,
 	}
 	// With a fill byte other than zero, holes of the RAM file are saved
 	// (they must come back as zeros); the writer writes them without
@@ -191,7 +194,7 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 	}
 	tPages := time.Since(t1)
 	t2 := time.Now()
-	devBytes, err := g.saveDevice(ctx, w, caps)
+	devBytes, err := g.saveDevice(ctx, w.WriteDeviceState, caps)
 	if err != nil {
 		return nil, err
 	}
@@ -226,7 +229,7 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 // saveDevice streams QEMU's device state into the checkpoint and puts the
 // migration capabilities back as they were, so a later ordinary migration
 // of this guest still carries its RAM.
-func (g *guest) saveDevice(ctx context.Context, w *writer.Writer, caps map[string]bool) (int64, error) {
+func (g *guest) saveDevice(ctx context.Context, write func(io.Reader) (int64, error), caps map[string]bool) (int64, error) {
 	pr, pw := io.Pipe()
 	type result struct {
 		n   int64
@@ -234,7 +237,7 @@ func (g *guest) saveDevice(ctx context.Context, w *writer.Writer, caps map[strin
 	}
 	done := make(chan result, 1)
 	go func() {
-		n, err := w.WriteDeviceState(pr)
+		n, err := write(pr)
 		pr.CloseWithError(err)
 		done <- result{n, err}
 	}()

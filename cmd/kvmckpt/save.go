@@ -19,6 +19,9 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	quit := fs.Bool("quit", false, "end QEMU once the checkpoint is durable")
 	compress := fs.String("compress", "lz4", "page compression: lz4 or none")
 	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
+	live := fs.Bool("live", false, "copy pages while the guest runs, pausing it only for the last ones")
+	maxPause := fs.Duration("max-pause", checkpoint.DefaultMaxPause, "with --live: the pause to aim for")
+	noPredict := fs.Bool("no-predict", false, "with --live: copy pages that keep changing every round, not only in the last")
 	keyFile := keyFlag(fs)
 	if _, err := e.parse(fs, verbose, args); err != nil {
 		return err
@@ -31,6 +34,12 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	}
 	if *keepPaused && *quit {
 		return usagef("--keep-paused and --quit exclude each other")
+	}
+	if !*live && (*noPredict || *maxPause != checkpoint.DefaultMaxPause) {
+		return usagef("--max-pause and --no-predict go with --live")
+	}
+	if *maxPause <= 0 {
+		return usagef("--max-pause must be positive, not %v", *maxPause)
 	}
 	if *compress != "lz4" && *compress != "none" {
 		return usagef("--compress must be lz4 or none, not %q", *compress)
@@ -54,6 +63,9 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 		Compression: writer.Compression(*compress),
 		Key:         key,
 		Progress:    bar.update,
+		Live:        *live,
+		MaxPause:    *maxPause,
+		NoPredict:   *noPredict,
 	})
 	bar.done()
 	if err != nil {
@@ -67,6 +79,10 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 		mib(res.BytesWritten), mib(res.DeviceStateBytes))
 	fmt.Fprintf(e.stdout, "guest paused %d ms (scan %d, pages %d, device state %d, sync %d), total %d ms; guest is %s\n",
 		res.PauseMS, res.ScanMS, res.PagesMS, res.DeviceStateMS, res.SyncMS, res.DurationMS, res.GuestState)
+	if l := res.Live; l != nil {
+		fmt.Fprintf(e.stdout, "live: %d pre-copy rounds in %d ms (%s), %d pages deferred as hot, %d pages in the final round (%d ms)\n",
+			l.Rounds, l.RoundsMS, l.StopReason, l.PagesDeferredHot, l.FinalDirtyPages, l.FinalMS)
+	}
 	for _, w := range res.Warnings {
 		fmt.Fprintf(e.stderr, "warning: %s\n", term.EscapeText(w))
 	}

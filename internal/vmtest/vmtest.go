@@ -52,6 +52,10 @@ type Workload struct {
 	// Truth makes the workload print ground truth and then stay quiet.
 	Truth bool
 	Seed  int
+	// WSet and Rate make the workload keep writing a WSet MiB working set
+	// at Rate MiB/s and prove, every Interval, that its pages are those
+	// of one moment ("KW WRITER OK"), for live checkpoints.
+	WSet, Rate int
 }
 
 func (w Workload) args() []string {
@@ -67,6 +71,9 @@ func (w Workload) args() []string {
 	}
 	if w.Truth {
 		a = append(a, "kw.truth=1")
+	}
+	if w.WSet > 0 {
+		a = append(a, "kw.wset="+strconv.Itoa(w.WSet), "kw.rate="+strconv.Itoa(w.Rate))
 	}
 	return a
 }

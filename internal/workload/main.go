@@ -14,6 +14,12 @@
 //	kw.seed=N       seed of the data generator (default 1)
 //	kw.truth=1      print ground truth for introspection tests, then stay
 //	                quiescent: no verification loop, no allocation
+//	kw.wset=N       keep writing pages of an N MiB working set (anonymous
+//	kw.rate=R       memory) at R MiB/s, in a deterministic sequence with a
+//	                generation counter, and check every interval that
+//	                replaying the sequence up to the counter gives every
+//	                page: a checkpoint taken at one moment passes after a
+//	                restore, one torn between moments fails (see pageWriter)
 //
 // Every line it prints starts with "KW ", so the test bed can tell them from
 // kernel messages. See internal/vmtest for the parser of this output.
@@ -49,6 +55,7 @@ type config struct {
 	interval                 time.Duration
 	seed                     uint64
 	truth                    bool
+	wset, rate               int
 }
 
 func main() {
@@ -129,6 +136,13 @@ func run(out *bufio.Writer) error {
 		// Quiescent from here on: no output, no collection.
 		idle()
 	}
+	if cfg.wset > 0 && cfg.rate > 0 {
+		w, err := newPageWriter(cfg)
+		if err != nil {
+			return fmt.Errorf("page writer: %w", err)
+		}
+		go w.run(say, cfg.interval)
+	}
 	say("READY")
 	for round := 1; ; round++ {
 		time.Sleep(cfg.interval)
@@ -166,6 +180,10 @@ func parseConfig(cmdline string) (config, error) {
 			cfg.seed = n
 		case "kw.truth":
 			cfg.truth = n != 0
+		case "kw.wset":
+			cfg.wset = int(n)
+		case "kw.rate":
+			cfg.rate = int(n)
 		default:
 			return cfg, fmt.Errorf("kernel command line: unknown setting %s", k)
 		}
@@ -508,4 +526,117 @@ func (r *runs) flushLine() {
 func (r *runs) flush() {
 	r.emit()
 	r.flushLine()
+}
+
+// pageWriter writes pages of its working set at a set rate in a
+// deterministic sequence: step i writes page stepPage(i) with content
+// stepWord(i, w), after which gen = i+1. Every interval it stops writing
+// and replays the sequence 0..gen-1 (from the seed alone) to compute what
+// each page must hold, and compares. A checkpoint is of one moment if the
+// pages and gen it holds are all of that moment: then a restored guest
+// passes the next check. A page copied before its last write, or gen from
+// another moment than the pages, fails it. (A step the guest was paused in
+// the middle of is finished after the restore, before gen counts it.)
+type pageWriter struct {
+	buf   []byte
+	pages uint64
+	rate  int // MiB/s
+	seed  uint64
+	gen   uint64
+}
+
+func newPageWriter(cfg config) (*pageWriter, error) {
+	buf, err := syscall.Mmap(-1, 0, cfg.wset*mib, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_PRIVATE|syscall.MAP_ANONYMOUS|syscall.MAP_POPULATE)
+	if err != nil {
+		return nil, err
+	}
+	w := &pageWriter{buf: buf, pages: uint64(cfg.wset * mib / pageSize), rate: cfg.rate, seed: cfg.seed}
+	for p := range w.pages {
+		w.fill(p, initialStep(p))
+	}
+	return w, nil
+}
+
+// initialStep names the content a page has before any step writes it.
+func initialStep(p uint64) uint64 { return 1<<63 | p }
+
+func splitmix(x uint64) uint64 {
+	x += 0x9e3779b97f4a7c15
+	x = (x ^ x>>30) * 0xbf58476d1ce4e5b9
+	x = (x ^ x>>27) * 0x94d049bb133111eb
+	return x ^ x>>31
+}
+
+func (w *pageWriter) stepPage(i uint64) uint64 { return splitmix(w.seed^i) % w.pages }
+
+func (w *pageWriter) fill(p, step uint64) {
+	page := w.buf[p*pageSize : (p+1)*pageSize]
+	base := splitmix(w.seed + step*0x632be59bd9b4e019)
+	for k := 0; k < pageSize; k += 8 {
+		binary.LittleEndian.PutUint64(page[k:], base+uint64(k))
+	}
+}
+
+func (w *pageWriter) check(p, step uint64) bool {
+	page := w.buf[p*pageSize : (p+1)*pageSize]
+	base := splitmix(w.seed + step*0x632be59bd9b4e019)
+	for k := 0; k < pageSize; k += 8 {
+		if binary.LittleEndian.Uint64(page[k:]) != base+uint64(k) {
+			return false
+		}
+	}
+	return true
+}
+
+// verify replays the sequence up to gen and checks every page.
+func (w *pageWriter) verify() string {
+	last := make([]uint64, w.pages)
+	for p := range last {
+		last[p] = initialStep(uint64(p))
+	}
+	for i := range w.gen {
+		last[w.stepPage(i)] = i
+	}
+	bad := 0
+	first := uint64(0)
+	for p := range w.pages {
+		if !w.check(p, last[p]) {
+			if bad == 0 {
+				first = p
+			}
+			bad++
+		}
+	}
+	if bad > 0 {
+		return fmt.Sprintf("gen=%d bad_pages=%d first_bad=%d", w.gen, bad, first)
+	}
+	return ""
+}
+
+func (w *pageWriter) run(say func(string, ...any), interval time.Duration) {
+	const tick = 10 * time.Millisecond
+	perTick := max(1, uint64(w.rate)*mib/pageSize/uint64(time.Second/tick))
+	nextCheck := time.Now().Add(interval)
+	next := time.Now()
+	for {
+		for range perTick {
+			i := w.gen
+			w.fill(w.stepPage(i), i)
+			w.gen = i + 1
+		}
+		if now := time.Now(); now.After(nextCheck) {
+			if bad := w.verify(); bad != "" {
+				say("WRITER FAIL %s", bad)
+			} else {
+				say("WRITER OK gen=%d pages=%d", w.gen, w.pages)
+			}
+			nextCheck = time.Now().Add(interval)
+		}
+		next = next.Add(tick)
+		if d := time.Until(next); d > 0 {
+			time.Sleep(d)
+		} else {
+			next = time.Now() // fell behind: do not burst to catch up
+		}
+	}
 }
