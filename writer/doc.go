@@ -120,10 +120,40 @@
 // A mapping says that guest-physical [gpa, gpa+size) is region bytes
 // [offset, offset+size).
 //
+// # Version 3: placed chunks (live checkpoints)
+//
+// A live checkpoint writes pages while the guest runs and rewrites those
+// it changes, before it knows which pages end up saved (see [Live]).
+// Version 3 is version 1 with three rules relaxed and one part dropped:
+//
+//   - The header body may end in JSON white space (spaces): the writer
+//     reserves room for it, and for the bitmap, at the start of the file,
+//     and fills both in last.
+//   - The chunk area C starts at the first multiple of 4096 at or after
+//     the end of the bitmap's CRC; the bytes before it are zero.
+//   - Chunks lie anywhere in [C, index offset), each at a multiple of 4096,
+//     in any order, with gaps between them (holes punched where a chunk
+//     was replaced: no stale copy of a page is left in the file), and no
+//     two overlapping. In index order, chunk i holds rawLen/page_size
+//     saved pages (1 to chunk_pages) starting at firstPage, which must be
+//     the first saved page that no earlier chunk holds; together the
+//     chunks hold every saved page once. The number of chunks is
+//     indexLen/32, from at least ceil(saved/chunk_pages) to at most saved.
+//   - fileCRC is 0 and not checked: a whole-file checksum would have to
+//     be computed over the gaps, after the last rewrite, in the guest's
+//     pause. Every part a reader uses keeps its own CRC.
+//
+// Everything else is as in version 1; a version 3 file is never
+// encrypted. The incremental checkpoints of the future are planned as the
+// same layout with a parent named in the header body and a second bitmap
+// (of the pages this file stores, a subset of those in use); a version 3
+// reader, finding neither, reads a whole checkpoint.
+//
 // # Versions
 //
-// version is 1 for a file without encryption and 2 for an encrypted one;
-// a writer writes 1 whenever it can, so that version 1 readers read it. A
+// version is 1 for a file without encryption, 2 for an encrypted one and
+// 3 for a live checkpoint; a writer writes 1 whenever it can, so that
+// version 1 readers read it. A
 // reader rejects a higher version than it knows with an error wrapping
 // [ErrNewerVersion] before looking past the version field, as a later
 // version may change anything after it; so a version 1 reader never takes
