@@ -10,7 +10,6 @@ import (
 	"io"
 	"os"
 	"slices"
-	"time"
 
 	"github.com/pierrec/lz4/v4"
 	"golang.org/x/sys/unix"
@@ -97,21 +96,8 @@ func CreateLive(path string, h Header, opts Options) (*Live, error) {
 	if opts.Key != nil {
 		return nil, fmt.Errorf("create checkpoint: a live checkpoint cannot be encrypted")
 	}
-	h = h.clone()
-	if h.PageSize == 0 {
-		h.PageSize = PageSize
-	}
-	h.ChunkPages = uint32(opts.ChunkPages)
-	h.Compression = opts.Compression
-	if h.Created.IsZero() {
-		h.Created = time.Now().UTC()
-	}
-	h.Pages.Saved = 0
-	if h.Pages.Total, err = h.totalPages(); err != nil {
-		return nil, fmt.Errorf("create checkpoint: header: %w", err)
-	}
-	if err := h.check(); err != nil {
-		return nil, fmt.Errorf("create checkpoint: header: %w", err)
+	if h, err = newHeader(h, opts); err != nil {
+		return nil, err
 	}
 	body, err := json.Marshal(&h)
 	if err != nil {
@@ -124,18 +110,9 @@ func CreateLive(path string, h Header, opts Options) (*Live, error) {
 	bitmapLen, _ := pagemap.EncodedLen(h.Pages.Total)
 	chunksAt := alignUp(int64(fixedHeaderLen+reserve+crcLen) + int64(bitmapLen) + crcLen)
 
-	dir, err := openTargetDir(path)
+	dir, f, tmp, err := createBeside(path)
 	if err != nil {
-		return nil, fmt.Errorf("create checkpoint: %w", err)
-	}
-	if err := dir.checkTarget(); err != nil {
-		dir.close()
-		return nil, fmt.Errorf("create checkpoint: %w", err)
-	}
-	f, tmp, err := dir.createTemp()
-	if err != nil {
-		dir.close()
-		return nil, fmt.Errorf("create checkpoint: %w", err)
+		return nil, err
 	}
 	return &Live{
 		dir: dir, f: f, tmp: tmp, h: h, opts: opts,
@@ -422,24 +399,12 @@ func (l *Live) Commit() error {
 		return l.fail(fmt.Errorf("commit checkpoint: %w", err))
 	}
 	l.stats.BytesWritten = end + trailerLen
-	if err := l.f.Sync(); err != nil {
-		return l.fail(fmt.Errorf("commit checkpoint: %w", err))
-	}
-	err := l.f.Close()
-	l.f = nil
-	if err != nil {
-		unix.Unlinkat(l.dir.fd, l.tmp, 0)
-		return l.fail(fmt.Errorf("commit checkpoint: %w", err))
-	}
-	if err := unix.Renameat(l.dir.fd, l.tmp, l.dir.fd, l.dir.base); err != nil {
-		unix.Unlinkat(l.dir.fd, l.tmp, 0)
-		return l.fail(fmt.Errorf("commit checkpoint: %w", &os.LinkError{Op: "rename", Old: l.TempPath(), New: l.dir.join(l.dir.base), Err: err}))
+	f := l.f
+	l.f = nil // closed by renameOver, which removes it on failure
+	renamed, err := renameOver(l.dir, f, l.tmp)
+	if !renamed {
+		return l.fail(err)
 	}
 	l.state = stateCommitted
-	err = unix.Fsync(l.dir.fd)
-	l.dir.close()
-	if err != nil {
-		return fmt.Errorf("commit checkpoint: sync directory %s: %w", l.dir.path, err)
-	}
-	return nil
+	return err
 }

@@ -154,35 +154,12 @@ func Create(path string, h Header, opts Options) (*Writer, error) {
 		}
 		opts.Key = nil
 	}
-	h = h.clone()
-	if h.PageSize == 0 {
-		h.PageSize = PageSize
+	if h, err = newHeader(h, opts); err != nil {
+		return nil, err
 	}
-	h.ChunkPages = uint32(opts.ChunkPages)
-	h.Compression = opts.Compression
-	if h.Created.IsZero() {
-		h.Created = time.Now().UTC()
-	}
-	h.Pages.Saved = 0
-	if h.Pages.Total, err = h.totalPages(); err != nil {
-		return nil, fmt.Errorf("create checkpoint: header: %w", err)
-	}
-	if err := h.check(); err != nil {
-		return nil, fmt.Errorf("create checkpoint: header: %w", err)
-	}
-
-	dir, err := openTargetDir(path)
+	dir, f, tmp, err := createBeside(path)
 	if err != nil {
-		return nil, fmt.Errorf("create checkpoint: %w", err)
-	}
-	if err := dir.checkTarget(); err != nil {
-		dir.close()
-		return nil, fmt.Errorf("create checkpoint: %w", err)
-	}
-	f, tmp, err := dir.createTemp()
-	if err != nil {
-		dir.close()
-		return nil, fmt.Errorf("create checkpoint: %w", err)
+		return nil, err
 	}
 	return &Writer{
 		dir:  dir,
@@ -194,6 +171,75 @@ func Create(path string, h Header, opts Options) (*Writer, error) {
 		seal: seal,
 		salt: salt,
 	}, nil
+}
+
+// newHeader is h as a writer with opts writes it: the fields the writer
+// sets, set, and checked.
+func newHeader(h Header, opts Options) (Header, error) {
+	h = h.clone()
+	if h.PageSize == 0 {
+		h.PageSize = PageSize
+	}
+	h.ChunkPages = uint32(opts.ChunkPages)
+	h.Compression = opts.Compression
+	if h.Created.IsZero() {
+		h.Created = time.Now().UTC()
+	}
+	h.Pages.Saved = 0
+	var err error
+	if h.Pages.Total, err = h.totalPages(); err != nil {
+		return h, fmt.Errorf("create checkpoint: header: %w", err)
+	}
+	if err := h.check(); err != nil {
+		return h, fmt.Errorf("create checkpoint: header: %w", err)
+	}
+	return h, nil
+}
+
+// createBeside opens the directory of path, checks the target, and
+// creates the temporary file that will be renamed over it.
+func createBeside(path string) (*targetDir, *os.File, string, error) {
+	dir, err := openTargetDir(path)
+	if err != nil {
+		return nil, nil, "", fmt.Errorf("create checkpoint: %w", err)
+	}
+	if err := dir.checkTarget(); err != nil {
+		dir.close()
+		return nil, nil, "", fmt.Errorf("create checkpoint: %w", err)
+	}
+	f, tmp, err := dir.createTemp()
+	if err != nil {
+		dir.close()
+		return nil, nil, "", fmt.Errorf("create checkpoint: %w", err)
+	}
+	return dir, f, tmp, nil
+}
+
+// renameOver syncs and closes f, the temporary file tmp in dir, renames it
+// over the target and syncs the directory. On an error before the rename
+// the temporary file is removed; f is closed in every case. renamed
+// reports whether the target was replaced (an error after it is the
+// directory sync's: the file is in place, but may not survive a crash).
+func renameOver(dir *targetDir, f *os.File, tmp string) (renamed bool, err error) {
+	if err := f.Sync(); err != nil {
+		f.Close()
+		unix.Unlinkat(dir.fd, tmp, 0)
+		return false, fmt.Errorf("commit checkpoint: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		unix.Unlinkat(dir.fd, tmp, 0)
+		return false, fmt.Errorf("commit checkpoint: %w", err)
+	}
+	if err := unix.Renameat(dir.fd, tmp, dir.fd, dir.base); err != nil {
+		unix.Unlinkat(dir.fd, tmp, 0)
+		return false, fmt.Errorf("commit checkpoint: %w", &os.LinkError{Op: "rename", Old: dir.join(tmp), New: dir.join(dir.base), Err: err})
+	}
+	err = unix.Fsync(dir.fd)
+	dir.close()
+	if err != nil {
+		return true, fmt.Errorf("commit checkpoint: sync directory %s: %w", dir.path, err)
+	}
+	return true, nil
 }
 
 // TempPath returns the path of the temporary file being written.
@@ -694,26 +740,13 @@ func (w *Writer) Commit() error {
 	if err := w.bw.Flush(); err != nil {
 		return w.fail(fmt.Errorf("commit checkpoint: write %s: %w", w.TempPath(), err))
 	}
-	if err := w.f.Sync(); err != nil {
-		return w.fail(fmt.Errorf("commit checkpoint: %w", err))
-	}
-	err := w.f.Close()
-	w.f = nil
-	if err != nil {
-		// The file is closed, so fail's cleanup would not remove it.
-		unix.Unlinkat(w.dir.fd, w.tmp, 0)
-		return w.fail(fmt.Errorf("commit checkpoint: %w", err))
-	}
-	if err := unix.Renameat(w.dir.fd, w.tmp, w.dir.fd, w.dir.base); err != nil {
-		unix.Unlinkat(w.dir.fd, w.tmp, 0)
-		return w.fail(fmt.Errorf("commit checkpoint: %w", &os.LinkError{Op: "rename", Old: w.TempPath(), New: w.dir.join(w.dir.base), Err: err}))
+	f := w.f
+	w.f = nil // closed by renameOver, which removes it on failure
+	renamed, err := renameOver(w.dir, f, w.tmp)
+	if !renamed {
+		return w.fail(err)
 	}
 	w.state = stateCommitted
 	w.stats.BytesWritten = w.off
-	err = unix.Fsync(w.dir.fd)
-	w.dir.close()
-	if err != nil {
-		return fmt.Errorf("commit checkpoint: sync directory %s: %w", w.dir.path, err)
-	}
-	return nil
+	return err
 }

@@ -328,6 +328,32 @@ func TestFaults(t *testing.T) {
 		})
 	}
 
+	// A live save interrupted in its rounds, the guest running: no
+	// file, no temporary file, the guest still running.
+	t.Run("live save SIGTERM in the rounds", func(t *testing.T) {
+		out := filepath.Join(dir, "live.kvmckpt")
+		cmd, errOut := start(t, "save", "--live", "--qmp", src.QMPPath, "-o", out)
+		deadline := time.Now().Add(30 * time.Second)
+		for time.Now().Before(deadline) {
+			if m, _ := filepath.Glob(filepath.Join(dir, ".live.kvmckpt.kvmckpt-tmp-*")); len(m) > 0 {
+				break
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+		code := wait(t, cmd)
+		t.Logf("exit %d: %s", code, errOut)
+		if code == exitOK {
+			require.NoError(t, checkpointVerify(out))
+			return
+		}
+		assert.Equal(t, exitInterrupted, code)
+		_, err := os.Stat(out)
+		assert.True(t, os.IsNotExist(err), "no checkpoint from an interrupted save")
+		noTemp(t)
+		assert.True(t, src.Status(t).Running, "the guest runs on")
+	})
+
 	t.Run("restore SIGTERM", func(t *testing.T) {
 		tcfg := cfg
 		tcfg.Incoming = true

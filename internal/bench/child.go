@@ -517,8 +517,8 @@ func writeNonZero(w io.WriterAt, b []byte, off int64) (int64, error) {
 // the saving and the loading QEMU alike (docs/devel/migration/mapped-ram.rst):
 // the mapped-ram and multifd capabilities, multifdChannels channels, and
 // direct-io, so that pages bypass the host's page cache (virsh save
-// --image-format sparse --parallel-channels N --bypass-cache). It returns
-// a function that puts the capabilities and parameters back.
+// --image-format sparse --parallel-channels N --bypass-cache). The caller
+// puts the capabilities and parameters back where the QEMU lives on.
 func setMappedRAM(ctx context.Context, s *qmp.Session) error {
 	if err := s.SetMigrationCapabilities(ctx, map[string]bool{"mapped-ram": true, "multifd": true}); err != nil {
 		return fmt.Errorf("turn on mapped-ram (QEMU 8.2 or later): %w", err)
