@@ -93,7 +93,7 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	}
 	t1 := time.Now()
 	if err := g.sess.LoadDeviceState(ctx, r.DeviceState()); err != nil {
-		return nil, fmt.Errorf("load device state: %w", err)
+		return nil, err // says "load device state"
 	}
 	tDev := time.Since(t1)
 	if opt.Resume {
