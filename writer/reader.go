@@ -339,15 +339,7 @@ func (r *Reader) readIndex() error {
 		if msg != "" {
 			return formatErr(PartIndex, 0, r.contentOff(off, uint64(i*indexEntryLen)), ErrCorrupt, "entry %d: %s", i, msg)
 		}
-		r.chunks = append(r.chunks, ChunkInfo{
-			Offset:    int64(e.offset),
-			FirstPage: e.firstPage,
-			Pages:     pages,
-			RawLen:    e.rawLen,
-			StoredLen: e.storedLen,
-			CRC:       e.crc,
-			Encoding:  e.encoding,
-		})
+		r.chunks = append(r.chunks, e.info(pages))
 		next += uint64(e.storedLen)
 	}
 	if next != r.tr.indexOff {
@@ -408,15 +400,7 @@ func (r *Reader) readPlacedIndex(off int64) error {
 		}
 		cursor = last + 1
 		covered += pages
-		r.chunks = append(r.chunks, ChunkInfo{
-			Offset:    int64(e.offset),
-			FirstPage: e.firstPage,
-			Pages:     pages,
-			RawLen:    e.rawLen,
-			StoredLen: e.storedLen,
-			CRC:       e.crc,
-			Encoding:  e.encoding,
-		})
+		r.chunks = append(r.chunks, e.info(pages))
 	}
 	if covered != r.h.Pages.Saved {
 		return formatErr(PartIndex, 0, off, ErrCorrupt, "chunks cover %d saved pages of %d", covered, r.h.Pages.Saved)
@@ -433,6 +417,19 @@ func (r *Reader) readPlacedIndex(off int64) error {
 		}
 	}
 	return nil
+}
+
+// info is the entry as a [ChunkInfo] of the given pages.
+func (e indexEntry) info(pages uint64) ChunkInfo {
+	return ChunkInfo{
+		Offset:    int64(e.offset),
+		FirstPage: e.firstPage,
+		Pages:     pages,
+		RawLen:    e.rawLen,
+		StoredLen: e.storedLen,
+		CRC:       e.crc,
+		Encoding:  e.encoding,
+	}
 }
 
 // contentOff returns the file offset of content byte n of the section at
