@@ -239,8 +239,19 @@ func Start(ctx context.Context, cfg Config) (*Guest, error) {
 		g.Close()
 		return nil, err
 	}
-	if err := g.waitFor(ctx, func() bool { _, err := os.Stat(g.QMPPath); return err == nil }, 30*time.Second); err != nil {
-		err = fmt.Errorf("wait for QMP socket: %w\n%s", err, g.SerialTail(20))
+	// QEMU opens its monitor socket before it creates the RAM backends'
+	// files: a guest is started once both exist, so that no caller (nor
+	// Leftovers) looks for a RAM file that is not there yet.
+	ready := func() bool {
+		for _, p := range append([]string{g.QMPPath}, g.RAMPaths...) {
+			if _, err := os.Stat(p); err != nil {
+				return false
+			}
+		}
+		return true
+	}
+	if err := g.waitFor(ctx, ready, 30*time.Second); err != nil {
+		err = fmt.Errorf("wait for QMP socket and RAM files: %w\n%s", err, g.SerialTail(20))
 		g.Close()
 		return nil, err
 	}
