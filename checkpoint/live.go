@@ -74,10 +74,10 @@ type LiveReport struct {
 	RoundsMS int64 `json:"rounds_ms"`
 	// FinalMS is the final round's scan and writes, in the pause.
 	FinalMS int64 `json:"final_ms"`
-	// PunchedBytes are stale chunks punched out of the file; Rewritten
-	// bytes all pages written beyond their final copy.
+	// PunchedBytes are stale chunks punched out of the file.
 	PunchedBytes int64 `json:"punched_bytes"`
-	Predict      bool  `json:"predict"`
+	// Predict says whether hot groups were deferred (not --no-predict).
+	Predict bool `json:"predict"`
 }
 
 // liveGroup is the state of one group.
@@ -214,11 +214,11 @@ var ErrLive = errors.New("live save not possible")
 
 // roundStats are what one round did.
 type roundStats struct {
-	pages, readPages      uint64 // pages written; pages read and hashed
-	changedPages          uint64 // pages of groups that changed
-	deferredPages         uint64
-	bytes                 int64
-	zeroPages, usedGroups uint64
+	pages, readPages uint64 // pages written; pages read and hashed
+	changedPages     uint64 // pages of groups that changed
+	deferredPages    uint64
+	bytes            int64
+	zeroPages        uint64
 }
 
 // groupWork is a group a worker found changed, for the writer goroutine.
@@ -370,8 +370,6 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, final bool)
 			}
 		}()
 	}
-	// A fault reading a RAM file truncated under us must not crash the
-	// process: see checkpoint's mapRAM and introspect.MapFile.
 	wg.Wait()
 	close(work)
 	if err := <-werr; err != nil {

@@ -128,9 +128,6 @@ func (l *Live) TempPath() string { return l.dir.join(l.tmp) }
 // Stats returns what l has done so far.
 func (l *Live) Stats() LiveStats { return l.stats }
 
-// Has reports whether key has a chunk.
-func (l *Live) Has(key uint64) bool { _, ok := l.chunks[key]; return ok }
-
 func (l *Live) fail(err error) error {
 	l.err = err
 	l.state = stateFailed
