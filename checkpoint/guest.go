@@ -51,6 +51,8 @@ type guest struct {
 	unmaps   []func() error
 	mem      *introspect.PhysMem
 	log      *slog.Logger
+	// afterResume is run when a save returns, the guest running again.
+	afterResume []func()
 	// instance names the QEMU process for the life of the host's boot
 	// (see [qemuInstance]); "" if unknown.
 	instance string

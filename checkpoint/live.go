@@ -23,27 +23,34 @@ import (
 //
 // Pages are handled in groups of liveGroupPages consecutive RAM pages; a
 // group's chunk in the file (writer.Live, keyed by group) holds its used,
-// non-zero pages. Round one writes every group; each later round reads
-// every used page again, and rewrites the groups whose signature changed:
-// a keyed hash (hash/maphash, seeded at random for each save, so that a
-// guest cannot craft two pages that collide) of which pages are used and
-// of their contents. A group that changed in two rounds running is hot:
-// its rewrite is deferred to the final round instead of repeated every
-// round (the delayed copy of "Live Memory Migration for Virtual Machine
-// Based on Dirty Pages Delayed Copy Method", Zhang et al. 2013); NoPredict
-// turns that off.
+// non-zero pages. Every round reads the used pages and hashes each
+// (hash/maphash, seeded at random for each save, so that a guest cannot
+// craft two pages that collide). Round one writes nothing: the pages that
+// change between it and round two are the guest's working set. Round two
+// writes every group, those with working-set pages raw, the others
+// compressed; each later round rewrites the groups with a page whose hash
+// differs from the hash of its copy in the file, or with pages newly used
+// or freed. A group written a second time is stored raw too, and a raw
+// chunk is rewritten page by page in place (writer.Live.Patch): a page
+// that changes costs a page, not a group.
 //
-// Rounds stop when the work left (the groups that changed in the last
-// round, at the round's measured write rate, plus reading every used page
-// once) fits the pause target, when a round changes as much as the one
-// before (not converging), or after maxLiveRounds. Then the guest is
-// paused, its free lists walked again, and every group whose signature
-// differs from its chunk's is written: the file holds the guest as it was
-// at that pause, whatever happened in between (pages freed, pages newly
-// used, pages written after their copy). Dirty detection by content costs
-// a read of the used pages in the pause; a cheaper tracker (QEMU's dirty
-// log, soft-dirty) could find the groups to look at instead, behind
-// liveTracker.
+// A page that changed in two rounds running is hot, and a group with a
+// hot page is not rewritten: its copy is deferred to the final round instead of repeated every round (the delayed copy of "Live
+// Memory Migration for Virtual Machine Based on Dirty Pages Delayed Copy
+// Method", Zhang et al. 2013); NoPredict turns that off.
+//
+// Rounds stop when the work left (reading every used page once, and
+// writing the pages that changed since their copy at the last round's
+// write rate) fits the pause target; when the writing part is small but
+// reading alone takes longer than the target ("read bound": more rounds
+// cannot help); when a round changes as much as the one before (not
+// converging); or after maxLiveRounds. Then the guest is paused, its free
+// lists walked again, and every page whose hash differs from its copy's
+// is written: the file holds the guest as it was at that pause, whatever
+// happened in between (pages freed, pages newly used, pages written after
+// their copy). Dirty detection by content costs a read of the used pages
+// in the pause, at memory speed; a cheaper tracker (QEMU's dirty log,
+// soft-dirty) could name the pages to look at instead.
 
 // liveGroupPages is the pages of a group, and the chunk size of a live
 // checkpoint: small enough that a page written does not rewrite much, large
@@ -61,14 +68,15 @@ type LiveReport struct {
 	// wrote (stored bytes, pages), the final round last.
 	BytesPerRound []int64  `json:"bytes_per_round"`
 	PagesPerRound []uint64 `json:"pages_per_round"`
-	// PagesDeferredHot counts the pages of hot groups that rounds
-	// deferred to the final round instead of copying again.
+	// PagesDeferredHot counts, over the rounds, the changed pages of
+	// hot groups that a round left for later instead of copying again.
 	PagesDeferredHot uint64 `json:"pages_deferred_hot"`
 	// FinalDirtyPages are the pages the final round, in the pause, wrote.
 	FinalDirtyPages uint64 `json:"final_dirty_pages"`
-	// StopReason says why the rounds ended: "converged", "not
-	// converging" (the guest writes faster than kvmckpt copies: the
-	// final pause is longer) or "max rounds".
+	// StopReason says why the rounds ended: "converged", "read bound"
+	// (reading the used pages in the pause takes longer than the
+	// target), "not converging" (the guest writes faster than kvmckpt
+	// copies: the final pause is longer) or "max rounds".
 	StopReason string `json:"stop_reason"`
 	// RoundsMS is the time of the pre-copy rounds, the guest running.
 	RoundsMS int64 `json:"rounds_ms"`
@@ -82,24 +90,34 @@ type LiveReport struct {
 
 // liveGroup is the state of one group.
 type liveGroup struct {
-	stored   uint64 // signature of its chunk in the file; 0: none
-	seen     uint64 // signature the round before saw
-	dirtyRun int    // rounds running in which it changed
+	writes int // times its chunk was written
 }
 
 // liveSave is a live save in progress: the rounds' state, for the final
 // round.
 type liveSave struct {
-	g       *guest
-	w       *writer.Live
-	k       *introspect.Kernel
-	prof    *profiles.Profile
-	seed    maphash.Seed
-	groups  []liveGroup
-	predict bool
-	report  LiveReport
-	workers int
+	g    *guest
+	w    *writer.Live
+	k    *introspect.Kernel
+	prof *profiles.Profile
+	seed maphash.Seed
+	// hashes holds, for each page, the keyed hash of the bytes its chunk
+	// holds; 0: the page is in no chunk.
+	hashes   []uint64
+	zeroHash uint64
+	// seen is each page's hash as the round before read it (0: unused),
+	// and run how many rounds running it changed: a page that changed in
+	// two rounds running is hot.
+	seen     []uint64
+	run      []uint8
+	groups   []liveGroup
+	predict  bool
+	report   LiveReport
+	workers  int
 }
+
+// pageHash is the keyed hash of a page's content, never 0.
+func (ls *liveSave) pageHash(b []byte) uint64 { return maphash.Bytes(ls.seed, b) | 1 }
 
 // precopy runs the pre-copy rounds on the running guest. It returns the
 // live save, whose writer the caller must Abort on failure.
@@ -135,13 +153,18 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (*liveSave, error)
 	if err != nil {
 		return nil, err
 	}
+	g.afterResume = append(g.afterResume, w.ReleaseReplaced)
 	_, total := g.pageSpans()
 	ls := &liveSave{
 		g: g, w: w, k: k, prof: prof, seed: maphash.MakeSeed(),
+		hashes:  make([]uint64, total),
+		seen:    make([]uint64, total),
+		run:     make([]uint8, total),
 		groups:  make([]liveGroup, (total+liveGroupPages-1)/liveGroupPages),
 		predict: !opt.NoPredict,
 		workers: max(1, runtime.GOMAXPROCS(0)),
 	}
+	ls.zeroHash = ls.pageHash(make([]byte, introspect.PageSize))
 	ls.report.Predict = ls.predict
 	maxPause := opt.MaxPause
 	if maxPause <= 0 {
@@ -160,8 +183,12 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (*liveSave, error)
 		if fp, err := k.WalkFree(ctx, introspect.WalkOptions{Timeout: opt.WalkTimeout}); err == nil {
 			free = g.fileFree(fp.Free)
 		}
+		kind := roundCopy
+		if round == 1 {
+			kind = roundSurvey
+		}
 		rs := time.Now()
-		st, err := ls.round(ctx, free, false)
+		st, err := ls.round(ctx, free, kind)
 		if err != nil {
 			w.Abort()
 			return nil, err
@@ -175,19 +202,30 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (*liveSave, error)
 		ls.report.PagesPerRound = append(ls.report.PagesPerRound, st.pages)
 		ls.report.PagesDeferredHot += st.deferredPages
 		g.log.Debug("pre-copy round", "round", round, "pages", st.pages, "bytes", st.bytes, "changed_pages", st.changedPages,
-			"deferred_pages", st.deferredPages, "read_pages", st.readPages, "ms", took.Milliseconds())
-		// What the final round would have to do: read every used page,
-		// and write what changed in this round (hot groups included).
-		readTime := time.Duration(float64(took) * float64(st.readPages) / float64(max(st.readPages+st.pages, 1)))
-		writeRate := float64(st.bytes) / max(took.Seconds()-readTime.Seconds(), 1e-3) // bytes/s
-		if st.pages == 0 {
-			writeRate = 500 << 20
+			"deferred_pages", st.deferredPages, "read_pages", st.readPages, "ms", took.Milliseconds(),
+			"read_ms", st.readTime.Milliseconds(), "write_ms", st.writeTime.Milliseconds())
+		if kind == roundSurvey {
+			continue
 		}
-		estimate := readTime/time.Duration(ls.workers) + time.Duration(float64(st.changedPages*introspect.PageSize)/max(writeRate, 1)*float64(time.Second))
+		// What the final round would have to do: read every used page
+		// (as this round did, the workers in parallel), and write what
+		// changed since its copy (hot groups included), at this round's
+		// rate; a round that wrote little is assumed to write at the
+		// page cache's speed.
+		readTime := st.readTime / time.Duration(ls.workers)
+		writeRate := 1e9 // bytes/s
+		if st.bytes > 4<<20 && st.writeTime > 0 {
+			writeRate = float64(st.bytes) / st.writeTime.Seconds()
+		}
+		writeTime := time.Duration(float64(st.changedPages*introspect.PageSize) / writeRate * float64(time.Second))
 		switch {
-		case round > 1 && estimate <= maxPause:
+		case readTime+writeTime <= maxPause:
 			ls.report.StopReason = "converged"
-		case round > 2 && st.changedPages >= prevDirty*19/20:
+		case writeTime <= max(maxPause-readTime, maxPause/5):
+			// Reading the used pages alone takes longer than the
+			// target: more rounds would not shorten the pause.
+			ls.report.StopReason = "read bound"
+		case round > 3 && st.changedPages >= prevDirty*19/20:
 			ls.report.StopReason = "not converging"
 		case round >= maxLiveRounds:
 			ls.report.StopReason = "max rounds"
@@ -212,30 +250,59 @@ const DefaultMaxPause = 100 * time.Millisecond
 // save may still be.
 var ErrLive = errors.New("live save not possible")
 
+// roundKind says what a round does.
+type roundKind int
+
+const (
+	// roundSurvey reads and hashes the used pages and writes nothing:
+	// pages that change between it and the next round are the guest's
+	// working set, whose groups the next round stores raw (see store).
+	roundSurvey roundKind = iota
+	// roundCopy writes what changed since its copy, but defers hot
+	// groups (with prediction on).
+	roundCopy
+	// roundFinal, on the paused guest, writes everything that changed.
+	roundFinal
+)
+
 // roundStats are what one round did.
 type roundStats struct {
 	pages, readPages uint64 // pages written; pages read and hashed
-	changedPages     uint64 // pages of groups that changed
+	changedPages     uint64 // pages that differed from their chunk's copy
 	deferredPages    uint64
 	bytes            int64
 	zeroPages        uint64
+	// readTime is the workers' time reading and hashing, summed;
+	// writeTime the writer's.
+	readTime, writeTime time.Duration
 }
 
-// groupWork is a group a worker found changed, for the writer goroutine.
+// groupWork is a group a worker found changed, for the writer goroutine:
+// the group's used pages now, their contents, their hashes, and which of
+// them (indexes in pages) differ from the chunk's copy.
 type groupWork struct {
-	idx   uint64
-	sig   uint64
-	pages []uint64
-	data  []byte
+	idx     uint64
+	pages   []uint64
+	data    []byte
+	hashes  []uint64
+	changed []int
+	raw     bool
 }
 
 // round reads every group's used pages (used: not in free, not a hole,
-// not zero: a live save is refused for a guest that poisons free pages),
-// and writes the groups
-// that changed since their chunk was written. In a pre-copy round, a group
-// that changed in the round before too is deferred instead, when
-// prediction is on; the final round writes every changed group.
-func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, final bool) (roundStats, error) {
+// not zero: a live save is refused for a guest that poisons free pages)
+// and hashes each; a group with a page whose hash differs from its
+// chunk's copy (or that is newly used, or freed) is written. In a
+// pre-copy round, a group with a page that changed in the round before
+// too is deferred instead, when prediction is on; the final round
+// writes every changed group.
+//
+// A page's stored hash is always of the bytes written: a round copies the
+// page, then hashes the copy (the guest may write between the two reads).
+// A group written a second time is stored raw, so that later rounds
+// rewrite only its changed pages in place ([writer.Live.Patch]) instead
+// of the whole chunk.
+func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundKind) (roundStats, error) {
 	g := ls.g
 	spans, total := g.pageSpans()
 	// Holes of the RAM files are never read (a read would allocate them).
@@ -273,19 +340,11 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, final bool)
 		var err error
 		for wk := range work {
 			if err == nil {
-				if len(wk.pages) == 0 {
-					err = ls.w.Drop(wk.idx)
-				} else {
-					before := ls.w.Stats().PutBytes
-					err = ls.w.Put(wk.idx, wk.pages, wk.data)
-					mu.Lock()
-					st.bytes += ls.w.Stats().PutBytes - before
-					st.pages += uint64(len(wk.pages))
-					mu.Unlock()
-				}
-				if err == nil {
-					ls.groups[wk.idx].stored = wk.sig
-				}
+				t := time.Now()
+				err = ls.store(wk, &st, &mu)
+				mu.Lock()
+				st.writeTime += time.Since(t)
+				mu.Unlock()
 			}
 			bufs <- wk.data[:0]
 		}
@@ -306,9 +365,10 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, final bool)
 				st.changedPages += local.changedPages
 				st.deferredPages += local.deferredPages
 				st.zeroPages += local.zeroPages
+				st.readTime += local.readTime
 				mu.Unlock()
 			}()
-			var pages []uint64
+			var cur [liveGroupPages]uint64
 			for {
 				mu.Lock()
 				gi := next
@@ -322,51 +382,76 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, final bool)
 					return
 				}
 				first, last := gi*liveGroupPages, min((gi+1)*liveGroupPages, total)
-				var h maphash.Hash
-				h.SetSeed(ls.seed)
-				pages = pages[:0]
-				for p := first; p < last; p++ {
-					if free.Test(p) || hole.Test(p) {
-						continue
+				n := int(last - first)
+				changed, hot, recent := 0, 0, false
+				t := time.Now()
+				for i := range n {
+					p := first + uint64(i)
+					cur[i] = 0
+					if !free.Test(p) && !hole.Test(p) {
+						b := page(p)
+						local.readPages++
+						if h := ls.pageHash(b); h != ls.zeroHash || !isZeroPage(b) {
+							cur[i] = h
+						} else {
+							local.zeroPages++
+						}
 					}
-					b := page(p)
-					local.readPages++
-					if isZeroPage(b) {
-						local.zeroPages++
-						continue
+					switch {
+					case kind == roundSurvey:
+					case cur[i] != ls.seen[p]:
+						ls.run[p] = min(ls.run[p]+1, 255)
+					default:
+						ls.run[p] = 0
 					}
-					pages = append(pages, p)
-					var n [8]byte
-					binary.LittleEndian.PutUint64(n[:], p)
-					h.Write(n[:])
-					h.Write(b)
+					ls.seen[p] = cur[i]
+					recent = recent || ls.run[p] > 0
+					if cur[i] != ls.hashes[p] {
+						changed++
+						if ls.run[p] >= 2 {
+							hot++
+						}
+					}
 				}
-				sig := h.Sum64() | 1 // never 0, which means no chunk
-				if len(pages) == 0 {
-					sig = 0
+				local.readTime += time.Since(t)
+				if changed == 0 || kind == roundSurvey {
+					continue
 				}
+				local.changedPages += uint64(changed)
 				grp := &ls.groups[gi]
-				if sig != grp.seen {
-					local.changedPages += uint64(len(pages))
-					grp.dirtyRun++
-				} else {
-					grp.dirtyRun = 0
-				}
-				grp.seen = sig
-				if sig == grp.stored {
+				if kind == roundCopy && ls.predict && (hot > 0 || grp.writes == 0 && recent) {
+					// Hot: a page that changed since its copy changed
+					// in the round before too (or, for a group not yet
+					// copied, changed since the round before), and is
+					// likely to change again. The copy waits until the
+					// group rests, or for the final round.
+					local.deferredPages += uint64(changed)
 					continue
 				}
-				if !final && ls.predict && grp.dirtyRun >= 2 {
-					// Hot: changed in the round before too. Its copy
-					// waits until it rests, or for the final round.
-					local.deferredPages += uint64(len(pages))
-					continue
+				// Raw, to be patched page by page later: a group
+				// written before, or with pages that changed since the
+				// round before.
+				wk := groupWork{idx: gi, data: <-bufs, raw: grp.writes > 0 || recent}
+				for i := range n {
+					if cur[i] == 0 {
+						continue
+					}
+					p := first + uint64(i)
+					off := len(wk.data)
+					wk.data = append(wk.data, page(p)...)
+					h := cur[i]
+					if kind != roundFinal {
+						// The guest runs: the hash must be of the
+						// bytes copied.
+						h = ls.pageHash(wk.data[off:])
+					}
+					if h != ls.hashes[p] {
+						wk.changed = append(wk.changed, len(wk.pages))
+					}
+					wk.pages = append(wk.pages, p)
+					wk.hashes = append(wk.hashes, h)
 				}
-				buf := <-bufs
-				for _, p := range pages {
-					buf = append(buf, page(p)...)
-				}
-				work <- groupWork{idx: gi, sig: sig, pages: append([]uint64(nil), pages...), data: buf}
+				work <- wk
 			}
 		}()
 	}
@@ -379,6 +464,51 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, final bool)
 		return st, fmt.Errorf("live save interrupted: %w", ctxErr)
 	}
 	return st, nil
+}
+
+// store writes a changed group: dropped if none of its pages is used any
+// more, patched in place where its raw chunk holds the same pages, else
+// put whole (raw if it was written before). It then records the hashes of
+// what the chunk holds.
+func (ls *liveSave) store(wk groupWork, st *roundStats, mu *sync.Mutex) error {
+	before := ls.w.Stats().PutBytes
+	var written uint64
+	switch {
+	case len(wk.pages) == 0:
+		if err := ls.w.Drop(wk.idx); err != nil {
+			return err
+		}
+	default:
+		// The pages of data that are not in changed hash as the chunk's
+		// copies do: they are those bytes, and a patch may leave them.
+		patched, err := ls.w.Patch(wk.idx, wk.pages, wk.data, wk.changed)
+		if err != nil {
+			return err
+		}
+		written = uint64(len(wk.changed))
+		if !patched {
+			put := ls.w.Put
+			if wk.raw {
+				put = ls.w.PutRaw
+			}
+			if err := put(wk.idx, wk.pages, wk.data); err != nil {
+				return err
+			}
+			written = uint64(len(wk.pages))
+		}
+	}
+	first := wk.idx * liveGroupPages
+	last := min(first+liveGroupPages, uint64(len(ls.hashes)))
+	clear(ls.hashes[first:last])
+	for i, p := range wk.pages {
+		ls.hashes[p] = wk.hashes[i]
+	}
+	ls.groups[wk.idx].writes++
+	mu.Lock()
+	st.bytes += ls.w.Stats().PutBytes - before
+	st.pages += written
+	mu.Unlock()
+	return nil
 }
 
 // isZeroPage reports whether b is all zero.
@@ -418,7 +548,7 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 	tScan := time.Since(t0)
 	var st roundStats
 	if !testHookSkipFinalRound {
-		if st, err = ls.round(ctx, free, true); err != nil {
+		if st, err = ls.round(ctx, free, roundFinal); err != nil {
 			return nil, err
 		}
 	}

@@ -25,13 +25,16 @@ var writerOK = regexp.MustCompile(`KW WRITER OK gen=(\d+)`)
 // the guest having run on) must fail that proof: the test can tell.
 func TestLiveSave(t *testing.T) {
 	for _, c := range []struct {
-		name string
-		cfg  vmtest.Config
-		torn bool
+		name      string
+		cfg       vmtest.Config
+		noPredict bool
+		torn      bool
 	}{
-		{"pc-1cpu", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}, false},
-		{"q35-2cpu", vmtest.Config{Machine: "q35", MemMiB: 1024, CPUs: 2}, false},
-		{"pc-1cpu-torn", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}, true},
+		{"pc-1cpu", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}, false, false},
+		{"q35-2cpu-no-predict", vmtest.Config{Machine: "q35", MemMiB: 1024, CPUs: 2}, true, false},
+		// Without prediction every group is in the file before the
+		// final round, which is all the torn checkpoint lacks.
+		{"pc-1cpu-torn", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}, true, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := c.cfg
@@ -45,13 +48,19 @@ func TestLiveSave(t *testing.T) {
 			out := filepath.Join(dir, "live.kvmckpt")
 			testHookSkipFinalRound = c.torn
 			defer func() { testHookSkipFinalRound = false }()
-			res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out, Live: true})
+			res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out, Live: true, NoPredict: c.noPredict})
 			require.NoError(t, err)
 			require.NotNil(t, res.Live)
 			l := res.Live
 			t.Logf("live save: pause %d ms, %d rounds (%s), bytes/round %v, pages/round %v, deferred %d, final %d pages in %d ms, punched %d",
 				res.PauseMS, l.Rounds, l.StopReason, l.BytesPerRound, l.PagesPerRound, l.PagesDeferredHot, l.FinalDirtyPages, l.FinalMS, l.PunchedBytes)
 			assert.GreaterOrEqual(t, l.Rounds, 2)
+			assert.Equal(t, !c.noPredict, l.Predict)
+			if c.noPredict {
+				assert.Zero(t, l.PagesDeferredHot)
+			} else {
+				assert.Positive(t, l.PagesDeferredHot, "the writer's pages change every round: prediction defers them")
+			}
 			assert.Equal(t, "running", res.GuestState)
 			require.NoError(t, Verify(out, nil, nil))
 			if !c.torn {

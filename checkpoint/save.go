@@ -115,6 +115,13 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 		}
 		defer live.w.Abort()
 	}
+	// What the save holds until the guest runs again: the checkpoint it
+	// replaced, whose blocks the file system frees when let go.
+	defer func() {
+		for _, release := range g.afterResume {
+			release()
+		}
+	}()
 	restore, err := g.pause(ctx)
 	if err != nil {
 		return nil, err
@@ -185,6 +192,7 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 		return nil, err
 	}
 	defer w.Abort()
+	g.afterResume = append(g.afterResume, w.ReleaseReplaced)
 	t1 := time.Now()
 	if err := w.WritePagesContext(ctx, g.ram, scan.save, opt.Progress); err != nil {
 		return nil, err

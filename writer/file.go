@@ -79,6 +79,22 @@ func (d *targetDir) close() {
 	}
 }
 
+// openReplaced opens the target, if it is a regular file, to hold its
+// blocks past a rename over it (see renameOver); nil if there is none or
+// it cannot be opened.
+func (d *targetDir) openReplaced() *os.File {
+	fd, err := unix.Openat(d.fd, d.base, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil
+	}
+	var st unix.Stat_t
+	if unix.Fstat(fd, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+		unix.Close(fd)
+		return nil
+	}
+	return os.NewFile(uintptr(fd), d.join(d.base))
+}
+
 func (d *targetDir) join(name string) string { return filepath.Join(d.path, name) }
 
 // checkTarget refuses a target that exists and is not a regular file, so

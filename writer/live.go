@@ -57,6 +57,7 @@ type Live struct {
 	lz4      lz4.Compressor
 	buf      []byte
 	stats    LiveStats
+	replaced *os.File // see renameOver
 }
 
 // placed is a chunk's place in the file.
@@ -70,12 +71,13 @@ type placed struct {
 // LiveStats counts what a [Live] writer did.
 type LiveStats struct {
 	Stats
-	// Puts counts [Live.Put] calls; InPlace those that rewrote a chunk in
-	// its old extent, Moved those that placed it anew and punched the old
-	// one.
-	Puts, InPlace, Moved int
-	// PutBytes is what every Put stored, rewrites included: the bytes
-	// written for pages. Punched is what was punched out again.
+	// Puts counts [Live.Put] and [Live.PutRaw] calls; InPlace those that
+	// rewrote a chunk in its old extent, Moved those that placed it anew
+	// and punched the old one. Patches counts [Live.Patch] calls that
+	// patched.
+	Puts, InPlace, Moved, Patches int
+	// PutBytes is what every Put and Patch stored, rewrites included: the
+	// bytes written for pages. Punched is what was punched out again.
 	PutBytes, Punched int64
 }
 
@@ -171,6 +173,50 @@ func (l *Live) Abort() error {
 // ascending, 1 to chunk_pages of them) whose contents data holds, one page
 // after the other. It replaces the chunk key had. data is not kept.
 func (l *Live) Put(key uint64, pages []uint64, data []byte) error {
+	return l.put(key, pages, data, l.h.Compression == CompressionLZ4)
+}
+
+// PutRaw is [Live.Put] storing the chunk raw, whatever the compression:
+// for a chunk likely to change again, which [Live.Patch] can then rewrite
+// page by page.
+func (l *Live) PutRaw(key uint64, pages []uint64, data []byte) error {
+	return l.put(key, pages, data, false)
+}
+
+// Patch rewrites, in place, the pages of key's chunk that changed: the
+// chunk must be stored raw and hold exactly pages, data is the chunk's
+// whole new content (its CRC is computed over it) and changed lists the
+// indexes, in pages, of the pages whose content differs from what the
+// chunk holds; only those are written. The caller vouches that the other
+// pages of data are what the file holds. It reports false, having done
+// nothing, when the chunk is not raw or holds other pages: then Put it.
+func (l *Live) Patch(key uint64, pages []uint64, data []byte, changed []int) (bool, error) {
+	if err := l.expect(stateOpen, "patch chunk"); err != nil {
+		return false, err
+	}
+	p := l.chunks[key]
+	if p == nil || p.e.encoding != EncodingRaw || !slices.Equal(p.pages, pages) {
+		return false, nil
+	}
+	ps := int(l.h.PageSize)
+	if len(data) != len(pages)*ps {
+		return false, fmt.Errorf("patch chunk: %d bytes for %d pages", len(data), len(pages))
+	}
+	for _, i := range changed {
+		if i < 0 || i >= len(pages) {
+			return false, fmt.Errorf("patch chunk: page index %d of %d", i, len(pages))
+		}
+		if _, err := l.f.WriteAt(data[i*ps:(i+1)*ps], p.off+int64(i*ps)); err != nil {
+			return false, l.fail(fmt.Errorf("patch chunk: %w", err))
+		}
+		l.stats.PutBytes += int64(ps)
+	}
+	p.e.crc = crc(data)
+	l.stats.Patches++
+	return true, nil
+}
+
+func (l *Live) put(key uint64, pages []uint64, data []byte, compress bool) error {
 	if err := l.expect(stateOpen, "put chunk"); err != nil {
 		return err
 	}
@@ -190,7 +236,7 @@ func (l *Live) Put(key uint64, pages []uint64, data []byte) error {
 	}
 	e := indexEntry{firstPage: pages[0], rawLen: uint32(len(data)), encoding: EncodingRaw}
 	out := data
-	if l.h.Compression == CompressionLZ4 {
+	if compress {
 		// As the sequential writer: LZ4 only where it saves 1/16.
 		limit := len(data) - len(data)/16
 		if n, _ := l.lz4.CompressBlock(data, l.buf[:limit]); n > 0 {
@@ -379,6 +425,14 @@ func (c *crcWriterAt) Write(p []byte) (int, error) {
 	return n, err
 }
 
+// ReleaseReplaced is [Writer.ReleaseReplaced].
+func (l *Live) ReleaseReplaced() {
+	if l.replaced != nil {
+		l.replaced.Close()
+		l.replaced = nil
+	}
+}
+
 // Commit writes the trailer, syncs the file, renames it over the target
 // and syncs the directory, as [Writer.Commit].
 func (l *Live) Commit() error {
@@ -398,7 +452,8 @@ func (l *Live) Commit() error {
 	l.stats.BytesWritten = end + trailerLen
 	f := l.f
 	l.f = nil // closed by renameOver, which removes it on failure
-	renamed, err := renameOver(l.dir, f, l.tmp)
+	renamed, replaced, err := renameOver(l.dir, f, l.tmp)
+	l.replaced = replaced
 	if !renamed {
 		return l.fail(err)
 	}

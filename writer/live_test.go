@@ -78,11 +78,30 @@ func liveFile(tb testing.TB, dir string, compression Compression) (data []byte, 
 	// Round 3: group 2 changes again, in place now.
 	fillPages(flat(17), incompressible, 7)
 	put(2, span(2))
+	// Round 4: group 7 stored raw, then one page of it patched in place;
+	// a patch naming other pages than the chunk's is refused.
+	group7 := func(pages []uint64) []byte {
+		var b []byte
+		for _, p := range pages {
+			b = append(b, flat(p)...)
+		}
+		return b
+	}
+	require.NoError(tb, l.PutRaw(7, span(7), group7(span(7))))
+	stale = append(stale, bytes.Clone(flat(60)))
+	fillPages(flat(60), incompressible, 8)
+	ok, err := l.Patch(7, span(7), group7(span(7)), []int{4})
+	require.NoError(tb, err)
+	require.True(tb, ok, "a raw chunk of the same pages is patched")
+	ok, err = l.Patch(7, span(7, 61), group7(span(7, 61)), []int{4})
+	require.NoError(tb, err)
+	require.False(tb, ok, "a patch of other pages than the chunk's is refused")
 	_, err = l.WriteDeviceState(bytes.NewReader([]byte("QEVM device state")))
 	require.NoError(tb, err)
 	require.NoError(tb, l.Commit())
 	st := l.Stats()
 	assert.Positive(tb, st.InPlace)
+	assert.Equal(tb, 1, st.Patches)
 	if compression == CompressionLZ4 {
 		assert.Positive(tb, st.Moved, "a chunk that grew is moved")
 	}
@@ -181,6 +200,9 @@ func TestLiveRefuses(t *testing.T) {
 	assert.Error(t, l.Put(0, []uint64{16}, page), "past the regions")
 	assert.Error(t, l.Put(0, []uint64{0}, page[:10]), "short data")
 	require.NoError(t, l.Put(0, []uint64{0, 1}, append(page, page...)))
+	ok, err := l.Patch(0, []uint64{0, 1}, append(page, page...), []int{1})
+	assert.NoError(t, err)
+	assert.False(t, ok, "a compressed chunk is not patched")
 	require.NoError(t, l.Put(1, []uint64{1}, page))
 	_, err = l.WriteDeviceState(bytes.NewReader(nil))
 	assert.ErrorContains(t, err, "overlap", "two chunks holding one page")
