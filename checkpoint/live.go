@@ -108,12 +108,12 @@ type liveSave struct {
 	// seen is each page's hash as the round before read it (0: unused),
 	// and run how many rounds running it changed: a page that changed in
 	// two rounds running is hot.
-	seen     []uint64
-	run      []uint8
-	groups   []liveGroup
-	predict  bool
-	report   LiveReport
-	workers  int
+	seen    []uint64
+	run     []uint8
+	groups  []liveGroup
+	predict bool
+	report  LiveReport
+	workers int
 }
 
 // pageHash is the keyed hash of a page's content, never 0.
