@@ -17,7 +17,7 @@ KVMCKPT_CACHE ?= $(or $(filter /%,$(XDG_CACHE_HOME)),$(HOME)/.cache)/kvmckpt
 export KVMCKPT_CACHE := $(abspath $(KVMCKPT_CACHE))
 export KVMCKPT_INITRAMFS := $(abspath $(BUILD)/initramfs.cpio.gz)
 
-.PHONY: all deps build initramfs test vet fuzz demo bench bench-sweep clean matrix
+.PHONY: all deps build initramfs test vet fuzz demo bench bench-live bench-sweep clean matrix
 
 all: build
 
@@ -66,6 +66,13 @@ BENCHFLAGS ?=
 bench: deps build
 	$(GO) test -run '^$$' -bench . -benchmem ./pagemap ./writer ./introspect ./profiles
 	$(GO) run ./internal/bench -kvmckpt $(BUILD)/kvmckpt -png bench-results/bench.png $(BENCHFLAGS)
+	$(GO) run ./internal/bench -live -kvmckpt $(BUILD)/kvmckpt $(LIVEFLAGS)
+
+# Live saves only (guests writing memory at 0, 10, 50, 200 MiB/s);
+# LIVEFLAGS go to internal/bench, e.g. LIVEFLAGS="-reps 3".
+LIVEFLAGS ?=
+bench-live: deps build
+	$(GO) run ./internal/bench -live -kvmckpt $(BUILD)/kvmckpt $(LIVEFLAGS)
 
 bench-sweep: deps build
 	$(GO) run ./internal/bench -sweep -kvmckpt $(BUILD)/kvmckpt $(BENCHFLAGS)

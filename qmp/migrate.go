@@ -85,6 +85,20 @@ type MigrationStatus struct {
 	// TotalTime is the migration's duration in milliseconds, once
 	// completed.
 	TotalTime int64 `json:"total-time"`
+	// Downtime is how long the guest was stopped, in milliseconds, once
+	// completed: from the stop to the end of the stream, as QEMU counts.
+	Downtime int64 `json:"downtime"`
+	// RAM is the RAM part of the migration, once it has begun.
+	RAM *MigrationRAM `json:"ram,omitempty"`
+}
+
+// MigrationRAM is the RAM part of query-migrate's answer.
+type MigrationRAM struct {
+	// DirtySyncCount counts the dirty-bitmap syncs: the pre-copy
+	// iterations, the first sync included.
+	DirtySyncCount int64 `json:"dirty-sync-count"`
+	// Transferred is the bytes of RAM sent.
+	Transferred int64 `json:"transferred"`
 }
 
 // terminal reports whether the migration has ended.

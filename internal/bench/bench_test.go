@@ -325,6 +325,49 @@ func TestNewWorkload(t *testing.T) {
 	assert.Equal(t, 0, newWorkload(c, 1024, 0).ChurnMiB)
 }
 
+// TestSmokeLive runs the live bench on a small guest whose writer works
+// at 50 MiB/s: every tool saves it, the live saves in rounds, and the
+// tables and the targets' lines come out.
+func TestSmokeLive(t *testing.T) {
+	vmtest.RequiresQEMU(t)
+	out := filepath.Join(t.TempDir(), "live.json")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	var stdout bytes.Buffer
+	r, err := run(ctx, &stdout, t.Output(), []string{"-live", "-smoke", "-out", out})
+	t.Logf("%s", stdout.String())
+	require.NoError(t, err)
+	require.Len(t, r.Live, 1)
+	p := r.Live[0]
+	assert.Equal(t, 50, p.RateMiBps)
+	assert.Positive(t, p.MeasuredMiBps, "the guest's writer runs")
+	assert.Empty(t, p.Failures)
+	for _, tool := range []string{liveStop, livePredict, liveNoPredict, liveQEMU, liveDisk} {
+		m := liveMedian(p, tool)
+		require.Equal(t, 1, m.n, tool)
+		assert.Positive(t, m.PauseMS, tool)
+		assert.LessOrEqual(t, m.PauseMS, m.TotalMS+1, "%s: paused longer than it ran", tool)
+		assert.Positive(t, m.Written, tool)
+		assert.Positive(t, m.Allocated, tool)
+	}
+	for _, tool := range []string{livePredict, liveNoPredict} {
+		m := liveMedian(p, tool)
+		assert.GreaterOrEqual(t, m.Rounds, int64(2), tool)
+		assert.NotEmpty(t, m.StopReason, tool)
+		assert.Positive(t, m.FinalPages, "%s: the writer dirties pages in the pause's round", tool)
+	}
+	assert.Positive(t, liveMedian(p, livePredict).DeferredPages, "prediction defers the writer's pages")
+	assert.Positive(t, liveMedian(p, liveQEMU).Rounds, "QEMU reports its iterations")
+	for _, want := range []string{"## Live saves", livePredict, liveQEMU, "- 50 MiB/s: pause"} {
+		assert.Contains(t, stdout.String(), want)
+	}
+	b, err := os.ReadFile(out)
+	require.NoError(t, err)
+	var back report
+	require.NoError(t, json.Unmarshal(b, &back))
+	assert.Len(t, back.Live, 1)
+}
+
 func TestParseFlags(t *testing.T) {
 	c, err := parseFlags(nil, &bytes.Buffer{})
 	require.NoError(t, err)
@@ -346,8 +389,13 @@ func TestParseFlags(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "bench-results/sweep.json", c.Out)
 
+	c, err = parseFlags([]string{"-live"}, &bytes.Buffer{})
+	require.NoError(t, err)
+	assert.Equal(t, "bench-results/live.json", c.Out)
+	assert.Equal(t, 1, c.Reps)
+
 	for _, bad := range [][]string{
-		{"-smoke", "-sweep"}, {"-mem", "100"}, {"-reps", "0"}, {"-churn", "1.5"},
+		{"-smoke", "-sweep"}, {"-live", "-sweep"}, {"-mem", "100"}, {"-reps", "0"}, {"-churn", "1.5"},
 		{"-keep", "0.4", "-text", "0.4"}, {"-interval", "0"}, {"extra"}, {"-nosuchflag"}, {"-copier", "cat"}, {"-machine", "virt"},
 	} {
 		_, err := parseFlags(bad, &bytes.Buffer{})

@@ -29,6 +29,7 @@ const (
 	modeQEMUSave      = "qemu-save"
 	modeNaiveSave     = "naive-save"
 	modeMappedRAMSave = "mapped-ram-save"
+	modeQEMULive      = "qemu-live"
 )
 
 // multifdChannels is how many channels QEMU's mapped-ram save and restore
@@ -70,6 +71,10 @@ type childResult struct {
 	// MaxBandwidthBefore is QEMU's migration bandwidth limit before
 	// qemu-save lifted it (bytes/s).
 	MaxBandwidthBefore int64 `json:"max_bandwidth_before,omitempty"`
+	// DowntimeMS and Iterations are QEMU's own figures for a live
+	// migration (qemu-live): its downtime and dirty-bitmap syncs.
+	DowntimeMS float64 `json:"downtime_ms,omitempty"`
+	Iterations int64   `json:"iterations,omitempty"`
 }
 
 // childMain runs the child process $KVMCKPT_BENCH_CHILD asks for, if it
@@ -100,6 +105,8 @@ func childMain() (isChild bool, code int) {
 		res, err = naiveSave(ctx, spec)
 	case modeMappedRAMSave:
 		res, err = mappedRAMSave(ctx, spec)
+	case modeQEMULive:
+		res, err = qemuLive(ctx, spec)
 	default:
 		err = fmt.Errorf("unknown mode %q", spec.Mode)
 	}
@@ -139,6 +146,20 @@ const unlimitedBandwidth = math.MaxInt64 / (1 << 20) * (1 << 20)
 // (io/channel-command.c, qio_channel_command_abort), which can cut off the
 // end of the stream that cat has not yet written.
 func qemuSave(ctx context.Context, spec childSpec) (res *childResult, err error) {
+	return qemuMigrate(ctx, spec, false)
+}
+
+// qemuLive is QEMU's own live migration into a file, as qemuSave but
+// without the stop: QEMU copies RAM while the guest runs, in pre-copy
+// iterations, until what is left fits its downtime limit (the default,
+// 300 ms), then stops the guest and sends the rest. The pause is QEMU's
+// own downtime figure (from its stop to the end of the stream) plus the
+// fsync and the cont that follow, as for every tool here.
+func qemuLive(ctx context.Context, spec childSpec) (res *childResult, err error) {
+	return qemuMigrate(ctx, spec, true)
+}
+
+func qemuMigrate(ctx context.Context, spec childSpec, live bool) (res *childResult, err error) {
 	s, caps, err := dialRunning(ctx, spec.QMP)
 	if err != nil {
 		return nil, err
@@ -191,22 +212,38 @@ func qemuSave(ctx context.Context, spec childSpec) (res *childResult, err error)
 	go func() { copied <- receive(ln, f, spec.Copier) }()
 
 	t0 := time.Now()
-	if err := s.Stop(ctx); err != nil {
-		return nil, err
+	if !live {
+		if err := s.Stop(ctx); err != nil {
+			return nil, err
+		}
+		defer resumeOnError(bg, s, &err)
 	}
-	defer resumeOnError(bg, s, &err)
 	if err := s.Run(ctx, "migrate", map[string]string{"uri": "unix:" + sock}, nil); err != nil {
 		ln.Close()
 		<-copied
 		return nil, fmt.Errorf("start migration: %w", err)
 	}
+	// A live migration that fails or is cancelled lets the guest run
+	// again itself; one that completed leaves it stopped (postmigrate).
 	c, err := waitMigration(ctx, s, copied)
 	if err != nil {
 		_ = s.Run(bg, "migrate_cancel", nil, nil)
 		ln.Close()
 		return nil, err
 	}
-	res.StreamMS = ms(time.Since(t0))
+	done := time.Now()
+	if live {
+		defer resumeOnError(bg, s, &err)
+		st, err := s.MigrationStatus(ctx)
+		if err != nil {
+			return nil, err
+		}
+		res.DowntimeMS = float64(st.Downtime)
+		if st.RAM != nil {
+			res.Iterations = st.RAM.DirtySyncCount
+		}
+	}
+	res.StreamMS = ms(done.Sub(t0))
 	res.StreamBytes = c.n
 	t1 := time.Now()
 	if err := f.Sync(); err != nil {
@@ -217,6 +254,9 @@ func qemuSave(ctx context.Context, spec childSpec) (res *childResult, err error)
 		return nil, err
 	}
 	res.PauseMS = ms(time.Since(t0))
+	if live {
+		res.PauseMS = res.DowntimeMS + ms(time.Since(done))
+	}
 	res.Files = []string{spec.Output}
 	return res, nil
 }

@@ -88,6 +88,9 @@ type config struct {
 	Copier   string  `json:"copier"`
 	// QEMU is the emulator the guest runs under (vmtest.Config.QEMU).
 	QEMU string `json:"qemu,omitempty"`
+	// Live measures live saves of guests that keep writing memory
+	// instead (live.go).
+	Live bool `json:"live,omitempty"`
 }
 
 // mappedRAM reports whether the emulator has mapped-ram (QEMU 8.2 and
@@ -121,6 +124,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.Cold, "cold", true, "evict checkpoint files from the page cache before each restore")
 	fs.StringVar(&c.QEMU, "qemu", "", "emulator: empty for the system's (bookworm's 7.2), 10.0 for the one make deps unpacked (adds QEMU's mapped-ram save)")
 	fs.StringVar(&c.Copier, "copier", copierWrite, "how QEMU's save stream reaches the file: write (read/write(2), as when QEMU writes the file itself) or splice")
+	fs.BoolVar(&c.Live, "live", false, "live saves instead: guests writing memory at 0, 10, 50 and 200 MiB/s (50 with -smoke), each saved by kvmckpt with and without --live and by QEMU's live migration")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
@@ -145,6 +149,17 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	}
 	if c.Sweep && !set["out"] {
 		c.Out = "bench-results/sweep.json"
+	}
+	if c.Live {
+		if c.Sweep {
+			return c, errors.New("-live and -sweep exclude each other")
+		}
+		if !set["out"] {
+			c.Out = "bench-results/live.json"
+		}
+		if !set["reps"] {
+			c.Reps = 1
+		}
 	}
 	switch {
 	case c.MemMiB < 256:
@@ -205,9 +220,12 @@ func run(ctx context.Context, stdout, stderr io.Writer, args []string) (*report,
 	}
 
 	var runErr error
-	if cfg.Sweep {
+	switch {
+	case cfg.Live:
+		runErr = b.live(ctx, r)
+	case cfg.Sweep:
 		runErr = b.sweep(ctx, r)
-	} else {
+	default:
 		w := newWorkload(cfg, cfg.MemMiB, cfg.Churn)
 		r.Result, runErr = b.point(ctx, w, 0, cfg.Reps)
 	}

@@ -28,6 +28,7 @@ type report struct {
 	// Result is the main measurement; Sweep the sweep's points.
 	Result *pointResult   `json:"result,omitempty"`
 	Sweep  []*pointResult `json:"sweep,omitempty"`
+	Live   []*livePoint   `json:"live,omitempty"`
 	Error  string         `json:"error,omitempty"`
 }
 
@@ -117,6 +118,9 @@ func writeMarkdown(w io.Writer, r *report) {
 	}
 	if len(r.Sweep) > 0 {
 		writeSweep(w, r.Sweep)
+	}
+	if len(r.Live) > 0 {
+		writeLive(w, r.Live)
 	}
 	if r.Error != "" {
 		fmt.Fprintf(w, "\n**The run failed:** %s\n", r.Error)
