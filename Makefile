@@ -61,7 +61,8 @@ demo: deps initramfs build
 	$(GO) run ./internal/demo
 
 # Go benchmarks (no VM), then kvmckpt against QEMU's own save on a real
-# guest. BENCHFLAGS go to the latter, e.g. BENCHFLAGS="-mem 4096 -reps 5".
+# guest, then live saves (bench-live). BENCHFLAGS go to the second, e.g.
+# BENCHFLAGS="-mem 4096 -reps 5".
 BENCHFLAGS ?=
 bench: deps build
 	$(GO) test -run '^$$' -bench . -benchmem ./pagemap ./writer ./introspect ./profiles
