@@ -1,6 +1,7 @@
 package checkpoint
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -86,6 +87,12 @@ type LiveReport struct {
 	PunchedBytes int64 `json:"punched_bytes"`
 	// Predict says whether hot groups were deferred (not --no-predict).
 	Predict bool `json:"predict"`
+	// Tracker is what found the pages written since their copy:
+	// TrackerQEMU or TrackerHash.
+	Tracker string `json:"tracker"`
+	// QEMUPasses is the passes of QEMU's tracking migration over its
+	// dirty log (TrackerQEMU), the first included.
+	QEMUPasses int64 `json:"qemu_passes,omitempty"`
 }
 
 // liveGroup is the state of one group.
@@ -114,6 +121,9 @@ type liveSave struct {
 	predict bool
 	report  LiveReport
 	workers int
+	// tr is QEMU's dirty log (TrackerQEMU); nil: every round reads every
+	// used page (TrackerHash).
+	tr *qemuTracker
 }
 
 // pageHash is the keyed hash of a page's content, never 0.
@@ -121,7 +131,7 @@ func (ls *liveSave) pageHash(b []byte) uint64 { return maphash.Bytes(ls.seed, b)
 
 // precopy runs the pre-copy rounds on the running guest. It returns the
 // live save, whose writer the caller must Abort on failure.
-func (g *guest) precopy(ctx context.Context, opt SaveOptions) (*liveSave, error) {
+func (g *guest) precopy(ctx context.Context, opt SaveOptions) (ls *liveSave, err error) {
 	t0 := time.Now()
 	if opt.Key != nil {
 		return nil, fmt.Errorf("%w: a live checkpoint cannot be encrypted yet; save without --live, or without --encrypt-key", ErrLive)
@@ -149,13 +159,33 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (*liveSave, error)
 		// Holes would then have to be saved as zeros, and are not read.
 		return nil, fmt.Errorf("%w: the guest poisons free pages (page_poison=1); save it without --live", ErrLive)
 	}
+	tracker := opt.Tracker
+	switch tracker {
+	case "":
+		tracker = TrackerQEMU
+	case TrackerQEMU, TrackerHash:
+	default:
+		return nil, fmt.Errorf("%w: tracker %q: %s or %s", ErrLive, tracker, TrackerQEMU, TrackerHash)
+	}
+	if tracker == TrackerQEMU {
+		h.DeviceStateForm = writer.DeviceStateFiltered
+	}
+	maxPause := opt.MaxPause
+	if maxPause <= 0 {
+		maxPause = DefaultMaxPause
+	}
 	w, err := writer.CreateLive(opt.Output, h, writer.Options{Compression: opt.Compression, ChunkPages: liveGroupPages})
 	if err != nil {
 		return nil, err
 	}
 	g.afterResume = append(g.afterResume, w.ReleaseReplaced)
+	defer func() {
+		if err != nil && ls != nil && ls.tr != nil {
+			ls.tr.stop(context.WithoutCancel(ctx))
+		}
+	}()
 	_, total := g.pageSpans()
-	ls := &liveSave{
+	ls = &liveSave{
 		g: g, w: w, k: k, prof: prof, seed: maphash.MakeSeed(),
 		hashes:  make([]uint64, total),
 		seen:    make([]uint64, total),
@@ -166,10 +196,7 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (*liveSave, error)
 	}
 	ls.zeroHash = ls.pageHash(make([]byte, introspect.PageSize))
 	ls.report.Predict = ls.predict
-	maxPause := opt.MaxPause
-	if maxPause <= 0 {
-		maxPause = DefaultMaxPause
-	}
+	ls.report.Tracker = tracker
 	var prevDirty uint64
 	for round := 1; ; round++ {
 		if err := ctx.Err(); err != nil {
@@ -187,13 +214,25 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (*liveSave, error)
 		if round == 1 {
 			kind = roundSurvey
 		}
+		if round == 2 && tracker == TrackerQEMU {
+			// QEMU's log from here on: every write after the copy
+			// that follows is named.
+			if ls.tr, err = g.startQEMUTracker(ctx, maxPause); err != nil {
+				w.Abort()
+				return nil, fmt.Errorf("%w: %w (or save with --tracker hash)", ErrLive, err)
+			}
+			ls.tr.firstRun.Store(true)
+		}
 		rs := time.Now()
-		st, err := ls.round(ctx, free, kind)
+		st, err := ls.round(ctx, free, kind, round == 2)
+		if ls.tr != nil {
+			ls.tr.firstRun.Store(false)
+		}
 		if err != nil {
 			w.Abort()
 			return nil, err
 		}
-		if err := w.Sync(); err != nil {
+		if err = w.Sync(); err != nil {
 			return nil, err
 		}
 		took := time.Since(rs)
@@ -205,6 +244,17 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (*liveSave, error)
 			"deferred_pages", st.deferredPages, "read_pages", st.readPages, "ms", took.Milliseconds(),
 			"read_ms", st.readTime.Milliseconds(), "write_ms", st.writeTime.Milliseconds())
 		if kind == roundSurvey {
+			continue
+		}
+		if ls.tr != nil {
+			var stop bool
+			if stop, err = ls.trackedStop(ctx, round, st, maxPause, &prevDirty); err != nil {
+				w.Abort()
+				return nil, err
+			}
+			if stop {
+				break
+			}
 			continue
 		}
 		// What the final round would have to do: read every used page
@@ -236,7 +286,68 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (*liveSave, error)
 		prevDirty = st.changedPages
 	}
 	ls.report.RoundsMS = time.Since(t0).Milliseconds()
+	if ls.tr != nil {
+		// QEMU drains what is left once the guest is paused.
+		ls.tr.released.Store(true)
+	}
 	return ls, nil
+}
+
+// trackedStop decides, after a round with QEMU's log, whether the rounds
+// end: when QEMU has reached its switchover (what was left fit its
+// downtime limit, the pause target: it paused the guest), or, once QEMU's
+// first pass is over, when writing what the round found fits half the
+// pause target, when rounds stop converging, or after maxLiveRounds.
+func (ls *liveSave) trackedStop(ctx context.Context, round int, st roundStats, maxPause time.Duration, prev *uint64) (bool, error) {
+	mig, err := ls.g.sess.MigrationStatus(ctx)
+	if err != nil {
+		return false, err
+	}
+	if mig.RAM != nil {
+		ls.report.QEMUPasses = mig.RAM.DirtySyncCount
+	}
+	switch mig.Status {
+	case "pre-switchover":
+		ls.report.StopReason = "converged"
+		return true, nil
+	case "failed", "cancelled":
+		return false, fmt.Errorf("%w: the migration that tracks the guest's writes %s: %s", qmp.ErrMigrationFailed, mig.Status, mig.ErrorDesc)
+	}
+	select {
+	case <-ls.tr.done:
+		if ls.tr.err != nil {
+			return false, ls.tr.err
+		}
+		return false, errors.New("the migration stream ended before the switchover")
+	default:
+	}
+	writeRate := 1e9 // bytes/s
+	if st.bytes > 4<<20 && st.writeTime > 0 {
+		writeRate = float64(st.bytes) / st.writeTime.Seconds()
+	}
+	writeTime := time.Duration(float64(st.changedPages*introspect.PageSize) / writeRate * float64(time.Second))
+	passOne := mig.RAM != nil && mig.RAM.DirtySyncCount >= 2
+	switch {
+	case !passOne:
+	case round > 1 && writeTime <= maxPause/2:
+		ls.report.StopReason = "converged"
+	case round > 3 && st.changedPages >= *prev*19/20:
+		ls.report.StopReason = "not converging"
+	case round >= maxLiveRounds:
+		ls.report.StopReason = "max rounds"
+	}
+	*prev = st.changedPages
+	if ls.report.StopReason != "" {
+		return true, nil
+	}
+	if st.pages == 0 {
+		// Nothing named: let the guest, and QEMU, go on a little.
+		select {
+		case <-ctx.Done():
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return false, nil
 }
 
 // testHookSkipFinalRound makes the final round write nothing, so that a
@@ -284,7 +395,7 @@ type groupWork struct {
 	idx     uint64
 	pages   []uint64
 	data    []byte
-	hashes  []uint64
+	cur     []uint64 // the hash of each page of the group, as stored now
 	changed []int
 	raw     bool
 }
@@ -302,7 +413,7 @@ type groupWork struct {
 // A group written a second time is stored raw, so that later rounds
 // rewrite only its changed pages in place ([writer.Live.Patch]) instead
 // of the whole chunk.
-func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundKind) (roundStats, error) {
+func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundKind, firstRound bool) (roundStats, error) {
 	g := ls.g
 	spans, total := g.pageSpans()
 	// Holes of the RAM files are never read (a read would allocate them).
@@ -350,7 +461,17 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 		}
 		werr <- err
 	}()
+	// The groups to look at, in order: all, in page order; with QEMU's
+	// log, the first round in the stream's order and later rounds those
+	// QEMU named (and, in the final round, those whose pages were freed
+	// or newly used).
 	ngroups := uint64(len(ls.groups))
+	tr := ls.tr
+	var order []uint64
+	if tr != nil && firstRound {
+		order = tr.order
+		ngroups = uint64(len(order))
+	}
 	var next uint64
 	var wg sync.WaitGroup
 	var ctxErr error
@@ -371,15 +492,28 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 			var cur [liveGroupPages]uint64
 			for {
 				mu.Lock()
-				gi := next
+				at := next
 				next++
-				if gi%256 == 0 && ctx.Err() != nil {
+				if at%256 == 0 && ctx.Err() != nil {
 					ctxErr = ctx.Err()
 				}
 				stop := ctxErr != nil
 				mu.Unlock()
-				if gi >= ngroups || stop {
+				if at >= ngroups || stop {
 					return
+				}
+				gi := at
+				switch {
+				case order != nil:
+					// Once QEMU's first pass named the group, its
+					// mark is QEMU's copy, not a write: cleared.
+					gi = order[at]
+					tr.waitNamed(tr.pos[at])
+					tr.take(gi)
+				case tr != nil:
+					if !tr.take(gi) && (kind != roundFinal || !ls.needsLook(gi, free, hole)) {
+						continue
+					}
 				}
 				first, last := gi*liveGroupPages, min((gi+1)*liveGroupPages, total)
 				n := int(last - first)
@@ -394,6 +528,7 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 						if h := ls.pageHash(b); h != ls.zeroHash || !isZeroPage(b) {
 							cur[i] = h
 						} else {
+							cur[i] = zeroMark
 							local.zeroPages++
 						}
 					}
@@ -406,14 +541,22 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 					}
 					ls.seen[p] = cur[i]
 					recent = recent || ls.run[p] > 0
-					if cur[i] != ls.hashes[p] {
+					switch {
+					case cur[i] == ls.hashes[p]:
+					case stored(cur[i]) || stored(ls.hashes[p]):
 						changed++
 						if ls.run[p] >= 2 {
 							hot++
 						}
+					default:
+						// Unused and zero: in no chunk either way.
+						ls.hashes[p] = cur[i]
 					}
 				}
 				local.readTime += time.Since(t)
+				if order != nil {
+					tr.copied.Add(uint64(n))
+				}
 				if changed == 0 || kind == roundSurvey {
 					continue
 				}
@@ -431,9 +574,10 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 				// Raw, to be patched page by page later: a group
 				// written before, or with pages that changed since the
 				// round before.
-				wk := groupWork{idx: gi, data: <-bufs, raw: grp.writes > 0 || recent}
+				wk := groupWork{idx: gi, data: <-bufs, raw: grp.writes > 0 || recent, cur: make([]uint64, n)}
+				copy(wk.cur, cur[:n])
 				for i := range n {
-					if cur[i] == 0 {
+					if !stored(cur[i]) {
 						continue
 					}
 					p := first + uint64(i)
@@ -449,7 +593,7 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 						wk.changed = append(wk.changed, len(wk.pages))
 					}
 					wk.pages = append(wk.pages, p)
-					wk.hashes = append(wk.hashes, h)
+					wk.cur[i] = h
 				}
 				work <- wk
 			}
@@ -497,12 +641,7 @@ func (ls *liveSave) store(wk groupWork, st *roundStats, mu *sync.Mutex) error {
 			written = uint64(len(wk.pages))
 		}
 	}
-	first := wk.idx * liveGroupPages
-	last := min(first+liveGroupPages, uint64(len(ls.hashes)))
-	clear(ls.hashes[first:last])
-	for i, p := range wk.pages {
-		ls.hashes[p] = wk.hashes[i]
-	}
+	copy(ls.hashes[wk.idx*liveGroupPages:], wk.cur)
 	ls.groups[wk.idx].writes++
 	mu.Lock()
 	st.bytes += ls.w.Stats().PutBytes - before
@@ -524,13 +663,27 @@ func isZeroPage(b []byte) bool {
 // finishLive is the final round, on the paused guest: the free lists
 // walked once more, every group that differs from its chunk written, then
 // the device state and the commit.
-func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, caps map[string]bool) (*SaveResult, error) {
+func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, caps map[string]bool) (_ *SaveResult, err error) {
 	t0 := time.Now()
+	tr := ls.tr
+	if tr != nil {
+		// The guest is paused (by kvmckpt, or by QEMU at its
+		// switchover): on failure, the migration must end before it can
+		// run again.
+		defer func() {
+			if err != nil {
+				tr.stop(context.WithoutCancel(ctx))
+			}
+		}()
+		if err = tr.switchover(ctx); err != nil {
+			return nil, err
+		}
+	}
 	_, total := g.pageSpans()
 	var warnings []string
 	free := pagemap.NewBitmap(total)
 	var fp *introspect.FreePages
-	fp, err := ls.k.WalkFree(ctx, introspect.WalkOptions{Timeout: opt.WalkTimeout})
+	fp, err = ls.k.WalkFree(ctx, introspect.WalkOptions{Timeout: opt.WalkTimeout})
 	switch {
 	case err == nil:
 		free = g.fileFree(fp.Free)
@@ -545,10 +698,18 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 	default:
 		warnings = []string{fmt.Sprintf("the paused guest's free lists could not be read (%v); saving every non-zero page", err)}
 	}
+	if tr != nil {
+		// QEMU's last pass, then the device state: every group
+		// written since its copy is now named.
+		if err = tr.finish(ctx); err != nil {
+			return nil, err
+		}
+		ls.report.QEMUPasses++
+	}
 	tScan := time.Since(t0)
 	var st roundStats
 	if !testHookSkipFinalRound {
-		if st, err = ls.round(ctx, free, roundFinal); err != nil {
+		if st, err = ls.round(ctx, free, roundFinal, false); err != nil {
 			return nil, err
 		}
 	}
@@ -557,8 +718,14 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 	ls.report.BytesPerRound = append(ls.report.BytesPerRound, st.bytes)
 	ls.report.PagesPerRound = append(ls.report.PagesPerRound, st.pages)
 	t2 := time.Now()
-	devBytes, err := g.saveDevice(ctx, ls.w.WriteDeviceState, caps)
-	if err != nil {
+	var devBytes int64
+	if tr != nil {
+		// The stream's rest: the device state at the switchover.
+		if devBytes, err = ls.w.WriteDeviceState(bytes.NewReader(tr.dev.Bytes())); err != nil {
+			return nil, err
+		}
+		tr.stop(ctx)
+	} else if devBytes, err = g.saveDevice(ctx, ls.w.WriteDeviceState, caps); err != nil {
 		return nil, err
 	}
 	tDev := time.Since(t2)

@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/kvmckpt/kvmckpt/internal/vmtest"
+	"github.com/kvmckpt/kvmckpt/qmp"
 )
 
 // writerOK matches the workload's proof that its written pages are those
@@ -27,14 +28,17 @@ func TestLiveSave(t *testing.T) {
 	for _, c := range []struct {
 		name      string
 		cfg       vmtest.Config
+		tracker   string
 		noPredict bool
 		torn      bool
 	}{
-		{"pc-1cpu", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}, false, false},
-		{"q35-2cpu-no-predict", vmtest.Config{Machine: "q35", MemMiB: 1024, CPUs: 2}, true, false},
+		{"pc-1cpu", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}, TrackerQEMU, false, false},
+		{"q35-2cpu-no-predict", vmtest.Config{Machine: "q35", MemMiB: 1024, CPUs: 2}, TrackerQEMU, true, false},
+		{"pc-2cpu-hash", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 2}, TrackerHash, false, false},
+		{"q35-1cpu-qemu10", vmtest.Config{Machine: "q35", MemMiB: 1024, CPUs: 1, QEMU: "10.0"}, TrackerQEMU, false, false},
 		// Without prediction every group is in the file before the
 		// final round, which is all the torn checkpoint lacks.
-		{"pc-1cpu-torn", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}, true, true},
+		{"pc-1cpu-torn", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}, TrackerQEMU, true, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := c.cfg
@@ -48,7 +52,7 @@ func TestLiveSave(t *testing.T) {
 			out := filepath.Join(dir, "live.kvmckpt")
 			testHookSkipFinalRound = c.torn
 			defer func() { testHookSkipFinalRound = false }()
-			res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out, Live: true, NoPredict: c.noPredict})
+			res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out, Live: true, NoPredict: c.noPredict, Tracker: c.tracker})
 			require.NoError(t, err)
 			require.NotNil(t, res.Live)
 			l := res.Live
@@ -56,6 +60,16 @@ func TestLiveSave(t *testing.T) {
 				res.PauseMS, l.Rounds, l.StopReason, l.BytesPerRound, l.PagesPerRound, l.PagesDeferredHot, l.FinalDirtyPages, l.FinalMS, l.PunchedBytes)
 			assert.GreaterOrEqual(t, l.Rounds, 2)
 			assert.Equal(t, !c.noPredict, l.Predict)
+			assert.Equal(t, c.tracker, l.Tracker)
+			if c.tracker == TrackerQEMU {
+				assert.GreaterOrEqual(t, l.QEMUPasses, int64(2), "QEMU's first pass, and its last")
+				s, err := qmp.Dial(ctx, src.QMPPath)
+				require.NoError(t, err)
+				caps, err := s.MigrationCapabilities(ctx)
+				s.Close()
+				require.NoError(t, err)
+				assert.False(t, caps[qmp.CapPauseBeforeSwitchover], "the tracking migration's capability is put back")
+			}
 			if c.noPredict {
 				assert.Zero(t, l.PagesDeferredHot)
 			} else {

@@ -80,6 +80,9 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	if err := g.matches(ctx, h); err != nil {
 		return nil, err
 	}
+	if f := h.DeviceStateForm; f != writer.DeviceStateIgnoreShared && f != writer.DeviceStateFiltered {
+		return nil, fmt.Errorf("%w: device state of form %q, which this kvmckpt does not know: restore with a newer kvmckpt", ErrInvalid, f)
+	}
 	t0 := time.Now()
 	if err := r.RestorePages(g.ram, writer.RestoreOptions{Progress: opt.Progress}); err != nil {
 		return nil, fmt.Errorf("%w: restore pages (the target's RAM now holds a partial restore; its guest was not started): %w", ErrInvalid, err)
@@ -92,7 +95,7 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 		return nil, fmt.Errorf("restore interrupted before the device state was loaded: %w", err)
 	}
 	t1 := time.Now()
-	if err := g.sess.LoadDeviceState(ctx, r.DeviceState()); err != nil {
+	if err := g.sess.LoadStream(ctx, r.DeviceState(), h.DeviceStateForm == writer.DeviceStateIgnoreShared); err != nil {
 		return nil, err // says "load device state"
 	}
 	tDev := time.Since(t1)

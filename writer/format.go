@@ -137,7 +137,22 @@ type Header struct {
 	// Created is when the checkpoint was taken; if zero in [Create], the
 	// writer sets it to the current time.
 	Created time.Time `json:"created"`
+	// DeviceStateForm says how the device state leaves out the regions'
+	// RAM: "" (DeviceStateIgnoreShared), or DeviceStateFiltered.
+	DeviceStateForm string `json:"device_state_form,omitempty"`
 }
+
+// Forms of the device state (see [Header].DeviceStateForm).
+const (
+	// DeviceStateIgnoreShared is a migration stream QEMU wrote with the
+	// x-ignore-shared capability on, which leaves shared RAM out: load
+	// it with the capability on.
+	DeviceStateIgnoreShared = ""
+	// DeviceStateFiltered is a stream QEMU wrote with x-ignore-shared
+	// off, from which kvmckpt dropped the pages of the regions (package
+	// migstream): load it with the capability off.
+	DeviceStateFiltered = "filtered"
+)
 
 // Region is one RAM backend of the guest.
 type Region struct {

@@ -1,0 +1,385 @@
+package checkpoint
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"github.com/kvmckpt/kvmckpt/migstream"
+	"github.com/kvmckpt/kvmckpt/qmp"
+)
+
+// Trackers of a live save: what finds the pages the guest wrote since
+// kvmckpt copied them.
+const (
+	// TrackerQEMU uses QEMU's own dirty log, read off a migration that
+	// QEMU runs into a pipe (qemuTracker): the rounds and the pause read
+	// only the groups QEMU names. The default.
+	TrackerQEMU = "qemu"
+	// TrackerHash reads every used page each round, and in the pause,
+	// and compares keyed hashes: no migration, but the pause reads all
+	// used memory.
+	TrackerHash = "hash"
+)
+
+// trackWindow bounds how far QEMU's first pass may run ahead of the first
+// round's copy, in pages: QEMU cannot reach its switchover (and stop the
+// guest) while kvmckpt still has the first copy to make.
+const trackWindow = 16 << 10
+
+// trackBacklog bounds, after the first round, the groups QEMU may name
+// before kvmckpt reads them: 32 MiB, which the final round writes well
+// within the default pause target.
+const trackBacklog = 128
+
+// qemuTracker follows a pre-copy migration that QEMU runs into a pipe
+// (qmp.Session.StartTrackedMigration). Every page record of the guest's
+// RAM backends names a page the guest wrote after QEMU's previous copy of
+// it: QEMU's dirty log (KVM's, or TCG's), which works on any host. The
+// records are read, their pages dropped (migstream.Filter), and their
+// groups marked dirty; what remains of the stream is the device state at
+// the switchover, in the form writer.DeviceStateFiltered.
+//
+// Every page the guest writes after kvmckpt's copy of its group is named
+// by a record that arrives after that copy: the dirty log holds the write
+// until QEMU sends the page, which it reads after the write. So a round
+// clears a group's mark before it reads the group (take), and the final
+// round, after the stream's last RAM record, finds every group written
+// since its copy marked.
+//
+// QEMU's first pass names every page. The first round copies the groups
+// in the stream's order, each once QEMU's first pass has named it, so
+// that those records do not mark groups already copied; and QEMU's first
+// pass waits for the copy (the reader stops reading, QEMU's writes
+// block), so that QEMU cannot switch over, stopping the guest, before the
+// first copy is made.
+type qemuTracker struct {
+	g       *guest
+	pipe    *os.File
+	started time.Time
+	prevCaps map[string]bool // capabilities changed, as they were
+	params   qmp.MigrationParameters
+
+	dirty []atomic.Uint64 // bitmap of groups named since taken
+	// blockFirst is, for each block of the stream, the checkpoint page
+	// of its first page, or -1 for a block that is not a backend.
+	blockFirst []int64
+	// order is the groups in the stream's order; pos the place, in
+	// pages of the backends in that order, of each group's last page.
+	order []uint64
+	pos   []uint64
+
+	named       atomic.Uint64 // backend pages named by records so far
+	copied      atomic.Uint64 // pages the first round has copied
+	outstanding atomic.Int64  // groups marked and not taken
+	firstRun    atomic.Bool   // the first round runs: pace QEMU by it
+	released    atomic.Bool   // the rounds are over: do not hold QEMU
+	ramDone     atomic.Bool
+
+	dev   bytes.Buffer
+	done  chan struct{}
+	err   error // set before done closes
+	stats migstream.Stats
+}
+
+// startQEMUTracker starts the tracked migration. Its capabilities and
+// parameters are put back by stop.
+func (g *guest) startQEMUTracker(ctx context.Context, maxPause time.Duration) (*qemuTracker, error) {
+	params, err := g.sess.GetMigrationParameters(ctx)
+	if err != nil {
+		return nil, err
+	}
+	_, total := g.pageSpans()
+	t := &qemuTracker{
+		g: g, params: params,
+		dirty: make([]atomic.Uint64, (total/liveGroupPages+64)/64),
+		done:  make(chan struct{}),
+	}
+	// QEMU switches over once what is left fits the pause target, at
+	// the rate kvmckpt reads (the stream is not rate-limited: the reader
+	// paces it).
+	if err := g.sess.SetMigrationParameters(ctx, qmp.MigrationParameters{
+		DowntimeLimit: max(1, maxPause.Milliseconds()), MaxBandwidth: 1 << 50,
+	}); err != nil {
+		return nil, err
+	}
+	t.started = time.Now()
+	if t.pipe, t.prevCaps, err = g.sess.StartTrackedMigration(ctx); err != nil {
+		t.restoreSettings(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	blocks := make(chan error, 1)
+	go t.read(blocks)
+	select {
+	case err = <-blocks:
+	case <-t.done:
+		err = t.err
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	if err != nil {
+		t.stop(context.WithoutCancel(ctx))
+		return nil, fmt.Errorf("track the guest's writes through a migration: %w", err)
+	}
+	return t, nil
+}
+
+// read reads the stream to its end; blocks gets the outcome of matching
+// its RAM blocks to the backends.
+func (t *qemuTracker) read(blocks chan<- error) {
+	defer close(t.done)
+	spans, _ := t.g.pageSpans()
+	opt := migstream.Options{
+		Drop: func(b migstream.Block) bool {
+			for _, be := range t.g.backends {
+				if be.ID == b.ID {
+					return true
+				}
+			}
+			return false
+		},
+		Blocks: func(bs []migstream.Block) error {
+			err := t.match(bs, spans)
+			blocks <- err
+			return err
+		},
+		Page:    t.page,
+		RAMDone: func() { t.ramDone.Store(true) },
+	}
+	t.stats, t.err = migstream.Filter(t.pipe, &t.dev, opt)
+	if t.err != nil {
+		t.err = fmt.Errorf("read the migration stream: %w", t.err)
+		select {
+		case blocks <- t.err:
+		default:
+		}
+	}
+	t.pipe.Close()
+}
+
+// match maps the stream's blocks to the backends, and orders the groups
+// as the stream will name them.
+func (t *qemuTracker) match(bs []migstream.Block, spans []pageSpan) error {
+	t.blockFirst = make([]int64, len(bs))
+	found := 0
+	var at uint64
+	for i, b := range bs {
+		t.blockFirst[i] = -1
+		for j, be := range t.g.backends {
+			if be.ID != b.ID {
+				continue
+			}
+			if be.Size != b.Size {
+				return fmt.Errorf("RAM block %q is %d bytes in the stream, the backend %d", b.ID, b.Size, be.Size)
+			}
+			t.blockFirst[i] = int64(spans[j].first)
+			found++
+			for p := spans[j].first; p < spans[j].first+spans[j].n; p += liveGroupPages - p%liveGroupPages {
+				last := min(p-p%liveGroupPages+liveGroupPages, spans[j].first+spans[j].n) - 1
+				t.order = append(t.order, p/liveGroupPages)
+				t.pos = append(t.pos, at+last-spans[j].first)
+			}
+			at += spans[j].n
+		}
+	}
+	if found != len(t.g.backends) {
+		return fmt.Errorf("the stream carries %d of the %d RAM backends", found, len(t.g.backends))
+	}
+	return nil
+}
+
+// page marks the group of a page a record named, and holds QEMU back
+// while kvmckpt lags: during the first round while the copy is more than
+// trackWindow pages behind, and after it while more than trackBacklog
+// groups wait to be read. QEMU then sends at the rate kvmckpt keeps up
+// with, and its switchover (when what is left fits its downtime limit)
+// leaves kvmckpt little to do in the pause. A record waits at most 100
+// ms, so that the rounds, which may wait for records, always move on.
+func (t *qemuTracker) page(block int, off uint64) {
+	first := t.blockFirst[block]
+	if first < 0 {
+		return
+	}
+	p := uint64(first) + off/migstream.PageSize
+	g := p / liveGroupPages
+	bit := uint64(1) << (g % 64)
+	if t.dirty[g/64].Or(bit)&bit == 0 {
+		t.outstanding.Add(1)
+	}
+	n := t.named.Add(1)
+	for i := 0; i < 500 && !t.released.Load(); i++ {
+		if t.firstRun.Load() {
+			if n <= t.copied.Load()+trackWindow {
+				return
+			}
+		} else if t.outstanding.Load() <= trackBacklog {
+			return
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+}
+
+// take clears the mark of group g and reports whether it was set.
+func (t *qemuTracker) take(g uint64) bool {
+	bit := uint64(1) << (g % 64)
+	if t.dirty[g/64].And(^bit)&bit == 0 {
+		return false
+	}
+	t.outstanding.Add(-1)
+	return true
+}
+
+// waitNamed waits, for at most 50 ms, until QEMU's first pass has named
+// the pages up to pos.
+func (t *qemuTracker) waitNamed(pos uint64) {
+	for i := 0; t.named.Load() <= pos && i < 250 && !t.ramDone.Load(); i++ {
+		time.Sleep(200 * time.Microsecond)
+	}
+}
+
+// status is the migration's state.
+func (t *qemuTracker) status(ctx context.Context) (string, error) {
+	st, err := t.g.sess.MigrationStatus(ctx)
+	if err != nil {
+		return "", err
+	}
+	if st.Status == "failed" || st.Status == "cancelled" {
+		return st.Status, fmt.Errorf("%w: the migration that tracks the guest's writes %s: %s", qmp.ErrMigrationFailed, st.Status, st.ErrorDesc)
+	}
+	return st.Status, nil
+}
+
+// stoppedAt is when QEMU stopped the guest for the switchover, if it did
+// so on its own; zero otherwise.
+func (t *qemuTracker) stoppedAt() time.Time {
+	s := t.g.sess.LastStop()
+	if s.Before(t.started) {
+		return time.Time{}
+	}
+	return s
+}
+
+// switchover waits for the guest, paused, to be at the switchover; it is
+// called once kvmckpt or QEMU stopped the guest.
+func (t *qemuTracker) switchover(ctx context.Context) error {
+	for {
+		st, err := t.status(ctx)
+		if err != nil {
+			return err
+		}
+		if st == "pre-switchover" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.done:
+			if t.err != nil {
+				return t.err
+			}
+			return errors.New("the migration stream ended before the switchover")
+		case <-time.After(time.Millisecond):
+		}
+	}
+}
+
+// finish lets QEMU send the last pages and the device state, and waits
+// for the end of the stream and of the migration. Every group written
+// since its copy is then marked.
+func (t *qemuTracker) finish(ctx context.Context) error {
+	if err := t.g.sess.MigrateContinue(ctx, "pre-switchover"); err != nil {
+		return err
+	}
+	select {
+	case <-t.done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if t.err != nil {
+		return t.err
+	}
+	if !t.ramDone.Load() {
+		return errors.New("the migration stream ended without the end of its RAM")
+	}
+	for {
+		st, err := t.status(ctx)
+		if err != nil || st == "completed" {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+	}
+}
+
+// stop ends the tracking: it cancels the migration if it has not
+// completed, waits for QEMU to leave it, and puts the capabilities and
+// parameters back. It may be called more than once.
+func (t *qemuTracker) stop(ctx context.Context) {
+	t.released.Store(true)
+	ctx, cancel := context.WithTimeout(ctx, abortTimeout)
+	defer cancel()
+	if st, err := t.g.sess.MigrationStatus(ctx); err == nil && st.Status != "completed" && st.Status != "failed" && st.Status != "cancelled" && st.Status != "none" {
+		if err := t.g.sess.MigrateCancel(ctx); err != nil {
+			t.g.log.Warn("could not cancel the tracking migration", "err", err)
+		}
+		for {
+			st, err := t.g.sess.MigrationStatus(ctx)
+			if err != nil || st.Status == "cancelled" || st.Status == "failed" || st.Status == "completed" {
+				break
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(2 * time.Millisecond):
+				continue
+			}
+			break
+		}
+	}
+	if t.pipe != nil {
+		t.pipe.Close()
+	}
+	t.restoreSettings(ctx)
+}
+
+func (t *qemuTracker) restoreSettings(ctx context.Context) {
+	if len(t.prevCaps) > 0 {
+		if err := t.g.sess.SetMigrationCapabilities(ctx, t.prevCaps); err != nil {
+			t.g.log.Warn("could not put the migration capabilities back", "err", err)
+		}
+	}
+	if err := t.g.sess.SetMigrationParameters(ctx, t.params); err != nil {
+		t.g.log.Warn("could not put the migration parameters back", "err", err)
+	}
+}
+
+// needsLook reports whether the final round must read group gi although
+// QEMU did not name it: a page of its chunk is free now, or a page used
+// now was never read as used.
+func (ls *liveSave) needsLook(gi uint64, free, hole interface{ Test(uint64) bool }) bool {
+	first, last := gi*liveGroupPages, min((gi+1)*liveGroupPages, uint64(len(ls.hashes)))
+	for p := first; p < last; p++ {
+		unused := free.Test(p) || hole.Test(p)
+		h := ls.hashes[p]
+		if unused && stored(h) || !unused && h == 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// zeroMark is the hash of a used page read as zero: it is in no chunk.
+// Page hashes are odd (liveSave.pageHash).
+const zeroMark = 2
+
+// stored reports whether a page hash is of a page in a chunk.
+func stored(h uint64) bool { return h != 0 && h != zeroMark }
+
+// abortTimeout bounds the clean-up of a tracking migration.
+const abortTimeout = 5 * time.Second
