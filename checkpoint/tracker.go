@@ -58,9 +58,9 @@ const trackBacklog = 128
 // block), so that QEMU cannot switch over, stopping the guest, before the
 // first copy is made.
 type qemuTracker struct {
-	g       *guest
-	pipe    *os.File
-	started time.Time
+	g        *guest
+	pipe     *os.File
+	started  time.Time
 	prevCaps map[string]bool // capabilities changed, as they were
 	params   qmp.MigrationParameters
 

@@ -119,8 +119,8 @@ type filter struct {
 	drop   []bool
 	// kept holds the last record of each page of a kept block: nil if
 	// none came, one byte (the fill) for a zero page, else the page.
-	kept [][][]byte
-	last int // block of the record before (RAM_SAVE_FLAG_CONTINUE)
+	kept    [][][]byte
+	last    int // block of the record before (RAM_SAVE_FLAG_CONTINUE)
 	scratch [256]byte
 }
 

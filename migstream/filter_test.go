@@ -13,7 +13,7 @@ import (
 // stream builds a migration stream the way QEMU writes one.
 type stream struct{ b []byte }
 
-func (s *stream) u8(v byte) *stream    { s.b = append(s.b, v); return s }
+func (s *stream) u8(v byte) *stream     { s.b = append(s.b, v); return s }
 func (s *stream) be16(v uint16) *stream { s.b = binary.BigEndian.AppendUint16(s.b, v); return s }
 func (s *stream) be32(v uint32) *stream { s.b = binary.BigEndian.AppendUint32(s.b, v); return s }
 func (s *stream) be64(v uint64) *stream { s.b = binary.BigEndian.AppendUint64(s.b, v); return s }
