@@ -131,7 +131,7 @@ func (ls *liveSave) pageHash(b []byte) uint64 { return maphash.Bytes(ls.seed, b)
 
 // precopy runs the pre-copy rounds on the running guest. It returns the
 // live save, whose writer the caller must Abort on failure.
-func (g *guest) precopy(ctx context.Context, opt SaveOptions) (ls *liveSave, err error) {
+func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err error) {
 	t0 := time.Now()
 	if opt.Key != nil {
 		return nil, fmt.Errorf("%w: a live checkpoint cannot be encrypted yet; save without --live, or without --encrypt-key", ErrLive)
@@ -179,6 +179,7 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (ls *liveSave, err
 		return nil, err
 	}
 	g.afterResume = append(g.afterResume, w.ReleaseReplaced)
+	var ls *liveSave
 	defer func() {
 		if err != nil && ls != nil && ls.tr != nil {
 			ls.tr.stop(context.WithoutCancel(ctx))
@@ -219,6 +220,9 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (ls *liveSave, err
 			// that follows is named.
 			if ls.tr, err = g.startQEMUTracker(ctx, maxPause); err != nil {
 				w.Abort()
+				if ctx.Err() != nil {
+					return nil, fmt.Errorf("live save interrupted: %w", err)
+				}
 				return nil, fmt.Errorf("%w: %w (or save with --tracker hash)", ErrLive, err)
 			}
 			ls.tr.firstRun.Store(true)

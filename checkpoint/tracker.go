@@ -3,6 +3,7 @@ package checkpoint
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -93,23 +94,35 @@ func (g *guest) startQEMUTracker(ctx context.Context, maxPause time.Duration) (*
 	if err != nil {
 		return nil, err
 	}
+	caps, err := g.sess.MigrationCapabilities(ctx)
+	if err != nil {
+		return nil, err
+	}
+	_, prev, err := qmp.TrackedMigrationCapabilities(caps)
+	if err != nil {
+		return nil, err
+	}
+	// Recorded before anything changes, so that if this kvmckpt is
+	// killed the next one cancels the migration and puts the settings
+	// back (guest.recoverTracking).
+	g.beginTracking(trackUndo{Caps: prev, Params: params})
 	_, total := g.pageSpans()
 	t := &qemuTracker{
-		g: g, params: params,
+		g: g, params: params, prevCaps: prev,
 		dirty: make([]atomic.Uint64, (total/liveGroupPages+64)/64),
 		done:  make(chan struct{}),
 	}
 	// QEMU switches over once what is left fits the pause target, at
 	// the rate kvmckpt reads (the stream is not rate-limited: the reader
 	// paces it).
-	if err := g.sess.SetMigrationParameters(ctx, qmp.MigrationParameters{
-		DowntimeLimit: max(1, maxPause.Milliseconds()), MaxBandwidth: 1 << 50,
-	}); err != nil {
-		return nil, err
-	}
 	t.started = time.Now()
-	if t.pipe, t.prevCaps, err = g.sess.StartTrackedMigration(ctx); err != nil {
-		t.restoreSettings(context.WithoutCancel(ctx))
+	if err = g.sess.SetMigrationParameters(ctx, qmp.MigrationParameters{
+		DowntimeLimit: max(1, maxPause.Milliseconds()), MaxBandwidth: 1 << 50,
+	}); err == nil {
+		t.pipe, _, err = g.sess.StartTrackedMigration(ctx)
+	}
+	if err != nil {
+		t.stop(context.WithoutCancel(ctx))
 		return nil, err
 	}
 	blocks := make(chan error, 1)
@@ -349,14 +362,88 @@ func (t *qemuTracker) stop(ctx context.Context) {
 }
 
 func (t *qemuTracker) restoreSettings(ctx context.Context) {
+	ok := true
 	if len(t.prevCaps) > 0 {
 		if err := t.g.sess.SetMigrationCapabilities(ctx, t.prevCaps); err != nil {
 			t.g.log.Warn("could not put the migration capabilities back", "err", err)
+			ok = false
 		}
 	}
 	if err := t.g.sess.SetMigrationParameters(ctx, t.params); err != nil {
 		t.g.log.Warn("could not put the migration parameters back", "err", err)
+		ok = false
 	}
+	if ok {
+		t.g.endTracking()
+	}
+}
+
+// trackUndo is what a tracking migration changed, as it was: recorded in
+// the guest's pause record while the migration runs.
+type trackUndo struct {
+	Caps   map[string]bool         `json:"caps"`
+	Params qmp.MigrationParameters `json:"params"`
+}
+
+// beginTracking records that a tracking migration is about to change the
+// guest's migration settings.
+func (g *guest) beginTracking(u trackUndo) {
+	b, err := json.Marshal(u)
+	if err != nil {
+		return
+	}
+	g.undo = string(b)
+	switch {
+	case g.paused:
+		g.writePauseRecord(pauseRecord)
+	case g.prior.Running:
+		g.writePauseRecord(trackingRecord)
+	default:
+		g.writePauseRecord(trackingPausedRecord)
+	}
+}
+
+// endTracking records that the settings are back.
+func (g *guest) endTracking() {
+	if g.undo == "" {
+		return
+	}
+	g.undo = ""
+	if g.paused {
+		g.writePauseRecord(pauseRecord)
+	} else {
+		g.clearPauseRecord()
+	}
+}
+
+// recoverTracking undoes the tracking migration of a killed kvmckpt, as
+// its record says: the migration cancelled (QEMU may be waiting at its
+// switchover with the guest paused), the settings put back. The guest's
+// run state is then read again.
+func (g *guest) recoverTracking(ctx context.Context) error {
+	if g.staleUndo == "" {
+		return nil
+	}
+	var u trackUndo
+	if err := json.Unmarshal([]byte(g.staleUndo), &u); err != nil {
+		g.log.Warn("an earlier kvmckpt's record of its migration settings cannot be read; check them with query-migrate-capabilities", "err", err)
+		g.staleUndo = ""
+		return nil
+	}
+	g.log.Warn("an earlier kvmckpt was stopped while a migration tracked this guest's writes; cancelling it and putting the migration settings back")
+	t := &qemuTracker{g: g, prevCaps: u.Caps, params: u.Params}
+	t.stop(ctx)
+	g.staleUndo = ""
+	st, err := g.sess.Status(ctx)
+	if err != nil {
+		return err
+	}
+	if st.Running {
+		// QEMU let it run again on the cancel.
+		g.clearPauseRecord()
+		g.prior = st
+	}
+	return nil
 }
 
 // needsLook reports whether the final round must read group gi although

@@ -502,20 +502,9 @@ func (s *Session) StartTrackedMigration(ctx context.Context) (pipe *os.File, pre
 	if err != nil {
 		return nil, nil, err
 	}
-	if _, ok := caps[CapPauseBeforeSwitchover]; !ok {
-		return nil, nil, fmt.Errorf("%w: QEMU lacks %s", ErrCapability, CapPauseBeforeSwitchover)
-	}
-	set := map[string]bool{CapPauseBeforeSwitchover: true, CapIgnoreShared: false}
-	for name := range incompatibleCaps {
-		if caps[name] && name != CapPauseBeforeSwitchover {
-			set[name] = false
-		}
-	}
-	prev = map[string]bool{}
-	for name, on := range set {
-		if was, ok := caps[name]; ok && was != on {
-			prev[name] = was
-		}
+	set, prev, err := TrackedMigrationCapabilities(caps)
+	if err != nil {
+		return nil, nil, err
 	}
 	if err := s.SetMigrationCapabilities(ctx, set); err != nil {
 		return nil, prev, err
@@ -536,6 +525,28 @@ func (s *Session) StartTrackedMigration(ctx context.Context) (pipe *os.File, pre
 		return nil, prev, fmt.Errorf("start migration: %w", err)
 	}
 	return pr, prev, nil
+}
+
+// TrackedMigrationCapabilities returns, for the capabilities caps QEMU
+// has now, those [Session.StartTrackedMigration] sets and, as they are
+// now, those of them it changes (to put back afterwards).
+func TrackedMigrationCapabilities(caps map[string]bool) (set, prev map[string]bool, err error) {
+	if _, ok := caps[CapPauseBeforeSwitchover]; !ok {
+		return nil, nil, fmt.Errorf("%w: QEMU lacks %s", ErrCapability, CapPauseBeforeSwitchover)
+	}
+	set = map[string]bool{CapPauseBeforeSwitchover: true, CapIgnoreShared: false}
+	for name := range incompatibleCaps {
+		if caps[name] && name != CapPauseBeforeSwitchover {
+			set[name] = false
+		}
+	}
+	prev = map[string]bool{}
+	for name, on := range set {
+		if was, ok := caps[name]; ok && was != on {
+			prev[name] = was
+		}
+	}
+	return set, prev, nil
 }
 
 // MigrateContinue lets a migration paused in state go on
