@@ -93,11 +93,22 @@ type LiveReport struct {
 	// QEMUPasses is the passes of QEMU's tracking migration over its
 	// dirty log (TrackerQEMU), the first included.
 	QEMUPasses int64 `json:"qemu_passes,omitempty"`
+	// RAMReleasedBytes is what the final round gave back to the host of
+	// the RAM files' holes, which QEMU's first pass had read and so
+	// allocated (TrackerQEMU).
+	RAMReleasedBytes int64 `json:"ram_released_bytes,omitempty"`
+	// RAMKeptBytes is what the pause was too short to give back: it
+	// stays allocated in the RAM files, zero.
+	RAMKeptBytes int64 `json:"ram_kept_bytes,omitempty"`
 }
 
 // liveGroup is the state of one group.
 type liveGroup struct {
 	writes int // times its chunk was written
+	// deferred: a round found it changed and left it for later (hot).
+	// With QEMU's log, which names a group once per write, later rounds
+	// look at it again whether or not it is named.
+	deferred bool
 }
 
 // liveSave is a live save in progress: the rounds' state, for the final
@@ -124,6 +135,10 @@ type liveSave struct {
 	// tr is QEMU's dirty log (TrackerQEMU); nil: every round reads every
 	// used page (TrackerHash).
 	tr *qemuTracker
+	// holesAtStart are the RAM files' holes at the survey round;
+	// released the pages the final round gives back (holesToRelease),
+	// which it does not read.
+	holesAtStart, released *pagemap.Bitmap
 }
 
 // pageHash is the keyed hash of a page's content, never 0.
@@ -229,15 +244,15 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 		}
 		rs := time.Now()
 		st, err := ls.round(ctx, free, kind, round == 2)
-		if ls.tr != nil {
-			ls.tr.firstRun.Store(false)
-		}
 		if err != nil {
 			w.Abort()
 			return nil, err
 		}
 		if err = w.Sync(); err != nil {
 			return nil, err
+		}
+		if ls.tr != nil {
+			ls.tr.firstRun.Store(false)
 		}
 		took := time.Since(rs)
 		ls.report.Rounds = round
@@ -421,14 +436,27 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 	g := ls.g
 	spans, total := g.pageSpans()
 	// Holes of the RAM files are never read (a read would allocate them).
+	// With QEMU's log, QEMU's first pass reads (and so allocates) every
+	// page; the final round must not read again the pages it released.
 	hole := pagemap.NewBitmap(total)
-	for i, b := range g.backends {
-		hs, err := pagemap.Holes(g.files[i], int64(b.Size))
-		if err != nil {
-			return roundStats{}, err
+	switch {
+	case ls.tr != nil && kind == roundFinal:
+		if ls.released != nil {
+			hole = ls.released
 		}
-		for _, h := range hs {
-			hole.SetRange(spans[i].first+h.Start, min(h.Count, spans[i].n-min(h.Start, spans[i].n)))
+	case ls.tr != nil:
+	default:
+		for i, b := range g.backends {
+			hs, err := pagemap.Holes(g.files[i], int64(b.Size))
+			if err != nil {
+				return roundStats{}, err
+			}
+			for _, h := range hs {
+				hole.SetRange(spans[i].first+h.Start, min(h.Count, spans[i].n-min(h.Start, spans[i].n)))
+			}
+		}
+		if kind == roundSurvey {
+			ls.holesAtStart = hole
 		}
 	}
 	page := func(p uint64) []byte {
@@ -515,7 +543,7 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 					tr.waitNamed(tr.pos[at])
 					tr.take(gi)
 				case tr != nil:
-					if !tr.take(gi) && (kind != roundFinal || !ls.needsLook(gi, free, hole)) {
+					if !tr.take(gi) && !ls.groups[gi].deferred && (kind != roundFinal || !ls.needsLook(gi, free, hole)) {
 						continue
 					}
 				}
@@ -561,11 +589,12 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 				if order != nil {
 					tr.copied.Add(uint64(n))
 				}
+				grp := &ls.groups[gi]
 				if changed == 0 || kind == roundSurvey {
+					grp.deferred = false
 					continue
 				}
 				local.changedPages += uint64(changed)
-				grp := &ls.groups[gi]
 				if kind == roundCopy && ls.predict && (hot > 0 || grp.writes == 0 && recent) {
 					// Hot: a page that changed since its copy changed
 					// in the round before too (or, for a group not yet
@@ -573,8 +602,10 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 					// likely to change again. The copy waits until the
 					// group rests, or for the final round.
 					local.deferredPages += uint64(changed)
+					grp.deferred = true
 					continue
 				}
+				grp.deferred = false
 				// Raw, to be patched page by page later: a group
 				// written before, or with pages that changed since the
 				// round before.
@@ -682,6 +713,7 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 		if err = tr.switchover(ctx); err != nil {
 			return nil, err
 		}
+		g.log.Debug("at the switchover", "ms", time.Since(t0).Milliseconds())
 	}
 	_, total := g.pageSpans()
 	var warnings []string
@@ -709,6 +741,18 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 			return nil, err
 		}
 		ls.report.QEMUPasses++
+		// The holes QEMU's first pass allocated are given back while
+		// the final round runs, until the guest is about to run again.
+		ls.released = tr.holesToRelease(ls.holesAtStart)
+		stop, done := make(chan struct{}), make(chan int64, 1)
+		go func() { done <- g.releaseHoles(ls.released, stop) }()
+		defer func() {
+			close(stop)
+			n := <-done
+			ls.report.RAMReleasedBytes = n
+			ls.report.RAMKeptBytes = int64(ls.released.Count())*introspect.PageSize - n
+		}()
+		g.log.Debug("QEMU's last pass and device state read", "ms", time.Since(t0).Milliseconds())
 	}
 	tScan := time.Since(t0)
 	var st roundStats

@@ -4,6 +4,7 @@ import (
 	"context"
 	"path/filepath"
 	"regexp"
+	"syscall"
 	"testing"
 	"time"
 
@@ -52,6 +53,7 @@ func TestLiveSave(t *testing.T) {
 			out := filepath.Join(dir, "live.kvmckpt")
 			testHookSkipFinalRound = c.torn
 			defer func() { testHookSkipFinalRound = false }()
+			allocBefore := allocated(t, src.RAMPath)
 			res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out, Live: true, NoPredict: c.noPredict, Tracker: c.tracker})
 			require.NoError(t, err)
 			require.NotNil(t, res.Live)
@@ -69,6 +71,14 @@ func TestLiveSave(t *testing.T) {
 				s.Close()
 				require.NoError(t, err)
 				assert.False(t, caps[qmp.CapPauseBeforeSwitchover], "the tracking migration's capability is put back")
+				// QEMU's first pass allocates the RAM file's holes; the
+				// pause gives back what it can, and says what stays.
+				allocAfter := allocated(t, src.RAMPath)
+				t.Logf("RAM file: %d MiB allocated before, %d after; %d MiB released, %d kept", allocBefore>>20, allocAfter>>20, l.RAMReleasedBytes>>20, l.RAMKeptBytes>>20)
+				assert.Positive(t, l.RAMReleasedBytes+l.RAMKeptBytes, "the guest's untouched RAM is holes")
+				assert.LessOrEqual(t, allocAfter, allocBefore+l.RAMKeptBytes+64<<20, "the RAM file grows by what was kept, and what the guest wrote")
+			} else {
+				assert.LessOrEqual(t, allocated(t, src.RAMPath), allocBefore+64<<20, "the hash tracker reads no hole")
 			}
 			if c.noPredict {
 				assert.Zero(t, l.PagesDeferredHot)
@@ -103,4 +113,12 @@ func TestLiveSave(t *testing.T) {
 			assert.NotRegexp(t, kernelTrouble, dst.Serial())
 		})
 	}
+}
+
+// allocated is the bytes a file has allocated.
+func allocated(t *testing.T, path string) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	require.NoError(t, syscall.Stat(path, &st))
+	return st.Blocks * 512
 }

@@ -145,6 +145,7 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 	var res *SaveResult
 	var saveErr error
 	if live != nil {
+		g.log.Debug("paused for the final round", "since_pause_ms", time.Since(paused).Milliseconds())
 		res, saveErr = g.finishLive(ctx, live, opt, caps)
 	} else {
 		res, saveErr = g.save(ctx, opt, caps)

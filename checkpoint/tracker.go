@@ -8,9 +8,14 @@ import (
 	"fmt"
 	"os"
 	"sync/atomic"
+	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/kvmckpt/kvmckpt/introspect"
 	"github.com/kvmckpt/kvmckpt/migstream"
+	"github.com/kvmckpt/kvmckpt/pagemap"
 	"github.com/kvmckpt/kvmckpt/qmp"
 )
 
@@ -31,6 +36,12 @@ const (
 // round's copy, in pages: QEMU cannot reach its switchover (and stop the
 // guest) while kvmckpt still has the first copy to make.
 const trackWindow = 16 << 10
+
+// trackHold is the pages at the end of QEMU's first pass that wait for
+// the first round to be done. Each names a page in at least 9 bytes (a
+// zero page's record), so they are more than QEMU's buffer (32 KiB,
+// IO_BUF_SIZE in migration/qemu-file.c) and the pipe's (64 KiB) hold.
+const trackHold = 16 << 10
 
 // trackBacklog bounds, after the first round, the groups QEMU may name
 // before kvmckpt reads them: 32 MiB, which the final round writes well
@@ -74,12 +85,24 @@ type qemuTracker struct {
 	order []uint64
 	pos   []uint64
 
+	totalPages  uint64        // of the backends
 	named       atomic.Uint64 // backend pages named by records so far
 	copied      atomic.Uint64 // pages the first round has copied
 	outstanding atomic.Int64  // groups marked and not taken
 	firstRun    atomic.Bool   // the first round runs: pace QEMU by it
 	released    atomic.Bool   // the rounds are over: do not hold QEMU
 	ramDone     atomic.Bool
+
+	// touched marks, by checkpoint page, the pages the guest may have
+	// written: named by a record after QEMU's first pass, or by one that
+	// carried data. Read only once the stream has ended.
+	touched *pagemap.Bitmap
+	// streamPos is each backend block's first page in the stream's
+	// order of the backends' pages; lastPos the last record's place;
+	// passOne holds until the places go back (QEMU's second pass).
+	streamPos []uint64
+	lastPos   uint64
+	passOne   bool
 
 	dev   bytes.Buffer
 	done  chan struct{}
@@ -108,9 +131,11 @@ func (g *guest) startQEMUTracker(ctx context.Context, maxPause time.Duration) (*
 	g.beginTracking(trackUndo{Caps: prev, Params: params})
 	_, total := g.pageSpans()
 	t := &qemuTracker{
-		g: g, params: params, prevCaps: prev,
-		dirty: make([]atomic.Uint64, (total/liveGroupPages+64)/64),
-		done:  make(chan struct{}),
+		g: g, params: params, prevCaps: prev, totalPages: total,
+		dirty:   make([]atomic.Uint64, (total/liveGroupPages+64)/64),
+		done:    make(chan struct{}),
+		touched: pagemap.NewBitmap(total),
+		passOne: true,
 	}
 	// QEMU switches over once what is left fits the pause target, at
 	// the rate kvmckpt reads (the stream is not rate-limited: the reader
@@ -178,6 +203,7 @@ func (t *qemuTracker) read(blocks chan<- error) {
 // as the stream will name them.
 func (t *qemuTracker) match(bs []migstream.Block, spans []pageSpan) error {
 	t.blockFirst = make([]int64, len(bs))
+	t.streamPos = make([]uint64, len(bs))
 	found := 0
 	var at uint64
 	for i, b := range bs {
@@ -190,6 +216,7 @@ func (t *qemuTracker) match(bs []migstream.Block, spans []pageSpan) error {
 				return fmt.Errorf("RAM block %q is %d bytes in the stream, the backend %d", b.ID, b.Size, be.Size)
 			}
 			t.blockFirst[i] = int64(spans[j].first)
+			t.streamPos[i] = at
 			found++
 			for p := spans[j].first; p < spans[j].first+spans[j].n; p += liveGroupPages - p%liveGroupPages {
 				last := min(p-p%liveGroupPages+liveGroupPages, spans[j].first+spans[j].n) - 1
@@ -212,18 +239,35 @@ func (t *qemuTracker) match(bs []migstream.Block, spans []pageSpan) error {
 // with, and its switchover (when what is left fits its downtime limit)
 // leaves kvmckpt little to do in the pause. A record waits at most 100
 // ms, so that the rounds, which may wait for records, always move on.
-func (t *qemuTracker) page(block int, off uint64) {
+func (t *qemuTracker) page(block int, off uint64, zero bool) {
 	first := t.blockFirst[block]
 	if first < 0 {
 		return
 	}
 	p := uint64(first) + off/migstream.PageSize
+	if pos := t.streamPos[block] + off/migstream.PageSize; pos <= t.lastPos && t.named.Load() > 0 {
+		t.passOne = false
+	} else {
+		t.lastPos = pos
+	}
+	if !zero || !t.passOne {
+		t.touched.Set(p)
+	}
 	g := p / liveGroupPages
 	bit := uint64(1) << (g % 64)
 	if t.dirty[g/64].Or(bit)&bit == 0 {
 		t.outstanding.Add(1)
 	}
 	n := t.named.Add(1)
+	// QEMU's first pass must not end before the first round has been
+	// copied and synced: QEMU could then switch over at once (an idle
+	// guest leaves it nothing to send), pausing the guest for the rest.
+	// The pass's last trackHold pages wait (at most a minute) until the
+	// round is done: so many records fill QEMU's buffer and the pipe's,
+	// and QEMU's writes block.
+	for i := 0; i < 60000 && t.firstRun.Load() && n+trackHold >= t.totalPages && !t.released.Load(); i++ {
+		time.Sleep(time.Millisecond)
+	}
 	for i := 0; i < 500 && !t.released.Load(); i++ {
 		if t.firstRun.Load() {
 			if n <= t.copied.Load()+trackWindow {
@@ -247,8 +291,12 @@ func (t *qemuTracker) take(g uint64) bool {
 }
 
 // waitNamed waits, for at most 50 ms, until QEMU's first pass has named
-// the pages up to pos.
+// the pages up to pos; not for the pass's last trackHold pages, which
+// QEMU names only after the first round.
 func (t *qemuTracker) waitNamed(pos uint64) {
+	if pos+trackHold >= t.totalPages {
+		return
+	}
 	for i := 0; t.named.Load() <= pos && i < 250 && !t.ramDone.Load(); i++ {
 		time.Sleep(200 * time.Microsecond)
 	}
@@ -470,3 +518,76 @@ func stored(h uint64) bool { return h != 0 && h != zeroMark }
 
 // abortTimeout bounds the clean-up of a tracking migration.
 const abortTimeout = 5 * time.Second
+
+// holesToRelease are the pages QEMU's first pass allocated that the
+// final round may give back to the host: it read every page of the RAM
+// files, holes too, and a read of a hole of a tmpfs or memfd file
+// allocates a page. A page that was a hole before the save (holes, from
+// the survey round) and that no record named but as zero in QEMU's first
+// pass was not written since, so it is still zero, and punching it out of
+// the file in the pause changes nothing the guest can see. Call it once
+// the stream has ended.
+func (t *qemuTracker) holesToRelease(holes *pagemap.Bitmap) *pagemap.Bitmap {
+	_, total := t.g.pageSpans()
+	plan := pagemap.NewBitmap(total)
+	if holes == nil {
+		return plan
+	}
+	for p := range total {
+		if holes.Test(p) && !t.touched.Test(p) {
+			plan.Set(p)
+		}
+	}
+	return plan
+}
+
+// releaseHoles punches the pages of plan out of the RAM files, in pieces
+// of releaseStep, until done or until stop closes (the guest is about to
+// run again: a piece in progress is finished first). It returns the
+// bytes released; a RAM file that cannot be opened for writing keeps its
+// pages (and a warning says so).
+func (g *guest) releaseHoles(plan *pagemap.Bitmap, stop <-chan struct{}) (released int64) {
+	spans, _ := g.pageSpans()
+	for i, sp := range spans {
+		var f *os.File
+		for p := sp.first; p < sp.first+sp.n; {
+			if !plan.Test(p) {
+				p++
+				continue
+			}
+			start := p
+			for p < sp.first+sp.n && p-start < releaseStep && plan.Test(p) {
+				p++
+			}
+			select {
+			case <-stop:
+				if f != nil {
+					f.Close()
+				}
+				return released
+			default:
+			}
+			if f == nil {
+				var err error
+				if f, err = os.OpenFile(g.backends[i].MemPath, os.O_WRONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0); err != nil {
+					g.log.Warn("the RAM file keeps the pages the tracking migration read into its holes", "file", g.backends[i].MemPath, "err", err)
+					break
+				}
+			}
+			off, n := int64(start-sp.first)*int64(introspect.PageSize), int64(p-start)*int64(introspect.PageSize)
+			if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n); err != nil {
+				g.log.Warn("the RAM file keeps the pages the tracking migration read into its holes", "file", g.backends[i].MemPath, "err", err)
+				break
+			}
+			released += n
+		}
+		if f != nil {
+			f.Close()
+		}
+	}
+	return released
+}
+
+// releaseStep is the pages one punch gives back: a few milliseconds'
+// work, the most a resume waits for.
+const releaseStep = 2048

@@ -72,10 +72,11 @@ type Options struct {
 	// it ends the filter.
 	Blocks func([]Block) error
 	// Page, if not nil, is called for every page record of a dropped
-	// block, with the block's index in the list and the page's byte
-	// offset in it. It may block: the filter reads nothing meanwhile,
-	// and the sender, its writes stalled, sends nothing either.
-	Page func(block int, offset uint64)
+	// block, with the block's index in the list, the page's byte offset
+	// in it, and whether the record says the page is zero. It may block:
+	// the filter reads nothing meanwhile, and the sender, its writes
+	// stalled, sends nothing either.
+	Page func(block int, offset uint64, zero bool)
 	// RAMDone, if not nil, is called once ram's END section is read: by
 	// then Page has been told of every page the stream carried.
 	RAMDone func()
@@ -531,7 +532,7 @@ func (f *filter) records() error {
 				return formatErr("page record ends early")
 			}
 			if f.opt.Page != nil {
-				f.opt.Page(blk, off)
+				f.opt.Page(blk, off, flags&flagZero != 0)
 			}
 			continue
 		}

@@ -112,11 +112,22 @@
 //	  "profile": "6.1.0-47-amd64-3f2a9c1d",
 //	  "qemu_version": "9.2.0", "machine_type": "pc-q35-9.2",
 //	  "command_line": ["qemu-system-x86_64", "-machine", "q35", ...],
-//	  "created": "2025-06-01T12:00:00Z"
+//	  "created": "2025-06-01T12:00:00Z",
+//	  "device_state_form": "filtered"   // absent: "x-ignore-shared"
 //	}
 //
 // pages.total is the sum of the region sizes over page_size and
 // pages.saved the bitmap's population; the other counts are informative.
+//
+// device_state_form says how the device state leaves the regions' RAM
+// out. Absent (the form of every file before live checkpoints), QEMU
+// wrote the stream with its x-ignore-shared capability on, which leaves
+// shared RAM out; load it with the capability on. "filtered": QEMU wrote
+// it with the capability off and kvmckpt dropped the page records of the
+// regions (package migstream), so the ram section names every block but
+// carries pages only of QEMU's own small ones; load it with the
+// capability off (QEMU refuses a stream whose capability differs from
+// its own). A reader refuses a form it does not know.
 // A mapping says that guest-physical [gpa, gpa+size) is region bytes
 // [offset, offset+size).
 //
@@ -143,8 +154,10 @@
 //     be computed over the gaps, after the last rewrite, in the guest's
 //     pause. Every part a reader uses keeps its own CRC.
 //
-// Everything else is as in version 1; a version 3 file is never
-// encrypted. The incremental checkpoints of the future are planned as the
+// A chunk stored raw may be rewritten in place page by page while the
+// file is written (its CRC in the index is of its final bytes): the
+// format does not see it. Everything else is as in version 1; a version
+// 3 file is never encrypted. The incremental checkpoints of the future are planned as the
 // same layout with a parent named in the header body and a second bitmap
 // (of the pages this file stores, a subset of those in use); a version 3
 // reader, finding neither, reads a whole checkpoint.
