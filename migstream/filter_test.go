@@ -112,8 +112,8 @@ func TestFilter(t *testing.T) {
 	var blocks []Block
 	done := false
 	st, err := Filter(bytes.NewReader(s.b), &out, Options{
-		Drop:    func(b Block) bool { return b.ID == "pc.ram" },
-		Blocks:  func(b []Block) error { blocks = b; return nil },
+		Drop:   func(b Block) bool { return b.ID == "pc.ram" },
+		Blocks: func(b []Block) error { blocks = b; return nil },
 		Page: func(b int, off uint64, zero bool) {
 			assert.False(t, done)
 			assert.Equal(t, b == 0 && off%(3*PageSize) == 0 && off > 0 && off < 16*PageSize && len(pages) < 16, zero, "page %#x", off)
