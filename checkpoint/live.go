@@ -346,9 +346,15 @@ func (ls *liveSave) trackedStop(ctx context.Context, round int, st roundStats, m
 	}
 	writeTime := time.Duration(float64(st.changedPages*introspect.PageSize) / writeRate * float64(time.Second))
 	passOne := mig.RAM != nil && mig.RAM.DirtySyncCount >= 2
+	// What QEMU knows dirty and has not sent yet would be named in the
+	// pause: it must fit too.
+	var pending time.Duration
+	if mig.RAM != nil {
+		pending = time.Duration(float64(mig.RAM.Remaining) / writeRate * float64(time.Second))
+	}
 	switch {
 	case !passOne:
-	case round > 1 && writeTime <= maxPause/2:
+	case round > 2 && writeTime+pending <= maxPause/2:
 		ls.report.StopReason = "converged"
 	case round > 3 && st.changedPages >= *prev*19/20:
 		ls.report.StopReason = "not converging"

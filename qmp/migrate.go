@@ -99,6 +99,9 @@ type MigrationRAM struct {
 	DirtySyncCount int64 `json:"dirty-sync-count"`
 	// Transferred is the bytes of RAM sent.
 	Transferred int64 `json:"transferred"`
+	// Remaining is the bytes of the pages QEMU knows dirty and has not
+	// sent yet (as of its last dirty-bitmap sync).
+	Remaining int64 `json:"remaining"`
 }
 
 // terminal reports whether the migration has ended.
