@@ -324,6 +324,8 @@ func (ls *liveSave) trackedStop(ctx context.Context, round int, st roundStats, m
 	}
 	if mig.RAM != nil {
 		ls.report.QEMUPasses = mig.RAM.DirtySyncCount
+		ls.g.log.Debug("tracking migration", "status", mig.Status, "passes", mig.RAM.DirtySyncCount,
+			"remaining", mig.RAM.Remaining, "transferred", mig.RAM.Transferred, "outstanding", ls.tr.outstanding.Load())
 	}
 	switch mig.Status {
 	case "pre-switchover":

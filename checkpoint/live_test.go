@@ -100,7 +100,7 @@ func TestLiveSave(t *testing.T) {
 			if c.torn {
 				// Torn: the workload's proof fails, or the kernel's own
 				// structures are torn too and it dies first.
-				torn := regexp.MustCompile(`KW WRITER FAIL|Kernel panic|BUG: `)
+				torn := regexp.MustCompile(`KW WRITER FAIL|Kernel panic|BUG: |kernel BUG at|list_del corruption|general protection`)
 				if _, _, err := dst.WaitSerial(ctx, torn, 0, 2*time.Minute); err != nil {
 					require.Regexp(t, torn, dst.Serial(), "a checkpoint without its final round is torn: the proof must fail")
 				}
