@@ -58,8 +58,15 @@ import (
 // enough for LZ4.
 const liveGroupPages = 64
 
-// maxLiveRounds bounds the pre-copy rounds.
+// maxLiveRounds bounds the pre-copy rounds (TrackerHash).
 const maxLiveRounds = 30
+
+// With QEMU's log: maxQEMUPasses bounds QEMU's passes over its dirty log,
+// and maxTrackedTime the rounds' time after the first.
+const (
+	maxQEMUPasses  = 12
+	maxTrackedTime = 30 * time.Second
+)
 
 // LiveReport is what the rounds of a live save did. The JSON names are
 // part of the CLI.
@@ -251,8 +258,9 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 		if err = w.Sync(); err != nil {
 			return nil, err
 		}
-		if ls.tr != nil {
+		if ls.tr != nil && round == 2 {
 			ls.tr.firstRun.Store(false)
+			ls.tr.firstDone = time.Now()
 		}
 		took := time.Since(rs)
 		ls.report.Rounds = round
@@ -315,8 +323,9 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 // trackedStop decides, after a round with QEMU's log, whether the rounds
 // end: when QEMU has reached its switchover (what was left fit its
 // downtime limit, the pause target: it paused the guest), or, once QEMU's
-// first pass is over, when writing what the round found fits half the
-// pause target, when rounds stop converging, or after maxLiveRounds.
+// first pass is over, when writing what the round found and what QEMU
+// knows dirty fits half the pause target, when QEMU's passes do not
+// converge (maxQEMUPasses), or after maxTrackedTime.
 func (ls *liveSave) trackedStop(ctx context.Context, round int, st roundStats, maxPause time.Duration, prev *uint64) (bool, error) {
 	mig, err := ls.g.sess.MigrationStatus(ctx)
 	if err != nil {
@@ -354,13 +363,20 @@ func (ls *liveSave) trackedStop(ctx context.Context, round int, st roundStats, m
 	if mig.RAM != nil {
 		pending = time.Duration(float64(mig.RAM.Remaining) / writeRate * float64(time.Second))
 	}
+	// Rounds with QEMU's log are short, and as many as QEMU's records
+	// make them: convergence is QEMU's passes over its dirty log, and a
+	// time bound replaces the bound on rounds.
+	passes := int64(0)
+	if mig.RAM != nil {
+		passes = mig.RAM.DirtySyncCount
+	}
 	switch {
 	case !passOne:
 	case round > 2 && writeTime+pending <= maxPause/2:
 		ls.report.StopReason = "converged"
-	case round > 3 && st.changedPages >= *prev*19/20:
+	case passes >= maxQEMUPasses:
 		ls.report.StopReason = "not converging"
-	case round >= maxLiveRounds:
+	case time.Since(ls.tr.firstDone) > maxTrackedTime:
 		ls.report.StopReason = "max rounds"
 	}
 	*prev = st.changedPages

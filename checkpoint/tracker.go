@@ -70,11 +70,13 @@ const trackBacklog = 128
 // block), so that QEMU cannot switch over, stopping the guest, before the
 // first copy is made.
 type qemuTracker struct {
-	g        *guest
-	pipe     *os.File
-	started  time.Time
-	prevCaps map[string]bool // capabilities changed, as they were
-	params   qmp.MigrationParameters
+	g       *guest
+	pipe    *os.File
+	started time.Time
+	// firstDone is when the first round (and its sync) ended.
+	firstDone time.Time
+	prevCaps  map[string]bool // capabilities changed, as they were
+	params    qmp.MigrationParameters
 
 	dirty []atomic.Uint64 // bitmap of groups named since taken
 	// blockFirst is, for each block of the stream, the checkpoint page
@@ -142,7 +144,7 @@ func (g *guest) startQEMUTracker(ctx context.Context, maxPause time.Duration) (*
 	// paces it).
 	t.started = time.Now()
 	if err = g.sess.SetMigrationParameters(ctx, qmp.MigrationParameters{
-		DowntimeLimit: max(1, maxPause.Milliseconds()), MaxBandwidth: 1 << 50,
+		DowntimeLimit: max(1, maxPause.Milliseconds()/2), MaxBandwidth: 1 << 50,
 	}); err == nil {
 		t.pipe, _, err = g.sess.StartTrackedMigration(ctx)
 	}
