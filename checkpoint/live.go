@@ -111,7 +111,8 @@ type LiveReport struct {
 
 // liveGroup is the state of one group.
 type liveGroup struct {
-	writes int // times its chunk was written
+	writes int  // times its chunk was written
+	raw    bool // its chunk is raw: Patch rewrites it
 	// deferred: a round found it changed and left it for later (hot).
 	// With QEMU's log, which names a group once per write, later rounds
 	// look at it again whether or not it is named.
@@ -440,7 +441,9 @@ type groupWork struct {
 	data    []byte
 	cur     []uint64 // the hash of each page of the group, as stored now
 	changed []int
-	raw     bool
+	// sparse: data holds only the changed pages, for a patch.
+	sparse bool
+	raw    bool
 }
 
 // round reads every group's used pages (used: not in free, not a hole,
@@ -635,12 +638,24 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 				// round before.
 				wk := groupWork{idx: gi, data: <-bufs, raw: grp.writes > 0 || recent, cur: make([]uint64, n)}
 				copy(wk.cur, cur[:n])
+				// A raw chunk of the same pages is patched: only the
+				// changed pages are copied (Patch reads no other).
+				sparse := grp.raw
+				for i := range n {
+					sparse = sparse && stored(cur[i]) == stored(ls.hashes[first+uint64(i)])
+				}
+				wk.sparse = sparse
 				for i := range n {
 					if !stored(cur[i]) {
 						continue
 					}
 					p := first + uint64(i)
 					off := len(wk.data)
+					if sparse && cur[i] == ls.hashes[p] {
+						wk.data = wk.data[:off+introspect.PageSize]
+						wk.pages = append(wk.pages, p)
+						continue
+					}
 					wk.data = append(wk.data, page(p)...)
 					h := cur[i]
 					if kind != roundFinal {
@@ -689,7 +704,12 @@ func (ls *liveSave) store(wk groupWork, st *roundStats, mu *sync.Mutex) error {
 			return err
 		}
 		written = uint64(len(wk.changed))
-		if !patched {
+		raw := true
+		switch {
+		case !patched && wk.sparse:
+			// data holds only the changed pages.
+			return fmt.Errorf("live save: group %d was copied for a patch of a chunk that cannot be patched", wk.idx)
+		case !patched:
 			put := ls.w.Put
 			if wk.raw {
 				put = ls.w.PutRaw
@@ -698,7 +718,12 @@ func (ls *liveSave) store(wk groupWork, st *roundStats, mu *sync.Mutex) error {
 				return err
 			}
 			written = uint64(len(wk.pages))
+			raw = wk.raw
 		}
+		ls.groups[wk.idx].raw = raw
+	}
+	if len(wk.pages) == 0 {
+		ls.groups[wk.idx].raw = false
 	}
 	copy(ls.hashes[wk.idx*liveGroupPages:], wk.cur)
 	ls.groups[wk.idx].writes++

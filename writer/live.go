@@ -66,6 +66,9 @@ type placed struct {
 	extent int64 // bytes of the file it may use: stored length, aligned up
 	pages  []uint64
 	e      indexEntry
+	// pageCRCs are a raw chunk's pages' CRCs, whose combination is its
+	// CRC (crcCombinePages): a patch recomputes only those it changes.
+	pageCRCs []uint32
 }
 
 // LiveStats counts what a [Live] writer did.
@@ -184,12 +187,12 @@ func (l *Live) PutRaw(key uint64, pages []uint64, data []byte) error {
 }
 
 // Patch rewrites, in place, the pages of key's chunk that changed: the
-// chunk must be stored raw and hold exactly pages, data is the chunk's
-// whole new content (its CRC is computed over it) and changed lists the
-// indexes, in pages, of the pages whose content differs from what the
-// chunk holds; only those are written. The caller vouches that the other
-// pages of data are what the file holds. It reports false, having done
-// nothing, when the chunk is not raw or holds other pages: then Put it.
+// chunk must be stored raw and hold exactly pages, data is laid out as
+// the chunk's whole content and changed lists the indexes, in pages, of
+// the pages whose content differs from what the chunk holds; only those
+// are read from data and written (the chunk's CRC is combined from its
+// pages'). It reports false, having done nothing, when the chunk is not
+// raw or holds other pages: then Put it.
 func (l *Live) Patch(key uint64, pages []uint64, data []byte, changed []int) (bool, error) {
 	if err := l.expect(stateOpen, "patch chunk"); err != nil {
 		return false, err
@@ -206,12 +209,14 @@ func (l *Live) Patch(key uint64, pages []uint64, data []byte, changed []int) (bo
 		if i < 0 || i >= len(pages) {
 			return false, fmt.Errorf("patch chunk: page index %d of %d", i, len(pages))
 		}
-		if _, err := l.f.WriteAt(data[i*ps:(i+1)*ps], p.off+int64(i*ps)); err != nil {
+		page := data[i*ps : (i+1)*ps]
+		if _, err := l.f.WriteAt(page, p.off+int64(i*ps)); err != nil {
 			return false, l.fail(fmt.Errorf("patch chunk: %w", err))
 		}
+		p.pageCRCs[i] = crc(page)
 		l.stats.PutBytes += int64(ps)
 	}
-	p.e.crc = crc(data)
+	p.e.crc = crcCombinePages(p.pageCRCs)
 	l.stats.Patches++
 	return true, nil
 }
@@ -244,7 +249,16 @@ func (l *Live) put(key uint64, pages []uint64, data []byte, compress bool) error
 		}
 	}
 	e.storedLen = uint32(len(out))
-	e.crc = crc(out)
+	var pageCRCs []uint32
+	if e.encoding == EncodingRaw {
+		pageCRCs = make([]uint32, len(pages))
+		for i := range pages {
+			pageCRCs[i] = crc(out[i*int(ps) : (i+1)*int(ps)])
+		}
+		e.crc = crcCombinePages(pageCRCs)
+	} else {
+		e.crc = crc(out)
+	}
 	need := alignUp(int64(len(out)))
 	p := l.chunks[key]
 	switch {
@@ -267,6 +281,7 @@ func (l *Live) put(key uint64, pages []uint64, data []byte, compress bool) error
 	}
 	e.offset = uint64(p.off)
 	p.e = e
+	p.pageCRCs = pageCRCs
 	p.pages = append(p.pages[:0], pages...)
 	l.stats.Puts++
 	l.stats.PutBytes += int64(len(out))
