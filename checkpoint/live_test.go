@@ -1,6 +1,7 @@
 package checkpoint
 
 import (
+	"os"
 	"context"
 	"path/filepath"
 	"regexp"
@@ -33,13 +34,12 @@ func TestLiveSave(t *testing.T) {
 		noPredict bool
 		torn      bool
 	}{
-		{"pc-1cpu", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}, TrackerQEMU, false, false},
-		{"q35-2cpu-no-predict", vmtest.Config{Machine: "q35", MemMiB: 1024, CPUs: 2}, TrackerQEMU, true, false},
-		{"pc-2cpu-hash", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 2}, TrackerHash, false, false},
-		{"q35-1cpu-qemu10", vmtest.Config{Machine: "q35", MemMiB: 1024, CPUs: 1, QEMU: "10.0"}, TrackerQEMU, false, false},
+		{"pc-1cpu", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}, TrackerHash, false, false},
+		{"q35-2cpu-no-predict", vmtest.Config{Machine: "q35", MemMiB: 1024, CPUs: 2}, TrackerHash, true, false},
+		{"q35-1cpu-qemu10", vmtest.Config{Machine: "q35", MemMiB: 1024, CPUs: 1, QEMU: "10.0"}, TrackerHash, false, false},
 		// Without prediction every group is in the file before the
 		// final round, which is all the torn checkpoint lacks.
-		{"pc-1cpu-torn", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}, TrackerQEMU, true, true},
+		{"pc-1cpu-torn", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1}, TrackerHash, true, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := c.cfg
@@ -53,6 +53,15 @@ func TestLiveSave(t *testing.T) {
 			out := filepath.Join(dir, "live.kvmckpt")
 			testHookSkipFinalRound = c.torn
 			defer func() { testHookSkipFinalRound = false }()
+			if c.name == "pc-1cpu" && vmtest.Accel() == "tcg" {
+				// QEMU's log is refused under TCG, where it misses
+				// writes; nothing is left behind.
+				_, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out, Live: true, Tracker: TrackerQEMU})
+				require.ErrorIs(t, err, ErrLive)
+				assert.True(t, src.Status(t).Running)
+				_, err = os.Stat(out)
+				assert.True(t, os.IsNotExist(err))
+			}
 			allocBefore := allocated(t, src.RAMPath)
 			res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out, Live: true, NoPredict: c.noPredict, Tracker: c.tracker})
 			require.NoError(t, err)

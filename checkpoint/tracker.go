@@ -24,11 +24,12 @@ import (
 const (
 	// TrackerQEMU uses QEMU's own dirty log, read off a migration that
 	// QEMU runs into a pipe (qemuTracker): the rounds and the pause read
-	// only the groups QEMU names. The default.
+	// only the groups QEMU names. For guests under KVM only: under TCG
+	// QEMU's log was seen to miss writes.
 	TrackerQEMU = "qemu"
 	// TrackerHash reads every used page each round, and in the pause,
 	// and compares keyed hashes: no migration, but the pause reads all
-	// used memory.
+	// used memory. The default.
 	TrackerHash = "hash"
 )
 

@@ -311,6 +311,9 @@ func TestFaults(t *testing.T) {
 	// start runs kvmckpt and returns once it has paused the guest.
 	start := func(t *testing.T, args ...string) (*exec.Cmd, *bytes.Buffer) {
 		cmd := exec.Command(binary, args...)
+		// The live saves here track the guest's writes with QEMU's log,
+		// which kvmckpt allows under TCG only for tests.
+		cmd.Env = append(os.Environ(), "KVMCKPT_TEST_TRACKER_ON_TCG=1")
 		var errOut bytes.Buffer
 		cmd.Stderr = &errOut
 		require.NoError(t, cmd.Start())
@@ -365,7 +368,7 @@ func TestFaults(t *testing.T) {
 	// guest's writes, with migration settings of its own.
 	t.Run("live save SIGTERM in the rounds", func(t *testing.T) {
 		out := filepath.Join(dir, "live.kvmckpt")
-		cmd, errOut := start(t, "save", "--live", "--qmp", src.QMPPath, "-o", out)
+		cmd, errOut := start(t, "save", "--live", "--tracker", "qemu", "--qmp", src.QMPPath, "-o", out)
 		waitRecord(t, src.QMPPath, "tracking a running guest's writes", 30*time.Second)
 		time.Sleep(300 * time.Millisecond) // into the migration's first pass
 		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
@@ -384,7 +387,7 @@ func TestFaults(t *testing.T) {
 	})
 	t.Run("live save SIGKILL in the rounds", func(t *testing.T) {
 		out := filepath.Join(dir, "killed.kvmckpt")
-		cmd, _ := start(t, "save", "--live", "--qmp", src.QMPPath, "-o", out)
+		cmd, _ := start(t, "save", "--live", "--tracker", "qemu", "--qmp", src.QMPPath, "-o", out)
 		waitRecord(t, src.QMPPath, "tracking a running guest's writes", 30*time.Second)
 		time.Sleep(300 * time.Millisecond)
 		require.NoError(t, cmd.Process.Kill())

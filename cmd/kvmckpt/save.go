@@ -22,7 +22,7 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	live := fs.Bool("live", false, "copy pages while the guest runs, pausing it only for the last ones")
 	maxPause := fs.Duration("max-pause", checkpoint.DefaultMaxPause, "with --live: the pause to aim for")
 	noPredict := fs.Bool("no-predict", false, "with --live: copy pages that keep changing every round, not only in the last")
-	tracker := fs.String("tracker", checkpoint.TrackerQEMU, "with --live: how written pages are found: qemu (QEMU's dirty log, through a migration) or hash (read and hash every used page, also in the pause)")
+	tracker := fs.String("tracker", checkpoint.TrackerHash, "with --live: how written pages are found: hash (read and hash every used page each round and in the pause) or qemu (QEMU's dirty log, through a migration; guests under KVM only)")
 	keyFile := keyFlag(fs)
 	if _, err := e.parse(fs, verbose, args); err != nil {
 		return err
@@ -36,7 +36,7 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	if *keepPaused && *quit {
 		return usagef("--keep-paused and --quit exclude each other")
 	}
-	if !*live && (*noPredict || *maxPause != checkpoint.DefaultMaxPause || *tracker != checkpoint.TrackerQEMU) {
+	if !*live && (*noPredict || *maxPause != checkpoint.DefaultMaxPause || *tracker != checkpoint.TrackerHash) {
 		return usagef("--max-pause, --no-predict and --tracker go with --live")
 	}
 	if *tracker != checkpoint.TrackerQEMU && *tracker != checkpoint.TrackerHash {
