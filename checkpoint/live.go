@@ -2,12 +2,12 @@ package checkpoint
 
 import (
 	"bytes"
-	"os"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"os"
 	"runtime"
 	"sync"
 	"time"

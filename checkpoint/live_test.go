@@ -1,8 +1,8 @@
 package checkpoint
 
 import (
-	"os"
 	"context"
+	"os"
 	"path/filepath"
 	"regexp"
 	"syscall"
