@@ -15,9 +15,10 @@
 // run state with no partial file; see RELIABILITY.md.
 //
 // A live save (live.go) copies the used pages while the guest runs, in
-// pre-copy rounds, and pauses it for the last ones; QEMU's own dirty log,
-// read off a migration into a pipe (tracker.go, package migstream), names
-// the pages written since their copy.
+// pre-copy rounds, and pauses it for the last ones; keyed page hashes
+// find the pages written since their copy, or, for guests under KVM,
+// QEMU's own dirty log read off a migration into a pipe (tracker.go,
+// package migstream).
 //
 // The per-guest lock is an flock on a file named after the QMP socket's
 // device and inode ([LockPath]); it also records a pause in progress, so a
