@@ -94,6 +94,7 @@ type qemuTracker struct {
 	outstanding atomic.Int64  // groups marked and not taken
 	firstRun    atomic.Bool   // the first round runs: pace QEMU by it
 	released    atomic.Bool   // the rounds are over: do not hold QEMU
+	settled     bool          // stop has put the settings back
 	ramDone     atomic.Bool
 
 	// touched marks, by checkpoint page, the pages the guest may have
@@ -384,26 +385,31 @@ func (t *qemuTracker) finish(ctx context.Context) error {
 
 // stop ends the tracking: it cancels the migration if it has not
 // completed, waits for QEMU to leave it, and puts the capabilities and
-// parameters back. It may be called more than once.
+// parameters back. It may be called more than once: once the settings
+// are back, it does nothing.
 func (t *qemuTracker) stop(ctx context.Context) {
 	t.released.Store(true)
+	if t.settled {
+		return // the migration ended and the settings are back
+	}
 	ctx, cancel := context.WithTimeout(ctx, abortTimeout)
 	defer cancel()
-	if st, err := t.g.sess.MigrationStatus(ctx); err == nil && st.Status != "completed" && st.Status != "failed" && st.Status != "cancelled" && st.Status != "none" {
+	ended := func() bool {
+		st, err := t.g.sess.MigrationStatus(ctx)
+		switch {
+		case err != nil:
+			return true // nothing more to learn from QEMU
+		case st.Status == "completed", st.Status == "failed", st.Status == "cancelled", st.Status == "none":
+			return true
+		}
+		return false
+	}
+	if !ended() {
 		if err := t.g.sess.MigrateCancel(ctx); err != nil {
 			t.g.log.Warn("could not cancel the tracking migration", "err", err)
 		}
-		for {
-			st, err := t.g.sess.MigrationStatus(ctx)
-			if err != nil || st.Status == "cancelled" || st.Status == "failed" || st.Status == "completed" {
-				break
-			}
-			select {
-			case <-ctx.Done():
-			case <-time.After(2 * time.Millisecond):
-				continue
-			}
-			break
+		for !ended() && ctx.Err() == nil {
+			time.Sleep(2 * time.Millisecond)
 		}
 	}
 	if t.pipe != nil {
@@ -425,6 +431,7 @@ func (t *qemuTracker) restoreSettings(ctx context.Context) {
 		ok = false
 	}
 	if ok {
+		t.settled = true
 		t.g.endTracking()
 	}
 }

@@ -39,9 +39,9 @@ func (s *stream) start(id uint32, blocks ...Block) *stream {
 
 func (s *stream) footer(id uint32) *stream { return s.u8(vmSectionFooter).be32(id) }
 
-// page writes a page record; block "" continues the one before.
-func (s *stream) page(block string, off uint64, fill byte) *stream {
-	flags := uint64(flagPage)
+// record writes a page record with its body; block "" continues the one
+// before.
+func (s *stream) record(block string, off, flags uint64, body []byte) *stream {
 	if block == "" {
 		flags |= flagContinue
 	}
@@ -49,19 +49,15 @@ func (s *stream) page(block string, off uint64, fill byte) *stream {
 	if block != "" {
 		s.str(block)
 	}
-	return s.raw(bytes.Repeat([]byte{fill}, PageSize))
+	return s.raw(body)
+}
+
+func (s *stream) page(block string, off uint64, fill byte) *stream {
+	return s.record(block, off, flagPage, bytes.Repeat([]byte{fill}, PageSize))
 }
 
 func (s *stream) zero(block string, off uint64) *stream {
-	flags := uint64(flagZero)
-	if block == "" {
-		flags |= flagContinue
-	}
-	s.be64(off | flags)
-	if block != "" {
-		s.str(block)
-	}
-	return s.u8(0)
+	return s.record(block, off, flagZero, []byte{0})
 }
 
 var testBlocks = []Block{{"pc.ram", 16 * PageSize}, {"vga.vram", 4 * PageSize}, {"pc.bios", 2 * PageSize}}
