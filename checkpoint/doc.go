@@ -2,8 +2,7 @@
 // [Save], [Restore], [RestoreLaunch], [Inspect], [Verify] and [Resume]. It
 // ties together the QMP session (package qmp), the free-page walk (package
 // introspect), kernel profiles (package profiles), host-side page
-// exclusions (package pagemap), QEMU's migration stream (package
-// migstream) and the checkpoint file (package writer).
+// exclusions (package pagemap) and the checkpoint file (package writer).
 //
 // A save: take the per-guest lock, note the run state, pause, map the RAM
 // files read-only, find the kernel profile (a stored one whose banner is in
@@ -16,9 +15,7 @@
 //
 // A live save (live.go) copies the used pages while the guest runs, in
 // pre-copy rounds, and pauses it for the last ones; keyed page hashes
-// find the pages written since their copy, or, for guests under KVM,
-// QEMU's own dirty log read off a migration into a pipe (tracker.go,
-// package migstream).
+// find the pages written since their copy.
 //
 // The per-guest lock is an flock on a file named after the QMP socket's
 // device and inode ([LockPath]); it also records a pause in progress, so a

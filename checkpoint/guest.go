@@ -58,14 +58,6 @@ type guest struct {
 	instance string
 	// stale is the pause record of a killed kvmckpt, if any.
 	stale string
-	// staleUndo is the migration settings a killed kvmckpt's tracking
-	// migration changed (trackUndo, JSON), from its record.
-	staleUndo string
-	// undo is this kvmckpt's, while its tracking migration runs; it goes
-	// into every record written meanwhile.
-	undo string
-	// paused is set while the guest is paused by this kvmckpt.
-	paused bool
 }
 
 // LockPath names the lock file of the guest behind a QMP socket, by the
@@ -163,10 +155,6 @@ func openGuest(ctx context.Context, socket string, log *slog.Logger) (*guest, er
 		return nil, err
 	}
 	g.checkStale()
-	if err := g.recoverTracking(ctx); err != nil {
-		g.close()
-		return nil, err
-	}
 	return g, nil
 }
 
@@ -238,14 +226,7 @@ func lockFile(path string) (*os.File, error) {
 const (
 	pausingRecord = "pausing a running guest: pid %d at %s; %s\n"
 	pauseRecord   = "paused a running guest: pid %d at %s; %s\n"
-	// A live save's tracking migration may pause the guest itself (at
-	// its switchover); its record says what to put back.
-	trackingRecord       = "tracking a running guest's writes: pid %d at %s; %s\n"
-	trackingPausedRecord = "tracking a paused guest's writes: pid %d at %s; %s\n"
 )
-
-// undoMark starts, in a record, the migration settings to put back.
-const undoMark = "; undo "
 
 // qemuInstance names the QEMU process serving sess for the life of the
 // host's boot: pid, start time and boot ID, as a pid alone can be reused.
@@ -276,17 +257,7 @@ func (g *guest) checkStale() {
 	if err != nil || rec == "" {
 		return
 	}
-	if i := strings.Index(rec, undoMark); i >= 0 && g.instance != "" && strings.HasSuffix(rec, "; "+g.instance) {
-		rest := rec[i+len(undoMark):]
-		g.staleUndo = rest[:strings.LastIndex(rest, "; ")]
-	}
 	switch {
-	case strings.HasPrefix(rec, "tracking a paused guest"):
-		// The guest was not running: nothing to resume.
-		if g.staleUndo == "" {
-			g.clearPauseRecord()
-		}
-		return
 	case g.prior.Running:
 		g.clearPauseRecord()
 		return
@@ -331,9 +302,6 @@ func (g *guest) writePauseRecord(format string) {
 	inst := g.instance
 	if inst == "" {
 		inst = "qemu unknown"
-	}
-	if g.undo != "" {
-		inst = "undo " + g.undo + "; " + inst // see undoMark
 	}
 	rec := fmt.Sprintf(format, os.Getpid(), time.Now().UTC().Format(time.RFC3339), inst)
 	if err := g.lock.Truncate(0); err == nil {
@@ -430,12 +398,7 @@ func (g *guest) pause(ctx context.Context) (restore func(context.Context) error,
 		if err := g.sess.Cont(ctx); err != nil {
 			return err // says "resume guest"
 		}
-		g.paused = false
-		if g.undo != "" {
-			g.writePauseRecord(trackingRecord)
-		} else {
-			g.clearPauseRecord()
-		}
+		g.clearPauseRecord()
 		return nil
 	}
 	if g.stale == "" {
@@ -460,7 +423,6 @@ func (g *guest) pause(ctx context.Context) (restore func(context.Context) error,
 		}
 	}
 	// Paused now, by us or by the killed kvmckpt before us.
-	g.paused = true
 	g.writePauseRecord(pauseRecord)
 	if err := ctx.Err(); err != nil {
 		sctx, cancel := settleContext(ctx)

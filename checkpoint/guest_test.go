@@ -18,7 +18,6 @@ import (
 // only while that guest is still paused.
 func TestCheckStale(t *testing.T) {
 	const this = "qemu pid 10 started 500 boot b1"
-	const undo = `{"caps":{"pause-before-switchover":false},"params":{"downtime-limit":300,"max-bandwidth":134217728}}`
 	rec := func(format, instance string) string {
 		return fmt.Sprintf(format, 4321, "2026-01-02T03:04:05Z", instance)
 	}
@@ -28,8 +27,7 @@ func TestCheckStale(t *testing.T) {
 		instance  string
 		running   bool
 		wantStale bool
-		wantKept  bool   // the record is still in the lock file
-		wantUndo  string // the settings a tracking migration changed
+		wantKept  bool // the record is still in the lock file
 	}{
 		{name: "no record", instance: this},
 		{name: "killed while paused", record: rec(pauseRecord, this), instance: this, wantStale: true, wantKept: true},
@@ -40,12 +38,6 @@ func TestCheckStale(t *testing.T) {
 		{name: "instance a prefix of the record's", record: rec(pauseRecord, this+"0"), instance: this},
 		{name: "this QEMU unknown", record: rec(pauseRecord, this), wantKept: true},
 		{name: "record of an unknown QEMU", record: rec(pauseRecord, "qemu unknown"), instance: this},
-		// A live save's tracking migration: its record carries the
-		// settings to put back, for this QEMU only.
-		{name: "killed while tracking, guest runs", record: rec(trackingRecord, "undo "+undo+"; "+this), instance: this, running: true, wantUndo: undo},
-		{name: "killed while tracking, guest paused at switchover", record: rec(trackingRecord, "undo "+undo+"; "+this), instance: this, wantStale: true, wantKept: true, wantUndo: undo},
-		{name: "killed while paused, tracking", record: rec(pauseRecord, "undo "+undo+"; "+this), instance: this, wantStale: true, wantKept: true, wantUndo: undo},
-		{name: "tracking record of another QEMU", record: rec(trackingRecord, "undo "+undo+"; qemu pid 11 started 1 boot b1"), instance: this, running: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -63,7 +55,6 @@ func TestCheckStale(t *testing.T) {
 			g := &guest{lock: lock, prior: st, instance: tt.instance, log: logger(nil)}
 			g.checkStale()
 			assert.Equal(t, tt.wantStale, g.stale != "")
-			assert.Equal(t, tt.wantUndo, g.staleUndo)
 			assert.Equal(t, tt.wantStale || tt.running, g.prior.Running, "prior state to go back to")
 			left, err := os.ReadFile(lock.Name())
 			require.NoError(t, err)

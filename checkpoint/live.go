@@ -1,13 +1,11 @@
 package checkpoint
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/maphash"
-	"os"
 	"runtime"
 	"sync"
 	"time"
@@ -59,15 +57,8 @@ import (
 // enough for LZ4.
 const liveGroupPages = 64
 
-// maxLiveRounds bounds the pre-copy rounds (TrackerHash).
+// maxLiveRounds bounds the pre-copy rounds.
 const maxLiveRounds = 30
-
-// With QEMU's log: maxQEMUPasses bounds QEMU's passes over its dirty log,
-// and maxTrackedTime the rounds' time after the first.
-const (
-	maxQEMUPasses  = 12
-	maxTrackedTime = 30 * time.Second
-)
 
 // LiveReport is what the rounds of a live save did. The JSON names are
 // part of the CLI.
@@ -95,29 +86,12 @@ type LiveReport struct {
 	PunchedBytes int64 `json:"punched_bytes"`
 	// Predict says whether hot groups were deferred (not --no-predict).
 	Predict bool `json:"predict"`
-	// Tracker is what found the pages written since their copy:
-	// TrackerQEMU or TrackerHash.
-	Tracker string `json:"tracker"`
-	// QEMUPasses is the passes of QEMU's tracking migration over its
-	// dirty log (TrackerQEMU), the first included.
-	QEMUPasses int64 `json:"qemu_passes,omitempty"`
-	// RAMReleasedBytes is what the final round gave back to the host of
-	// the RAM files' holes, which QEMU's first pass had read and so
-	// allocated (TrackerQEMU).
-	RAMReleasedBytes int64 `json:"ram_released_bytes,omitempty"`
-	// RAMKeptBytes is what the pause was too short to give back: it
-	// stays allocated in the RAM files, zero.
-	RAMKeptBytes int64 `json:"ram_kept_bytes,omitempty"`
 }
 
 // liveGroup is the state of one group.
 type liveGroup struct {
 	writes int  // times its chunk was written
 	raw    bool // its chunk is raw: Patch rewrites it
-	// deferred: a round found it changed and left it for later (hot).
-	// With QEMU's log, which names a group once per write, later rounds
-	// look at it again whether or not it is named.
-	deferred bool
 }
 
 // liveSave is a live save in progress: the rounds' state, for the final
@@ -141,14 +115,14 @@ type liveSave struct {
 	predict bool
 	report  LiveReport
 	workers int
-	// tr is QEMU's dirty log (TrackerQEMU); nil: every round reads every
-	// used page (TrackerHash).
-	tr *qemuTracker
-	// holesAtStart are the RAM files' holes at the survey round;
-	// released the pages the final round gives back (holesToRelease),
-	// which it does not read.
-	holesAtStart, released *pagemap.Bitmap
 }
+
+// zeroMark is the hash of a used page read as zero: it is in no chunk.
+// Page hashes are odd (liveSave.pageHash).
+const zeroMark = 2
+
+// stored reports whether a page hash is of a page in a chunk.
+func stored(h uint64) bool { return h != 0 && h != zeroMark }
 
 // pageHash is the keyed hash of a page's content, never 0.
 func (ls *liveSave) pageHash(b []byte) uint64 { return maphash.Bytes(ls.seed, b) | 1 }
@@ -183,30 +157,6 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 		// Holes would then have to be saved as zeros, and are not read.
 		return nil, fmt.Errorf("%w: the guest poisons free pages (page_poison=1); save it without --live", ErrLive)
 	}
-	tracker := opt.Tracker
-	switch tracker {
-	case "":
-		tracker = TrackerHash
-	case TrackerQEMU, TrackerHash:
-	default:
-		return nil, fmt.Errorf("%w: tracker %q: %s or %s", ErrLive, tracker, TrackerQEMU, TrackerHash)
-	}
-	if tracker == TrackerQEMU {
-		// Under TCG, QEMU's dirty log was seen to miss writes: live
-		// saves without prediction restored guests whose kernel pages
-		// were older than the pause (a few pages in 10^5). KVM's log
-		// is the hardware's; the tracker is for KVM guests only.
-		kvm, err := g.sess.KVMEnabled(ctx)
-		if err != nil {
-			return nil, err
-		}
-		if !kvm && !allowTrackerOnTCG {
-			return nil, fmt.Errorf("%w: --tracker qemu needs a guest under KVM: under TCG, QEMU's dirty log misses writes; save with --tracker hash", ErrLive)
-		}
-	}
-	if tracker == TrackerQEMU {
-		h.DeviceStateForm = writer.DeviceStateFiltered
-	}
 	maxPause := opt.MaxPause
 	if maxPause <= 0 {
 		maxPause = DefaultMaxPause
@@ -216,14 +166,8 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 		return nil, err
 	}
 	g.afterResume = append(g.afterResume, w.ReleaseReplaced)
-	var ls *liveSave
-	defer func() {
-		if err != nil && ls != nil && ls.tr != nil {
-			ls.tr.stop(context.WithoutCancel(ctx))
-		}
-	}()
 	_, total := g.pageSpans()
-	ls = &liveSave{
+	ls := &liveSave{
 		g: g, w: w, k: k, prof: prof, seed: maphash.MakeSeed(),
 		hashes:  make([]uint64, total),
 		seen:    make([]uint64, total),
@@ -234,7 +178,6 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 	}
 	ls.zeroHash = ls.pageHash(make([]byte, introspect.PageSize))
 	ls.report.Predict = ls.predict
-	ls.report.Tracker = tracker
 	var prevDirty uint64
 	for round := 1; ; round++ {
 		if err := ctx.Err(); err != nil {
@@ -252,30 +195,14 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 		if round == 1 {
 			kind = roundSurvey
 		}
-		if round == 2 && tracker == TrackerQEMU {
-			// QEMU's log from here on: every write after the copy
-			// that follows is named.
-			if ls.tr, err = g.startQEMUTracker(ctx, maxPause); err != nil {
-				w.Abort()
-				if ctx.Err() != nil {
-					return nil, fmt.Errorf("live save interrupted: %w", err)
-				}
-				return nil, fmt.Errorf("%w: %w (or save with --tracker hash)", ErrLive, err)
-			}
-			ls.tr.firstRun.Store(true)
-		}
 		rs := time.Now()
-		st, err := ls.round(ctx, free, kind, round == 2)
+		st, err := ls.round(ctx, free, kind)
 		if err != nil {
 			w.Abort()
 			return nil, err
 		}
 		if err = w.Sync(); err != nil {
 			return nil, err
-		}
-		if ls.tr != nil && round == 2 {
-			ls.tr.firstRun.Store(false)
-			ls.tr.firstDone = time.Now()
 		}
 		took := time.Since(rs)
 		ls.report.Rounds = round
@@ -286,17 +213,6 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 			"deferred_pages", st.deferredPages, "read_pages", st.readPages, "ms", took.Milliseconds(),
 			"read_ms", st.readTime.Milliseconds(), "write_ms", st.writeTime.Milliseconds())
 		if kind == roundSurvey {
-			continue
-		}
-		if ls.tr != nil {
-			var stop bool
-			if stop, err = ls.trackedStop(ctx, round, st, maxPause, &prevDirty); err != nil {
-				w.Abort()
-				return nil, err
-			}
-			if stop {
-				break
-			}
 			continue
 		}
 		// What the final round would have to do: read every used page
@@ -333,91 +249,8 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 		prevDirty = st.changedPages
 	}
 	ls.report.RoundsMS = time.Since(t0).Milliseconds()
-	if ls.tr != nil {
-		// QEMU drains what is left once the guest is paused.
-		ls.tr.released.Store(true)
-	}
 	return ls, nil
 }
-
-// trackedStop decides, after a round with QEMU's log, whether the rounds
-// end: when QEMU has reached its switchover (what was left fit its
-// downtime limit, the pause target: it paused the guest), or, once QEMU's
-// first pass is over, when writing what the round found and what QEMU
-// knows dirty fits half the pause target, when QEMU's passes do not
-// converge (maxQEMUPasses), or after maxTrackedTime.
-func (ls *liveSave) trackedStop(ctx context.Context, round int, st roundStats, maxPause time.Duration, prev *uint64) (bool, error) {
-	mig, err := ls.g.sess.MigrationStatus(ctx)
-	if err != nil {
-		return false, err
-	}
-	if mig.RAM != nil {
-		ls.report.QEMUPasses = mig.RAM.DirtySyncCount
-		ls.g.log.Debug("tracking migration", "status", mig.Status, "passes", mig.RAM.DirtySyncCount,
-			"remaining", mig.RAM.Remaining, "transferred", mig.RAM.Transferred, "outstanding", ls.tr.outstanding.Load())
-	}
-	switch mig.Status {
-	case "pre-switchover":
-		ls.report.StopReason = "converged"
-		return true, nil
-	case "failed", "cancelled":
-		return false, fmt.Errorf("%w: the migration that tracks the guest's writes %s: %s", qmp.ErrMigrationFailed, mig.Status, mig.ErrorDesc)
-	}
-	select {
-	case <-ls.tr.done:
-		if ls.tr.err != nil {
-			return false, ls.tr.err
-		}
-		return false, errors.New("the migration stream ended before the switchover")
-	default:
-	}
-	writeRate := 1e9 // bytes/s
-	if st.bytes > 4<<20 && st.writeTime > 0 {
-		writeRate = float64(st.bytes) / st.writeTime.Seconds()
-	}
-	writeTime := time.Duration(float64(st.changedPages*introspect.PageSize) / writeRate * float64(time.Second))
-	passOne := mig.RAM != nil && mig.RAM.DirtySyncCount >= 2
-	// What QEMU knows dirty and has not sent yet would be named in the
-	// pause: it must fit too.
-	var pending time.Duration
-	if mig.RAM != nil {
-		pending = time.Duration(float64(mig.RAM.Remaining) / writeRate * float64(time.Second))
-	}
-	// Rounds with QEMU's log are short, and as many as QEMU's records
-	// make them: convergence is QEMU's passes over its dirty log, and a
-	// time bound replaces the bound on rounds.
-	passes := int64(0)
-	if mig.RAM != nil {
-		passes = mig.RAM.DirtySyncCount
-	}
-	switch {
-	case !passOne:
-	case round > 2 && writeTime+pending <= maxPause/2:
-		ls.report.StopReason = "converged"
-	case passes >= maxQEMUPasses:
-		ls.report.StopReason = "not converging"
-	case time.Since(ls.tr.firstDone) > maxTrackedTime:
-		ls.report.StopReason = "max rounds"
-	}
-	*prev = st.changedPages
-	if ls.report.StopReason != "" {
-		return true, nil
-	}
-	if st.pages == 0 {
-		// Nothing named: let the guest, and QEMU, go on a little.
-		select {
-		case <-ctx.Done():
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
-	return false, nil
-}
-
-// allowTrackerOnTCG lets the tests run TrackerQEMU under TCG, where its
-// rounds with prediction (which rereads the pages written every round in
-// the pause) pass the guest's proof.
-// KVMCKPT_TEST_TRACKER_ON_TCG=1 does the same for the command's tests.
-var allowTrackerOnTCG = os.Getenv("KVMCKPT_TEST_TRACKER_ON_TCG") == "1"
 
 // testHookSkipFinalRound ends the rounds after the first copy and makes
 // the final round write nothing, so that a test can show a torn
@@ -485,31 +318,18 @@ type groupWork struct {
 // A group written a second time is stored raw, so that later rounds
 // rewrite only its changed pages in place ([writer.Live.Patch]) instead
 // of the whole chunk.
-func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundKind, firstRound bool) (roundStats, error) {
+func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundKind) (roundStats, error) {
 	g := ls.g
 	spans, total := g.pageSpans()
 	// Holes of the RAM files are never read (a read would allocate them).
-	// With QEMU's log, QEMU's first pass reads (and so allocates) every
-	// page; the final round must not read again the pages it released.
 	hole := pagemap.NewBitmap(total)
-	switch {
-	case ls.tr != nil && kind == roundFinal:
-		if ls.released != nil {
-			hole = ls.released
+	for i, b := range g.backends {
+		hs, err := pagemap.Holes(g.files[i], int64(b.Size))
+		if err != nil {
+			return roundStats{}, err
 		}
-	case ls.tr != nil:
-	default:
-		for i, b := range g.backends {
-			hs, err := pagemap.Holes(g.files[i], int64(b.Size))
-			if err != nil {
-				return roundStats{}, err
-			}
-			for _, h := range hs {
-				hole.SetRange(spans[i].first+h.Start, min(h.Count, spans[i].n-min(h.Start, spans[i].n)))
-			}
-		}
-		if kind == roundSurvey {
-			ls.holesAtStart = hole
+		for _, h := range hs {
+			hole.SetRange(spans[i].first+h.Start, min(h.Count, spans[i].n-min(h.Start, spans[i].n)))
 		}
 	}
 	page := func(p uint64) []byte {
@@ -546,17 +366,7 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 		}
 		werr <- err
 	}()
-	// The groups to look at, in order: all, in page order; with QEMU's
-	// log, the first round in the stream's order and later rounds those
-	// QEMU named (and, in the final round, those whose pages were freed
-	// or newly used).
 	ngroups := uint64(len(ls.groups))
-	tr := ls.tr
-	var order []uint64
-	if tr != nil && firstRound {
-		order = tr.order
-		ngroups = uint64(len(order))
-	}
 	var next uint64
 	var wg sync.WaitGroup
 	var ctxErr error
@@ -588,18 +398,6 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 					return
 				}
 				gi := at
-				switch {
-				case order != nil:
-					// Once QEMU's first pass named the group, its
-					// mark is QEMU's copy, not a write: cleared.
-					gi = order[at]
-					tr.waitNamed(tr.pos[at])
-					tr.take(gi)
-				case tr != nil:
-					if !tr.take(gi) && !ls.groups[gi].deferred && (kind != roundFinal || !ls.needsLook(gi, free, hole)) {
-						continue
-					}
-				}
 				first, last := gi*liveGroupPages, min((gi+1)*liveGroupPages, total)
 				n := int(last - first)
 				changed, hot, recent := 0, 0, false
@@ -639,12 +437,8 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 					}
 				}
 				local.readTime += time.Since(t)
-				if order != nil {
-					tr.copied.Add(uint64(n))
-				}
 				grp := &ls.groups[gi]
 				if changed == 0 || kind == roundSurvey {
-					grp.deferred = false
 					continue
 				}
 				local.changedPages += uint64(changed)
@@ -655,10 +449,8 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 					// likely to change again. The copy waits until the
 					// group rests, or for the final round.
 					local.deferredPages += uint64(changed)
-					grp.deferred = true
 					continue
 				}
-				grp.deferred = false
 				// Raw, to be patched page by page later: a group
 				// written before, or with pages that changed since the
 				// round before.
@@ -775,21 +567,6 @@ func isZeroPage(b []byte) bool {
 // the device state and the commit.
 func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, caps map[string]bool) (_ *SaveResult, err error) {
 	t0 := time.Now()
-	tr := ls.tr
-	if tr != nil {
-		// The guest is paused (by kvmckpt, or by QEMU at its
-		// switchover): on failure, the migration must end before it can
-		// run again.
-		defer func() {
-			if err != nil {
-				tr.stop(context.WithoutCancel(ctx))
-			}
-		}()
-		if err = tr.switchover(ctx); err != nil {
-			return nil, err
-		}
-		g.log.Debug("at the switchover", "ms", time.Since(t0).Milliseconds())
-	}
 	_, total := g.pageSpans()
 	var warnings []string
 	free := pagemap.NewBitmap(total)
@@ -809,30 +586,10 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 	default:
 		warnings = []string{fmt.Sprintf("the paused guest's free lists could not be read (%v); saving every non-zero page", err)}
 	}
-	if tr != nil {
-		// QEMU's last pass, then the device state: every group
-		// written since its copy is now named.
-		if err = tr.finish(ctx); err != nil {
-			return nil, err
-		}
-		ls.report.QEMUPasses++
-		// The holes QEMU's first pass allocated are given back while
-		// the final round runs, until the guest is about to run again.
-		ls.released = tr.holesToRelease(ls.holesAtStart)
-		stop, done := make(chan struct{}), make(chan int64, 1)
-		go func() { done <- g.releaseHoles(ls.released, stop) }()
-		defer func() {
-			close(stop)
-			n := <-done
-			ls.report.RAMReleasedBytes = n
-			ls.report.RAMKeptBytes = int64(ls.released.Count())*introspect.PageSize - n
-		}()
-		g.log.Debug("QEMU's last pass and device state read", "ms", time.Since(t0).Milliseconds())
-	}
 	tScan := time.Since(t0)
 	var st roundStats
 	if !testHookSkipFinalRound {
-		if st, err = ls.round(ctx, free, roundFinal, false); err != nil {
+		if st, err = ls.round(ctx, free, roundFinal); err != nil {
 			return nil, err
 		}
 	}
@@ -842,13 +599,7 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 	ls.report.PagesPerRound = append(ls.report.PagesPerRound, st.pages)
 	t2 := time.Now()
 	var devBytes int64
-	if tr != nil {
-		// The stream's rest: the device state at the switchover.
-		if devBytes, err = ls.w.WriteDeviceState(bytes.NewReader(tr.dev.Bytes())); err != nil {
-			return nil, err
-		}
-		tr.stop(ctx)
-	} else if devBytes, err = g.saveDevice(ctx, ls.w.WriteDeviceState, caps); err != nil {
+	if devBytes, err = g.saveDevice(ctx, ls.w.WriteDeviceState, caps); err != nil {
 		return nil, err
 	}
 	tDev := time.Since(t2)

@@ -45,9 +45,6 @@ type SaveOptions struct {
 	MaxPause time.Duration
 	// NoPredict turns off the delayed copy of hot groups in a live save.
 	NoPredict bool
-	// Tracker is how a live save finds pages written since their copy:
-	// TrackerQEMU (the default, "") or TrackerHash.
-	Tracker string
 }
 
 // SaveResult is what a save did. The JSON names are part of the CLI.
@@ -125,23 +122,11 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 			release()
 		}
 	}()
-	if live != nil && live.tr != nil {
-		// Once the guest runs again: the migration ended, the
-		// capabilities put back (idempotent; the final round does it
-		// before the guest resumes).
-		defer live.tr.stop(context.WithoutCancel(ctx))
-	}
 	restore, err := g.pause(ctx)
 	if err != nil {
 		return nil, err
 	}
 	paused := time.Now()
-	if live != nil && live.tr != nil {
-		// QEMU may have paused the guest first, at its switchover.
-		if t := live.tr.stoppedAt(); !t.IsZero() && t.Before(paused) {
-			paused = t
-		}
-	}
 	var res *SaveResult
 	var saveErr error
 	if live != nil {

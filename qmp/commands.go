@@ -124,15 +124,3 @@ func newMachine(qomType, arch string) Machine {
 	}
 	return m
 }
-
-// KVMEnabled reports whether the guest runs under KVM (query-kvm), not an
-// emulator such as TCG.
-func (s *Session) KVMEnabled(ctx context.Context) (bool, error) {
-	var r struct {
-		Enabled bool `json:"enabled"`
-	}
-	if err := s.Run(ctx, "query-kvm", nil, &r); err != nil {
-		return false, fmt.Errorf("query kvm: %w", err)
-	}
-	return r.Enabled, nil
-}

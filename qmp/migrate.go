@@ -354,9 +354,8 @@ func (s *Session) LoadDeviceState(ctx context.Context, r io.Reader) error {
 // [CapIgnoreShared] on (ignoreShared) or off: QEMU refuses a stream whose
 // capability differs from its own (migration/savevm.c,
 // configuration_validate_capabilities). A stream saved with it off
-// carries every RAM block; the one [Session.StartTrackedMigration]'s
-// reader filtered carries none of the shared blocks' pages, which then
-// keep what was put in their files.
+// carries every RAM block; one filtered of the shared blocks' pages
+// (package migstream) leaves them what was put in their files.
 func (s *Session) LoadStream(ctx context.Context, r io.Reader, ignoreShared bool) error {
 	st, err := s.Status(ctx)
 	if err != nil {
@@ -454,118 +453,4 @@ func (s *Session) waitLoad(ctx context.Context, pw *os.File, copied <-chan copyR
 		case <-p.next():
 		}
 	}
-}
-
-// CapPauseBeforeSwitchover makes a migration stop the guest and wait, in
-// state "pre-switchover", for [Session.MigrateContinue] before it sends
-// the last pages and the device state.
-const CapPauseBeforeSwitchover = "pause-before-switchover"
-
-// MigrationParameters are the migration parameters a tracked migration
-// sets (query-migrate-parameters, migrate-set-parameters).
-type MigrationParameters struct {
-	// DowntimeLimit is the pause QEMU aims for at switchover, in
-	// milliseconds: it completes once what is left to send fits.
-	DowntimeLimit int64 `json:"downtime-limit"`
-	// MaxBandwidth is the stream's rate limit in bytes per second.
-	MaxBandwidth int64 `json:"max-bandwidth"`
-}
-
-// GetMigrationParameters returns the parameters of [MigrationParameters].
-func (s *Session) GetMigrationParameters(ctx context.Context) (MigrationParameters, error) {
-	var p MigrationParameters
-	if err := s.Run(ctx, "query-migrate-parameters", nil, &p); err != nil {
-		return p, fmt.Errorf("query migration parameters: %w", err)
-	}
-	return p, nil
-}
-
-// SetMigrationParameters sets them.
-func (s *Session) SetMigrationParameters(ctx context.Context, p MigrationParameters) error {
-	if err := s.Run(ctx, "migrate-set-parameters", p, nil); err != nil {
-		return fmt.Errorf("set migration parameters: %w", err)
-	}
-	return nil
-}
-
-// StartTrackedMigration starts a pre-copy migration of the running guest
-// into a pipe, with every capability in the way of reading it off
-// ([CapIgnoreShared] too, so that QEMU sends, and keeps sending, every
-// page the guest writes) and [CapPauseBeforeSwitchover] on, and returns
-// the pipe's read end: the migration stream, for the caller to read to its
-// end (see package migstream). The caller sets the capabilities back
-// afterwards; the guest stops at switchover and waits for
-// [Session.MigrateContinue].
-//
-// Reading slowly holds QEMU back: its writes block. prev holds the
-// capabilities it changed, as they were, for [Session.SetMigrationCapabilities]
-// to put back once the migration has ended (also when it returns an error).
-func (s *Session) StartTrackedMigration(ctx context.Context) (pipe *os.File, prev map[string]bool, err error) {
-	caps, err := s.MigrationCapabilities(ctx)
-	if err != nil {
-		return nil, nil, err
-	}
-	set, prev, err := TrackedMigrationCapabilities(caps)
-	if err != nil {
-		return nil, nil, err
-	}
-	if err := s.SetMigrationCapabilities(ctx, set); err != nil {
-		return nil, prev, err
-	}
-	pr, pw, err := os.Pipe()
-	if err != nil {
-		return nil, prev, err
-	}
-	name, err := s.sendFD(ctx, "track", pw)
-	pw.Close()
-	if err != nil {
-		pr.Close()
-		return nil, prev, err
-	}
-	if err := s.Run(ctx, "migrate", map[string]string{"uri": "fd:" + name}, nil); err != nil {
-		s.closeFD(name)
-		pr.Close()
-		return nil, prev, fmt.Errorf("start migration: %w", err)
-	}
-	return pr, prev, nil
-}
-
-// TrackedMigrationCapabilities returns, for the capabilities caps QEMU
-// has now, those [Session.StartTrackedMigration] sets and, as they are
-// now, those of them it changes (to put back afterwards).
-func TrackedMigrationCapabilities(caps map[string]bool) (set, prev map[string]bool, err error) {
-	if _, ok := caps[CapPauseBeforeSwitchover]; !ok {
-		return nil, nil, fmt.Errorf("%w: QEMU lacks %s", ErrCapability, CapPauseBeforeSwitchover)
-	}
-	set = map[string]bool{CapPauseBeforeSwitchover: true, CapIgnoreShared: false}
-	for name := range incompatibleCaps {
-		if caps[name] && name != CapPauseBeforeSwitchover {
-			set[name] = false
-		}
-	}
-	prev = map[string]bool{}
-	for name, on := range set {
-		if was, ok := caps[name]; ok && was != on {
-			prev[name] = was
-		}
-	}
-	return set, prev, nil
-}
-
-// MigrateContinue lets a migration paused in state go on
-// (migrate-continue).
-func (s *Session) MigrateContinue(ctx context.Context, state string) error {
-	if err := s.Run(ctx, "migrate-continue", map[string]string{"state": state}, nil); err != nil {
-		return fmt.Errorf("continue migration: %w", err)
-	}
-	return nil
-}
-
-// MigrateCancel cancels the current migration (migrate_cancel); the guest
-// runs again if it was running when the migration began.
-func (s *Session) MigrateCancel(ctx context.Context) error {
-	if err := s.Run(ctx, "migrate_cancel", nil, nil); err != nil {
-		return fmt.Errorf("cancel migration: %w", err)
-	}
-	return nil
 }

@@ -69,9 +69,6 @@ type Session struct {
 	timeout   atomic.Int64 // command timeout in nanoseconds
 	fdMu      sync.Mutex
 	fdSeq     uint64 // guarded by fdMu
-	// lastStop is when QEMU last reported the guest stopped (the STOP
-	// event's timestamp), in Unix microseconds; 0 if never.
-	lastStop atomic.Int64
 }
 
 // reply is one non-event message from QEMU.
@@ -83,11 +80,6 @@ type reply struct {
 		Class string `json:"class"`
 		Desc  string `json:"desc"`
 	} `json:"error"`
-	// Timestamp is an event's (qmp-spec.rst, "Asynchronous events").
-	Timestamp *struct {
-		Seconds      int64 `json:"seconds"`
-		Microseconds int64 `json:"microseconds"`
-	} `json:"timestamp"`
 }
 
 // greeting is the message QEMU sends first on a QMP connection
@@ -229,8 +221,7 @@ func (l *limitedReader) Read(p []byte) (int, error) {
 }
 
 // read delivers replies to the commands waiting for them until the
-// connection fails. Events are dropped (kvmckpt polls instead), but for
-// the time of the last STOP (see [Session.LastStop]).
+// connection fails. Events are dropped: kvmckpt polls instead.
 func (s *Session) read(dec *json.Decoder, lr *limitedReader) {
 	var err error
 	for {
@@ -241,9 +232,6 @@ func (s *Session) read(dec *json.Decoder, lr *limitedReader) {
 		lr.left = MaxMessageSize
 		var r reply
 		if json.Unmarshal(raw, &r) != nil || r.Event != "" {
-			if r.Event == "STOP" && r.Timestamp != nil {
-				s.lastStop.Store(r.Timestamp.Seconds*1e6 + r.Timestamp.Microseconds)
-			}
 			continue // not a reply to kvmckpt (an id of its own is a number)
 		}
 		s.mu.Lock()
@@ -479,15 +467,3 @@ func (s *Session) closeFD(name string) {
 
 // isClosed reports whether err says the connection is gone.
 func isClosed(err error) bool { return errors.Is(err, ErrClosed) }
-
-// LastStop returns when QEMU last reported, on this session, that the
-// guest stopped (the STOP event's timestamp, QEMU's clock): the start of a
-// pause QEMU decided itself, such as a migration's switchover. It is the
-// zero time if the session saw no STOP.
-func (s *Session) LastStop() time.Time {
-	us := s.lastStop.Load()
-	if us == 0 {
-		return time.Time{}
-	}
-	return time.UnixMicro(us)
-}

@@ -2,7 +2,7 @@
 // the guest: it saves only the pages the guest kernel uses.
 //
 //	kvmckpt scan    --qmp PATH [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
-//	kvmckpt save    --qmp PATH -o FILE [--live [--max-pause D] [--no-predict] [--tracker hash|qemu]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--json]
+//	kvmckpt save    --qmp PATH -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--json]
 //	kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH]) [--resume] [--json]
 //	kvmckpt inspect FILE [--json]
 //	kvmckpt verify  FILE

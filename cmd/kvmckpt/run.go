@@ -27,7 +27,7 @@ const usage = `kvmckpt checkpoints KVM/QEMU guests by saving only the pages the 
 
 Usage:
   kvmckpt scan    --qmp PATH [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
-  kvmckpt save    --qmp PATH -o FILE [--live [--max-pause D] [--no-predict] [--tracker hash|qemu]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--encrypt-key FILE] [--json]
+  kvmckpt save    --qmp PATH -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--encrypt-key FILE] [--json]
   kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH]) [--resume] [--encrypt-key FILE] [--json]
   kvmckpt inspect FILE [--encrypt-key FILE] [--json]
   kvmckpt verify  FILE [--encrypt-key FILE]

@@ -22,7 +22,6 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	live := fs.Bool("live", false, "copy pages while the guest runs, pausing it only for the last ones")
 	maxPause := fs.Duration("max-pause", checkpoint.DefaultMaxPause, "with --live: the pause to aim for")
 	noPredict := fs.Bool("no-predict", false, "with --live: copy pages that keep changing every round, not only in the last")
-	tracker := fs.String("tracker", checkpoint.TrackerHash, "with --live: how written pages are found: hash (read and hash every used page each round and in the pause) or qemu (QEMU's dirty log, through a migration; guests under KVM only)")
 	keyFile := keyFlag(fs)
 	if _, err := e.parse(fs, verbose, args); err != nil {
 		return err
@@ -36,11 +35,8 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	if *keepPaused && *quit {
 		return usagef("--keep-paused and --quit exclude each other")
 	}
-	if !*live && (*noPredict || *maxPause != checkpoint.DefaultMaxPause || *tracker != checkpoint.TrackerHash) {
-		return usagef("--max-pause, --no-predict and --tracker go with --live")
-	}
-	if *tracker != checkpoint.TrackerQEMU && *tracker != checkpoint.TrackerHash {
-		return usagef("--tracker must be qemu or hash, not %q", *tracker)
+	if !*live && (*noPredict || *maxPause != checkpoint.DefaultMaxPause) {
+		return usagef("--max-pause and --no-predict go with --live")
 	}
 	if *maxPause <= 0 {
 		return usagef("--max-pause must be positive, not %v", *maxPause)
@@ -70,7 +66,6 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 		Live:        *live,
 		MaxPause:    *maxPause,
 		NoPredict:   *noPredict,
-		Tracker:     *tracker,
 	})
 	bar.done()
 	if err != nil {

@@ -51,13 +51,17 @@ type liveRow struct {
 	Written   int64 `json:"written_bytes"`
 	Allocated int64 `json:"allocated_bytes"`
 	// Rounds are kvmckpt's rounds or QEMU's dirty-bitmap syncs.
-	Rounds        int64   `json:"rounds,omitempty"`
-	StopReason    string  `json:"stop_reason,omitempty"`
-	DeferredPages uint64  `json:"deferred_pages,omitempty"`
-	FinalPages    uint64  `json:"final_pages,omitempty"`
-	ToolCPUMS     float64 `json:"tool_cpu_ms"`
-	QEMUCPUMS     float64 `json:"qemu_cpu_ms"`
-	Failure       string  `json:"failure,omitempty"`
+	Rounds        int64  `json:"rounds,omitempty"`
+	StopReason    string `json:"stop_reason,omitempty"`
+	DeferredPages uint64 `json:"deferred_pages,omitempty"`
+	FinalPages    uint64 `json:"final_pages,omitempty"`
+	// PausePhases are kvmckpt's own figures for its pause: the paused
+	// guest's free-list walk, the final round's pages, the device state
+	// and the commit, ms.
+	PausePhases *pausePhases `json:"pause_phases,omitempty"`
+	ToolCPUMS   float64      `json:"tool_cpu_ms"`
+	QEMUCPUMS   float64      `json:"qemu_cpu_ms"`
+	Failure     string       `json:"failure,omitempty"`
 }
 
 // livePoint is one writer rate.
@@ -77,7 +81,10 @@ var writerGenRE = regexp.MustCompile(`KW WRITER (OK gen=(\d+)|FAIL[^\n]*)`)
 // measured, unless ctx ended.
 func (b *bench) live(ctx context.Context, r *report) error {
 	rates := liveRates
-	if b.cfg.Smoke {
+	switch {
+	case len(b.cfg.Rates) > 0:
+		rates = b.cfg.Rates
+	case b.cfg.Smoke:
 		rates = liveSmokeRates
 	}
 	var failed []string
@@ -163,7 +170,7 @@ func (b *bench) livePoint(ctx context.Context, rate int) (*livePoint, error) {
 				p.Failures = append(p.Failures, fmt.Sprintf("%s: %v", tool, err))
 			}
 			p.Rows = append(p.Rows, row)
-			b.logf("live %d MiB/s %s: paused %.0f ms, wrote %.0f MiB in %.0f ms", rate, tool, row.PauseMS, mib(row.Written), row.TotalMS)
+			b.logf("live %d MiB/s %s: paused %.0f ms (%s), wrote %.0f MiB in %.0f ms", rate, tool, row.PauseMS, row.PausePhases, mib(row.Written), row.TotalMS)
 		}
 		if stop, ok := liveRowOf(p, liveStop, rep); ok {
 			d, err := diskBandwidth(dir, stop.Allocated, diskDirect)
@@ -202,6 +209,7 @@ func liveRowOf(p *livePoint, tool string, rep int) (liveRow, bool) {
 // kvmckptSaveJSON is the part of `kvmckpt save --json` the live bench
 // reads.
 type kvmckptSaveJSON struct {
+	pausePhases
 	PauseMS          float64 `json:"pause_ms"`
 	BytesWritten     int64   `json:"bytes_written"`
 	DeviceStateBytes int64   `json:"device_state_bytes"`
@@ -212,6 +220,22 @@ type kvmckptSaveJSON struct {
 		FinalDirtyPages  uint64  `json:"final_dirty_pages"`
 		StopReason       string  `json:"stop_reason"`
 	} `json:"live"`
+}
+
+// pausePhases are the phases of `kvmckpt save --json`'s pause.
+type pausePhases struct {
+	ScanMS        int64 `json:"scan_ms"`
+	PagesMS       int64 `json:"pages_ms"`
+	DeviceStateMS int64 `json:"device_state_ms"`
+	SyncMS        int64 `json:"sync_ms"`
+}
+
+// String is the phases for a table cell, "–" for a tool without them.
+func (p *pausePhases) String() string {
+	if p == nil {
+		return "–"
+	}
+	return fmt.Sprintf("%d / %d / %d / %d", p.ScanMS, p.PagesMS, p.DeviceStateMS, p.SyncMS)
 }
 
 // liveSave runs one save of the running guest into dir, and removes its
@@ -257,6 +281,7 @@ func (b *bench) liveSave(ctx context.Context, g *vmtest.Guest, w workload, tool,
 			return row, fmt.Errorf("decode kvmckpt save output: %w", err)
 		}
 		row.PauseMS, row.Written = js.PauseMS, js.BytesWritten
+		row.PausePhases = &js.pausePhases
 		if l := js.Live; l != nil {
 			// Every byte the rounds wrote, rewrites included, and
 			// the device state; not the index and header.
@@ -297,16 +322,16 @@ func writeLive(w io.Writer, points []*livePoint) {
 			title = fmt.Sprintf("writer at %d MiB/s over %d MiB (measured %.1f MiB/s)", p.RateMiBps, liveWSetMiB, p.MeasuredMiBps)
 		}
 		fmt.Fprintf(w, "\n### %d MiB guest, %s\n\n", p.Workload.MemMiB, title)
-		fmt.Fprintf(w, "| tool | guest paused ms | total ms | written MiB | file MiB (allocated) | rounds | stop reason | deferred pages | final-round pages | tool CPU ms | QEMU CPU ms | pause vs stop-and-copy | written vs stop-and-copy file |\n")
-		fmt.Fprintf(w, "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+		fmt.Fprintf(w, "| tool | guest paused ms | pause: walk / pages / device state / commit ms | total ms | written MiB | file MiB (allocated) | rounds | stop reason | deferred pages | final-round pages | tool CPU ms | QEMU CPU ms | pause vs stop-and-copy | written vs stop-and-copy file |\n")
+		fmt.Fprintf(w, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 		stop := liveMedian(p, liveStop)
 		for _, tool := range []string{liveStop, livePredict, liveNoPredict, liveQEMU, liveDisk} {
 			m := liveMedian(p, tool)
 			if m.n == 0 {
 				continue
 			}
-			fmt.Fprintf(w, "| %s | %.0f | %.0f | %.1f | %.1f | %s | %s | %s | %s | %.0f | %.0f | %s | %s |\n",
-				tool, m.PauseMS, m.TotalMS, mib(m.Written), mib(m.Allocated), intCell(m.Rounds), m.StopReason,
+			fmt.Fprintf(w, "| %s | %.0f | %s | %.0f | %.1f | %.1f | %s | %s | %s | %s | %.0f | %.0f | %s | %s |\n",
+				tool, m.PauseMS, m.PausePhases, m.TotalMS, mib(m.Written), mib(m.Allocated), intCell(m.Rounds), m.StopReason,
 				intCell(int64(m.DeferredPages)), intCell(int64(m.FinalPages)), m.ToolCPUMS, m.QEMUCPUMS,
 				times(ratio(m.PauseMS, stop.PauseMS)), times(ratio(float64(m.Written), float64(stop.Allocated))))
 		}
@@ -379,5 +404,6 @@ func liveMedian(p *livePoint, tool string) liveMedianRow {
 		FinalPages:    uint64(med(func(r liveRow) float64 { return float64(r.FinalPages) })),
 		ToolCPUMS:     med(func(r liveRow) float64 { return r.ToolCPUMS }),
 		QEMUCPUMS:     med(func(r liveRow) float64 { return r.QEMUCPUMS }),
+		PausePhases:   rows[len(rows)/2].PausePhases,
 	}}
 }

@@ -6,6 +6,7 @@
 //	go run ./internal/bench [-mem MiB] [-churn F] [-keep F] [-text F] [-reps N]
 //	                        [-dir DIR] [-out FILE.json] [-png FILE.png]
 //	                        [-sweep | -smoke] [-interval S] [-kvmckpt PATH]
+//	                        [-live [-rates 0,10,50,200]]
 //
 // It boots one real guest (internal/vmtest) whose workload fills -churn of
 // its RAM with random data and frees it, then keeps -keep of it
@@ -45,6 +46,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -91,6 +93,8 @@ type config struct {
 	// Live measures live saves of guests that keep writing memory
 	// instead (live.go).
 	Live bool `json:"live,omitempty"`
+	// Rates are the live bench's writer rates, MiB/s (0: idle).
+	Rates []int `json:"rates,omitempty"`
 }
 
 // mappedRAM reports whether the emulator has mapped-ram (QEMU 8.2 and
@@ -125,8 +129,18 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.QEMU, "qemu", "", "emulator: empty for the system's (bookworm's 7.2), 10.0 for the one make deps unpacked (adds QEMU's mapped-ram save)")
 	fs.StringVar(&c.Copier, "copier", copierWrite, "how QEMU's save stream reaches the file: write (read/write(2), as when QEMU writes the file itself) or splice")
 	fs.BoolVar(&c.Live, "live", false, "live saves instead: guests writing memory at 0, 10, 50 and 200 MiB/s (50 with -smoke), each saved by kvmckpt with and without --live and by QEMU's live migration")
+	rates := fs.String("rates", "", "with -live: the writer rates, MiB/s, comma-separated (0: idle; default 0,10,50,200, or 50 with -smoke)")
 	if err := fs.Parse(args); err != nil {
 		return c, err
+	}
+	if *rates != "" {
+		for _, f := range strings.Split(*rates, ",") {
+			r, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || r < 0 {
+				return c, fmt.Errorf("-rates %q: comma-separated MiB/s, 0 or more", *rates)
+			}
+			c.Rates = append(c.Rates, r)
+		}
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected arguments: %q", fs.Args())
@@ -160,6 +174,9 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		if !set["reps"] {
 			c.Reps = 1
 		}
+	}
+	if set["rates"] && !c.Live {
+		return c, errors.New("-rates needs -live")
 	}
 	switch {
 	case c.MemMiB < 256:
