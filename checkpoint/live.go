@@ -124,6 +124,23 @@ const zeroMark = 2
 // stored reports whether a page hash is of a page in a chunk.
 func stored(h uint64) bool { return h != 0 && h != zeroMark }
 
+// newLiveSave starts the rounds' state for the pages of g, written to w.
+func newLiveSave(g *guest, w *writer.Live, k *introspect.Kernel, prof *profiles.Profile, predict bool) *liveSave {
+	_, total := g.pageSpans()
+	ls := &liveSave{
+		g: g, w: w, k: k, prof: prof, seed: maphash.MakeSeed(),
+		hashes:  make([]uint64, total),
+		seen:    make([]uint64, total),
+		run:     make([]uint8, total),
+		groups:  make([]liveGroup, (total+liveGroupPages-1)/liveGroupPages),
+		predict: predict,
+		workers: max(1, runtime.GOMAXPROCS(0)),
+	}
+	ls.zeroHash = ls.pageHash(make([]byte, introspect.PageSize))
+	ls.report.Predict = predict
+	return ls
+}
+
 // pageHash is the keyed hash of a page's content, never 0.
 func (ls *liveSave) pageHash(b []byte) uint64 { return maphash.Bytes(ls.seed, b) | 1 }
 
@@ -167,17 +184,7 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 	}
 	g.afterResume = append(g.afterResume, w.ReleaseReplaced)
 	_, total := g.pageSpans()
-	ls := &liveSave{
-		g: g, w: w, k: k, prof: prof, seed: maphash.MakeSeed(),
-		hashes:  make([]uint64, total),
-		seen:    make([]uint64, total),
-		run:     make([]uint8, total),
-		groups:  make([]liveGroup, (total+liveGroupPages-1)/liveGroupPages),
-		predict: !opt.NoPredict,
-		workers: max(1, runtime.GOMAXPROCS(0)),
-	}
-	ls.zeroHash = ls.pageHash(make([]byte, introspect.PageSize))
-	ls.report.Predict = ls.predict
+	ls := newLiveSave(g, w, k, prof, !opt.NoPredict)
 	var prevDirty uint64
 	for round := 1; ; round++ {
 		if err := ctx.Err(); err != nil {
@@ -385,19 +392,7 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 				mu.Unlock()
 			}()
 			var cur [liveGroupPages]uint64
-			for {
-				mu.Lock()
-				at := next
-				next++
-				if at%256 == 0 && ctx.Err() != nil {
-					ctxErr = ctx.Err()
-				}
-				stop := ctxErr != nil
-				mu.Unlock()
-				if at >= ngroups || stop {
-					return
-				}
-				gi := at
+			look := func(gi uint64) {
 				first, last := gi*liveGroupPages, min((gi+1)*liveGroupPages, total)
 				n := int(last - first)
 				changed, hot, recent := 0, 0, false
@@ -439,7 +434,7 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 				local.readTime += time.Since(t)
 				grp := &ls.groups[gi]
 				if changed == 0 || kind == roundSurvey {
-					continue
+					return
 				}
 				local.changedPages += uint64(changed)
 				if kind == roundCopy && ls.predict && (hot > 0 || grp.writes == 0 && recent) {
@@ -449,7 +444,7 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 					// likely to change again. The copy waits until the
 					// group rests, or for the final round.
 					local.deferredPages += uint64(changed)
-					continue
+					return
 				}
 				// Raw, to be patched page by page later: a group
 				// written before, or with pages that changed since the
@@ -488,6 +483,20 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 					wk.cur[i] = h
 				}
 				work <- wk
+			}
+			for {
+				mu.Lock()
+				at := next
+				next++
+				if at%256 == 0 && ctx.Err() != nil {
+					ctxErr = ctx.Err()
+				}
+				stop := ctxErr != nil
+				mu.Unlock()
+				if at >= ngroups || stop {
+					return
+				}
+				look(at)
 			}
 		}()
 	}
@@ -588,6 +597,8 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 	}
 	tScan := time.Since(t0)
 	var st roundStats
+	// The disk writes the final round's chunks while it reads on.
+	ls.w.WriteBehind()
 	if !testHookSkipFinalRound {
 		if st, err = ls.round(ctx, free, roundFinal); err != nil {
 			return nil, err

@@ -58,6 +58,11 @@ type Live struct {
 	buf      []byte
 	stats    LiveStats
 	replaced *os.File // see renameOver
+	// wb takes the ranges written since [Live.WriteBehind] to the
+	// goroutine that starts their write-back; wbDone is closed when it
+	// has stopped.
+	wb     chan [2]int64
+	wbDone chan struct{}
 }
 
 // placed is a chunk's place in the file.
@@ -141,6 +146,7 @@ func (l *Live) fail(err error) error {
 }
 
 func (l *Live) cleanup() {
+	l.stopWriteBehind()
 	if l.f != nil {
 		l.f.Close()
 		l.f = nil
@@ -189,7 +195,7 @@ func (l *Live) PutRaw(key uint64, pages []uint64, data []byte) error {
 // Patch rewrites, in place, the pages of key's chunk that changed: the
 // chunk must be stored raw and hold exactly pages, data is laid out as
 // the chunk's whole content and changed lists the indexes, in pages, of
-// the pages whose content differs from what the chunk holds; only those
+// the pages whose content differs from what the chunk holds, ascending; only those
 // are read from data and written (the chunk's CRC is combined from its
 // pages'). It reports false, having done nothing, when the chunk is not
 // raw or holds other pages: then Put it.
@@ -205,19 +211,31 @@ func (l *Live) Patch(key uint64, pages []uint64, data []byte, changed []int) (bo
 	if len(data) != len(pages)*ps {
 		return false, fmt.Errorf("patch chunk: %d bytes for %d pages", len(data), len(pages))
 	}
-	for _, i := range changed {
-		if i < 0 || i >= len(pages) {
-			return false, fmt.Errorf("patch chunk: page index %d of %d", i, len(pages))
+	for k, i := range changed {
+		if i < 0 || i >= len(pages) || k > 0 && i <= changed[k-1] {
+			return false, fmt.Errorf("patch chunk: page index %d of %d, after %v", i, len(pages), changed[:k])
 		}
-		page := data[i*ps : (i+1)*ps]
-		if _, err := l.f.WriteAt(page, p.off+int64(i*ps)); err != nil {
+	}
+	// Runs of consecutive pages go out in one write each.
+	for k := 0; k < len(changed); {
+		first := changed[k]
+		n := 1
+		for k+n < len(changed) && changed[k+n] == first+n {
+			n++
+		}
+		run := data[first*ps : (first+n)*ps]
+		if _, err := l.f.WriteAt(run, p.off+int64(first*ps)); err != nil {
 			return false, l.fail(fmt.Errorf("patch chunk: %w", err))
 		}
-		p.pageCRCs[i] = crc(page)
-		l.stats.PutBytes += int64(ps)
+		for j := range n {
+			p.pageCRCs[first+j] = crc(run[j*ps : (j+1)*ps])
+		}
+		l.stats.PutBytes += int64(n * ps)
+		k += n
 	}
 	p.e.crc = crcCombinePages(p.pageCRCs)
 	l.stats.Patches++
+	l.startWriteback(p.off, p.extent)
 	return true, nil
 }
 
@@ -279,6 +297,7 @@ func (l *Live) put(key uint64, pages []uint64, data []byte, compress bool) error
 	if _, err := l.f.WriteAt(out, p.off); err != nil {
 		return l.fail(fmt.Errorf("put chunk: %w", err))
 	}
+	l.startWriteback(p.off, int64(len(out)))
 	e.offset = uint64(p.off)
 	p.e = e
 	p.pageCRCs = pageCRCs
@@ -320,6 +339,48 @@ func (l *Live) punch(off, n int64) error {
 		return fmt.Errorf("zero stale chunk: %w", err)
 	}
 	return nil
+}
+
+// WriteBehind makes every later Put and Patch start writing its chunk to
+// the disk (sync_file_range, SYNC_FILE_RANGE_WRITE, from a goroutine of
+// its own, as the call may wait for the disk's queue), so that the disk
+// works while the caller prepares the next chunks and the sync in Commit
+// finds little left: for the final round of a live save, whose writes and
+// sync are all in the guest's pause.
+func (l *Live) WriteBehind() {
+	if l.wb != nil || l.f == nil {
+		return
+	}
+	l.wb, l.wbDone = make(chan [2]int64, 4096), make(chan struct{})
+	fd := int(l.f.Fd()) // open until stopWriteBehind returns
+	go func() {
+		defer close(l.wbDone)
+		for r := range l.wb {
+			// A failure is not an error: Commit's sync writes it.
+			_ = unix.SyncFileRange(fd, r[0], r[1], unix.SYNC_FILE_RANGE_WRITE)
+		}
+	}()
+}
+
+// startWriteback hands [off, off+n) to the write-back goroutine, if there
+// is one and it keeps up; what it skips, the sync in Commit writes.
+func (l *Live) startWriteback(off, n int64) {
+	if l.wb == nil {
+		return
+	}
+	select {
+	case l.wb <- [2]int64{off, n}:
+	default:
+	}
+}
+
+// stopWriteBehind ends the write-back goroutine, before the file closes.
+func (l *Live) stopWriteBehind() {
+	if l.wb != nil {
+		close(l.wb)
+		<-l.wbDone
+		l.wb = nil
+	}
 }
 
 // Sync makes what was put so far durable (fdatasync), so that the sync in
@@ -465,6 +526,7 @@ func (l *Live) Commit() error {
 		return l.fail(fmt.Errorf("commit checkpoint: %w", err))
 	}
 	l.stats.BytesWritten = end + trailerLen
+	l.stopWriteBehind()
 	f := l.f
 	l.f = nil // closed by renameOver, which removes it on failure
 	renamed, replaced, err := renameOver(l.dir, f, l.tmp)

@@ -16,7 +16,7 @@ import (
 // put by group in rounds, some rewritten in place, some moved (grown past
 // their extent), some dropped, and returns its bytes, the final RAM and
 // the saved pages, and the stale contents that must not survive.
-func liveFile(tb testing.TB, dir string, compression Compression) (data []byte, ram [][]byte, used *pagemap.Bitmap, stale [][]byte) {
+func liveFile(tb testing.TB, dir string, compression Compression, writeBehind bool) (data []byte, ram [][]byte, used *pagemap.Bitmap, stale [][]byte) {
 	tb.Helper()
 	h := testHeader(40, 24)
 	h.CommandLine = nil
@@ -59,6 +59,10 @@ func liveFile(tb testing.TB, dir string, compression Compression) (data []byte, 
 		put(g, span(g))
 	}
 	require.NoError(tb, l.Sync())
+	if writeBehind {
+		// The rest as a live save's final round writes it.
+		l.WriteBehind()
+	}
 	// Round 2: page 3 changes (group 0, same size: in place); group 2
 	// turns from text into random data (grows: moved); group 5 is freed
 	// (dropped); group 6 loses a page.
@@ -115,9 +119,16 @@ func liveFile(tb testing.TB, dir string, compression Compression) (data []byte, 
 }
 
 func TestLiveRoundTrip(t *testing.T) {
-	for _, c := range []Compression{CompressionLZ4, CompressionNone} {
-		t.Run(string(c), func(t *testing.T) {
-			data, ram, used, stale := liveFile(t, t.TempDir(), c)
+	for _, c := range []struct {
+		Compression
+		writeBehind bool
+	}{{CompressionLZ4, false}, {CompressionNone, false}, {CompressionNone, true}} {
+		name := string(c.Compression)
+		if c.writeBehind {
+			name += "-write-behind"
+		}
+		t.Run(name, func(t *testing.T) {
+			data, ram, used, stale := liveFile(t, t.TempDir(), c.Compression, c.writeBehind)
 			r, err := openBytes(data)
 			require.NoError(t, err)
 			require.NoError(t, r.Verify(nil))
@@ -127,7 +138,7 @@ func TestLiveRoundTrip(t *testing.T) {
 			require.NoError(t, r.RestorePages(got, RestoreOptions{}))
 			want := expectedRAM(ram, used, 0)
 			assert.True(t, bytes.Equal(want[0], got[0]) && bytes.Equal(want[1], got[1]), "restore gives each page's last content")
-			if c == CompressionNone {
+			if c.Compression == CompressionNone {
 				// Raw pages would show as is: none of the replaced
 				// or dropped contents may.
 				for i, s := range stale {
@@ -146,7 +157,7 @@ func TestLiveRoundTrip(t *testing.T) {
 // gaps between placed chunks are holes, read by nobody) and checks that
 // opening and verifying fails.
 func TestLiveFlipOneByte(t *testing.T) {
-	data, _, _, _ := liveFile(t, t.TempDir(), CompressionLZ4)
+	data, _, _, _ := liveFile(t, t.TempDir(), CompressionLZ4, true)
 	r, err := openBytes(data)
 	require.NoError(t, err)
 	inUse := make([]bool, len(data))
@@ -208,4 +219,25 @@ func TestLiveRefuses(t *testing.T) {
 	assert.ErrorContains(t, err, "overlap", "two chunks holding one page")
 	left, _ := filepath.Glob(filepath.Join(filepath.Dir(l.TempPath()), ".*"))
 	assert.Empty(t, left, "a failed writer leaves no temporary file")
+}
+
+// TestLiveWriteBehindAbort checks that a writer whose write-back runs
+// aborts cleanly: the goroutine ends, the temporary file is gone, and
+// nothing is put after.
+func TestLiveWriteBehindAbort(t *testing.T) {
+	dir := t.TempDir()
+	l, err := CreateLive(filepath.Join(dir, "x"), testHeader(16), Options{ChunkPages: 4})
+	require.NoError(t, err)
+	l.WriteBehind()
+	page := make([]byte, PageSize)
+	fillPages(page, incompressible, 1)
+	require.NoError(t, l.PutRaw(0, []uint64{0, 1}, append(page, page...)))
+	ok, err := l.Patch(0, []uint64{0, 1}, append(page, page...), []int{0, 1})
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.NoError(t, l.Abort())
+	left, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	assert.Empty(t, left, "no temporary file")
+	assert.Error(t, l.Put(1, []uint64{4}, page), "aborted")
 }
