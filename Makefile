@@ -65,7 +65,7 @@ demo: deps initramfs build
 # BENCHFLAGS="-mem 4096 -reps 5".
 BENCHFLAGS ?=
 bench: deps build
-	$(GO) test -run '^$$' -bench . -benchmem ./pagemap ./writer ./introspect ./profiles
+	$(GO) test -run '^$$' -bench . -benchmem ./pagemap ./writer ./introspect ./profiles ./checkpoint
 	$(GO) run ./internal/bench -kvmckpt $(BUILD)/kvmckpt -png bench-results/bench.png $(BENCHFLAGS)
 	$(GO) run ./internal/bench -live -kvmckpt $(BUILD)/kvmckpt $(LIVEFLAGS)
 
