@@ -223,16 +223,16 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 			continue
 		}
 		// What the final round would have to do: read every used page
-		// (as this round did, the workers in parallel), and write what
-		// changed since its copy (hot groups included), at this round's
+		// and write what changed since its copy (hot groups included),
+		// as this round did, the workers in parallel, at this round's
 		// rate; a round that wrote little is assumed to write at the
 		// page cache's speed.
 		readTime := st.readTime / time.Duration(ls.workers)
-		writeRate := 1e9 // bytes/s
+		writeRate := 1e9 // bytes/s, one worker
 		if st.bytes > 4<<20 && st.writeTime > 0 {
 			writeRate = float64(st.bytes) / st.writeTime.Seconds()
 		}
-		writeTime := time.Duration(float64(st.changedPages*introspect.PageSize) / writeRate * float64(time.Second))
+		writeTime := time.Duration(float64(st.changedPages*introspect.PageSize) / writeRate / float64(ls.workers) * float64(time.Second))
 		switch {
 		case readTime+writeTime <= maxPause:
 			ls.report.StopReason = "converged"
@@ -293,12 +293,12 @@ type roundStats struct {
 	deferredPages    uint64
 	bytes            int64
 	zeroPages        uint64
-	// readTime is the workers' time reading and hashing, summed;
-	// writeTime the writer's.
+	// readTime is the workers' time reading and hashing, writeTime
+	// their time storing, each summed over the workers.
 	readTime, writeTime time.Duration
 }
 
-// groupWork is a group a worker found changed, for the writer goroutine:
+// groupWork is a group a worker found changed, to store:
 // the group's used pages now, their contents, their hashes, and which of
 // them (indexes in pages) differ from the chunk's copy.
 type groupWork struct {
@@ -349,30 +349,10 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 		return nil
 	}
 	var (
-		st   roundStats
-		mu   sync.Mutex
-		work = make(chan groupWork, 2*ls.workers)
-		bufs = make(chan []byte, 3*ls.workers)
+		st       roundStats
+		mu       sync.Mutex
+		storeErr error
 	)
-	for range cap(bufs) {
-		bufs <- make([]byte, 0, liveGroupPages*introspect.PageSize)
-	}
-	// One writer: writer.Live is not safe for concurrent use.
-	werr := make(chan error, 1)
-	go func() {
-		var err error
-		for wk := range work {
-			if err == nil {
-				t := time.Now()
-				err = ls.store(wk, &st, &mu)
-				mu.Lock()
-				st.writeTime += time.Since(t)
-				mu.Unlock()
-			}
-			bufs <- wk.data[:0]
-		}
-		werr <- err
-	}()
 	ngroups := uint64(len(ls.groups))
 	var next uint64
 	var wg sync.WaitGroup
@@ -389,9 +369,13 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 				st.deferredPages += local.deferredPages
 				st.zeroPages += local.zeroPages
 				st.readTime += local.readTime
+				st.writeTime += local.writeTime
 				mu.Unlock()
 			}()
 			var cur [liveGroupPages]uint64
+			// Each worker stores the groups it finds changed: the
+			// writer takes distinct keys in parallel.
+			buf := make([]byte, 0, liveGroupPages*introspect.PageSize)
 			look := func(gi uint64) {
 				first, last := gi*liveGroupPages, min((gi+1)*liveGroupPages, total)
 				n := int(last - first)
@@ -449,7 +433,7 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 				// Raw, to be patched page by page later: a group
 				// written before, or with pages that changed since the
 				// round before.
-				wk := groupWork{idx: gi, data: <-bufs, raw: grp.writes > 0 || recent, cur: make([]uint64, n)}
+				wk := groupWork{idx: gi, data: buf[:0], raw: grp.writes > 0 || recent, cur: make([]uint64, n)}
 				copy(wk.cur, cur[:n])
 				// A raw chunk of the same pages is patched: only the
 				// changed pages are copied (Patch reads no other).
@@ -482,7 +466,15 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 					wk.pages = append(wk.pages, p)
 					wk.cur[i] = h
 				}
-				work <- wk
+				t = time.Now()
+				err := ls.store(wk, &st, &mu)
+				buf = wk.data
+				mu.Lock()
+				local.writeTime += time.Since(t)
+				if err != nil && storeErr == nil {
+					storeErr, ctxErr = err, err
+				}
+				mu.Unlock()
 			}
 			for {
 				mu.Lock()
@@ -501,9 +493,8 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 		}()
 	}
 	wg.Wait()
-	close(work)
-	if err := <-werr; err != nil {
-		return st, err
+	if storeErr != nil {
+		return st, storeErr
 	}
 	if ctxErr != nil {
 		return st, fmt.Errorf("live save interrupted: %w", ctxErr)
@@ -516,8 +507,8 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 // put whole (raw if it was written before). It then records the hashes of
 // what the chunk holds.
 func (ls *liveSave) store(wk groupWork, st *roundStats, mu *sync.Mutex) error {
-	before := ls.w.Stats().PutBytes
 	var written uint64
+	var stored int64
 	switch {
 	case len(wk.pages) == 0:
 		if err := ls.w.Drop(wk.idx); err != nil {
@@ -530,7 +521,7 @@ func (ls *liveSave) store(wk groupWork, st *roundStats, mu *sync.Mutex) error {
 		if err != nil {
 			return err
 		}
-		written = uint64(len(wk.changed))
+		written, stored = uint64(len(wk.changed)), int64(len(wk.changed))*introspect.PageSize
 		raw := true
 		switch {
 		case !patched && wk.sparse:
@@ -544,7 +535,7 @@ func (ls *liveSave) store(wk groupWork, st *roundStats, mu *sync.Mutex) error {
 			if err := put(wk.idx, wk.pages, wk.data); err != nil {
 				return err
 			}
-			written = uint64(len(wk.pages))
+			written, stored = uint64(len(wk.pages)), ls.w.ChunkBytes(wk.idx)
 			raw = wk.raw
 		}
 		ls.groups[wk.idx].raw = raw
@@ -555,7 +546,7 @@ func (ls *liveSave) store(wk groupWork, st *roundStats, mu *sync.Mutex) error {
 	copy(ls.hashes[wk.idx*liveGroupPages:], wk.cur)
 	ls.groups[wk.idx].writes++
 	mu.Lock()
-	st.bytes += ls.w.Stats().PutBytes - before
+	st.bytes += stored
 	st.pages += written
 	mu.Unlock()
 	return nil
@@ -605,6 +596,8 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 		}
 	}
 	tPages := time.Since(t0) - tScan
+	g.log.Debug("final round", "pages", st.pages, "bytes", st.bytes, "changed_pages", st.changedPages, "read_pages", st.readPages,
+		"ms", tPages.Milliseconds(), "read_ms", st.readTime.Milliseconds(), "write_ms", st.writeTime.Milliseconds())
 	ls.report.FinalDirtyPages = st.pages
 	ls.report.BytesPerRound = append(ls.report.BytesPerRound, st.bytes)
 	ls.report.PagesPerRound = append(ls.report.PagesPerRound, st.pages)

@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"slices"
+	"sync"
 
 	"github.com/pierrec/lz4/v4"
 	"golang.org/x/sys/unix"
@@ -34,11 +35,18 @@ import (
 // with the header into the space reserved for them at the start of the
 // file.
 //
-// A Live writer is not safe for concurrent use. It writes through the page
+// [Live.Put], [Live.PutRaw], [Live.Patch] and [Live.Drop] may run in
+// parallel for distinct keys, and nothing else may run meanwhile: the
+// rounds of a live save store groups from several goroutines. It writes
+// through the page
 // cache (rewrites in place would defeat O_DIRECT's alignment) and does not
 // encrypt: a rewritten chunk sealed again under its position's nonce would
 // reuse it.
 type Live struct {
+	// mu guards, while chunks are put in parallel, state, err, end,
+	// chunks (the map; a chunk's own fields belong to the one goroutine
+	// putting its key), stats and the file's closing.
+	mu    sync.Mutex
 	dir   *targetDir
 	f     *os.File
 	tmp   string
@@ -54,8 +62,7 @@ type Live struct {
 	devLen   uint64
 	index    []indexEntry
 	chunks   map[uint64]*placed
-	lz4      lz4.Compressor
-	buf      []byte
+	lz4      sync.Pool // of *liveLZ4
 	stats    LiveStats
 	replaced *os.File // see renameOver
 	// wb takes the ranges written since [Live.WriteBehind] to the
@@ -128,15 +135,34 @@ func CreateLive(path string, h Header, opts Options) (*Live, error) {
 		dir: dir, f: f, tmp: tmp, h: h, opts: opts,
 		reserve: reserve, chunksAt: chunksAt, end: chunksAt,
 		chunks: map[uint64]*placed{},
-		buf:    make([]byte, lz4.CompressBlockBound(opts.ChunkPages*PageSize)),
 	}, nil
+}
+
+// liveLZ4 is one goroutine's LZ4 compressor and output buffer.
+type liveLZ4 struct {
+	c   lz4.Compressor
+	buf []byte
 }
 
 // TempPath returns the path of the temporary file being written.
 func (l *Live) TempPath() string { return l.dir.join(l.tmp) }
 
 // Stats returns what l has done so far.
-func (l *Live) Stats() LiveStats { return l.stats }
+func (l *Live) Stats() LiveStats {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.stats
+}
+
+// ChunkBytes returns the stored bytes of key's chunk, 0 if it has none.
+func (l *Live) ChunkBytes(key uint64) int64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if p := l.chunks[key]; p != nil {
+		return int64(p.e.storedLen)
+	}
+	return 0
+}
 
 func (l *Live) fail(err error) error {
 	l.err = err
@@ -200,10 +226,13 @@ func (l *Live) PutRaw(key uint64, pages []uint64, data []byte) error {
 // pages'). It reports false, having done nothing, when the chunk is not
 // raw or holds other pages: then Put it.
 func (l *Live) Patch(key uint64, pages []uint64, data []byte, changed []int) (bool, error) {
+	l.mu.Lock()
 	if err := l.expect(stateOpen, "patch chunk"); err != nil {
+		l.mu.Unlock()
 		return false, err
 	}
-	p := l.chunks[key]
+	p, f := l.chunks[key], l.f
+	l.mu.Unlock()
 	if p == nil || p.e.encoding != EncodingRaw || !slices.Equal(p.pages, pages) {
 		return false, nil
 	}
@@ -224,25 +253,26 @@ func (l *Live) Patch(key uint64, pages []uint64, data []byte, changed []int) (bo
 			n++
 		}
 		run := data[first*ps : (first+n)*ps]
-		if _, err := l.f.WriteAt(run, p.off+int64(first*ps)); err != nil {
+		if _, err := f.WriteAt(run, p.off+int64(first*ps)); err != nil {
+			l.mu.Lock()
+			defer l.mu.Unlock()
 			return false, l.fail(fmt.Errorf("patch chunk: %w", err))
 		}
 		for j := range n {
 			p.pageCRCs[first+j] = crc(run[j*ps : (j+1)*ps])
 		}
-		l.stats.PutBytes += int64(n * ps)
 		k += n
 	}
 	p.e.crc = crcCombinePages(p.pageCRCs)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.stats.PutBytes += int64(len(changed) * ps)
 	l.stats.Patches++
 	l.startWriteback(p.off, p.extent)
 	return true, nil
 }
 
 func (l *Live) put(key uint64, pages []uint64, data []byte, compress bool) error {
-	if err := l.expect(stateOpen, "put chunk"); err != nil {
-		return err
-	}
 	ps := uint64(l.h.PageSize)
 	switch {
 	case len(pages) == 0 || len(pages) > int(l.h.ChunkPages):
@@ -260,10 +290,15 @@ func (l *Live) put(key uint64, pages []uint64, data []byte, compress bool) error
 	e := indexEntry{firstPage: pages[0], rawLen: uint32(len(data)), encoding: EncodingRaw}
 	out := data
 	if compress {
+		z, _ := l.lz4.Get().(*liveLZ4)
+		if z == nil {
+			z = &liveLZ4{buf: make([]byte, lz4.CompressBlockBound(int(l.h.ChunkPages)*int(ps)))}
+		}
+		defer l.lz4.Put(z)
 		// As the sequential writer: LZ4 only where it saves 1/16.
 		limit := len(data) - len(data)/16
-		if n, _ := l.lz4.CompressBlock(data, l.buf[:limit]); n > 0 {
-			e.encoding, out = EncodingLZ4, l.buf[:n]
+		if n, _ := z.c.CompressBlock(data, z.buf[:limit]); n > 0 {
+			e.encoding, out = EncodingLZ4, z.buf[:n]
 		}
 	}
 	e.storedLen = uint32(len(out))
@@ -278,12 +313,19 @@ func (l *Live) put(key uint64, pages []uint64, data []byte, compress bool) error
 		e.crc = crc(out)
 	}
 	need := alignUp(int64(len(out)))
+	// The place: decided under the lock, written outside it.
+	l.mu.Lock()
+	if err := l.expect(stateOpen, "put chunk"); err != nil {
+		l.mu.Unlock()
+		return err
+	}
 	p := l.chunks[key]
 	switch {
 	case p != nil && need <= p.extent:
 		l.stats.InPlace++
 	case p != nil:
 		if err := l.punch(p.off, p.extent); err != nil {
+			defer l.mu.Unlock()
 			return l.fail(err)
 		}
 		l.stats.Moved++
@@ -294,21 +336,29 @@ func (l *Live) put(key uint64, pages []uint64, data []byte, compress bool) error
 		l.end += need
 		l.chunks[key] = p
 	}
-	if _, err := l.f.WriteAt(out, p.off); err != nil {
+	f := l.f
+	l.mu.Unlock()
+	if _, err := f.WriteAt(out, p.off); err != nil {
+		l.mu.Lock()
+		defer l.mu.Unlock()
 		return l.fail(fmt.Errorf("put chunk: %w", err))
 	}
-	l.startWriteback(p.off, int64(len(out)))
 	e.offset = uint64(p.off)
 	p.e = e
 	p.pageCRCs = pageCRCs
 	p.pages = append(p.pages[:0], pages...)
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	l.stats.Puts++
 	l.stats.PutBytes += int64(len(out))
+	l.startWriteback(p.off, int64(len(out)))
 	return nil
 }
 
 // Drop removes the chunk of key, if it has one, and punches its extent.
 func (l *Live) Drop(key uint64) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	if err := l.expect(stateOpen, "drop chunk"); err != nil {
 		return err
 	}
