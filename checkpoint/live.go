@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"runtime"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -372,6 +373,23 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 				st.writeTime += local.writeTime
 				mu.Unlock()
 			}()
+			// A RAM file that shrinks under the mapping (QEMU gone, its
+			// file truncated) faults on read: an error, not a crash.
+			defer func() {
+				if r := recover(); r != nil {
+					f, ok := r.(interface{ Addr() uintptr })
+					if !ok {
+						panic(r)
+					}
+					mu.Lock()
+					if storeErr == nil {
+						storeErr = fmt.Errorf("live save: reading guest RAM faulted at %#x: its RAM file shrank (has QEMU exited?)", f.Addr())
+						ctxErr = storeErr
+					}
+					mu.Unlock()
+				}
+			}()
+			defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 			var cur [liveGroupPages]uint64
 			// Each worker stores the groups it finds changed: the
 			// writer takes distinct keys in parallel.
