@@ -125,6 +125,30 @@ const zeroMark = 2
 // stored reports whether a page hash is of a page in a chunk.
 func stored(h uint64) bool { return h != 0 && h != zeroMark }
 
+// holeBatch is the groups a round's worker takes at a time, and finds
+// the RAM files' holes of: 4 MiB, a whole number of bitmap words, so
+// that workers set the bits of distinct words.
+const holeBatch = 16
+
+// markHoles sets in hole the pages of [first, last) (pages of the RAM
+// files one after the other, spans) that lie in a hole of their file.
+func markHoles(hole *pagemap.Bitmap, finders []*pagemap.HoleFinder, spans []pageSpan, first, last uint64) error {
+	for i, sp := range spans {
+		from, to := max(first, sp.first), min(last, sp.first+sp.n)
+		if from >= to {
+			continue
+		}
+		hs, err := finders[i].Holes(from-sp.first, to-from)
+		if err != nil {
+			return err
+		}
+		for _, h := range hs {
+			hole.SetRange(sp.first+h.Start, h.Count)
+		}
+	}
+	return nil
+}
+
 // newLiveSave starts the rounds' state for the pages of g, written to w.
 func newLiveSave(g *guest, w *writer.Live, k *introspect.Kernel, prof *profiles.Profile, predict bool) *liveSave {
 	_, total := g.pageSpans()
@@ -329,16 +353,13 @@ type groupWork struct {
 func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundKind) (roundStats, error) {
 	g := ls.g
 	spans, total := g.pageSpans()
-	// Holes of the RAM files are never read (a read would allocate them).
+	// Holes of the RAM files are never read (a read would allocate them):
+	// each worker finds those of the batch of groups it takes (mincore
+	// first, lseek for what is not in memory; see pagemap.HoleFinder).
 	hole := pagemap.NewBitmap(total)
-	for i, b := range g.backends {
-		hs, err := pagemap.Holes(g.files[i], int64(b.Size))
-		if err != nil {
-			return roundStats{}, err
-		}
-		for _, h := range hs {
-			hole.SetRange(spans[i].first+h.Start, min(h.Count, spans[i].n-min(h.Start, spans[i].n)))
-		}
+	finders := make([]*pagemap.HoleFinder, len(g.backends))
+	for i := range g.backends {
+		finders[i] = pagemap.NewHoleFinder(g.files[i], g.ram[i])
 	}
 	page := func(p uint64) []byte {
 		for i, sp := range spans {
@@ -497,8 +518,8 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 			for {
 				mu.Lock()
 				at := next
-				next++
-				if at%256 == 0 && ctx.Err() != nil {
+				next += holeBatch
+				if ctxErr == nil && ctx.Err() != nil {
 					ctxErr = ctx.Err()
 				}
 				stop := ctxErr != nil
@@ -506,7 +527,18 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 				if at >= ngroups || stop {
 					return
 				}
-				look(at)
+				end := min(at+holeBatch, ngroups)
+				if err := markHoles(hole, finders, spans, at*liveGroupPages, min(end*liveGroupPages, total)); err != nil {
+					mu.Lock()
+					if storeErr == nil {
+						storeErr, ctxErr = err, err
+					}
+					mu.Unlock()
+					return
+				}
+				for gi := at; gi < end; gi++ {
+					look(gi)
+				}
 			}
 		}()
 	}
