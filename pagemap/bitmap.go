@@ -20,7 +20,10 @@ type PFN uint64
 //
 // Methods that take an index panic if it is out of range, as slice indexing
 // does; the binary decoder never panics. A Bitmap is not safe for concurrent
-// use when one goroutine modifies it; concurrent readers are fine.
+// use when one goroutine modifies it, except that goroutines may set, clear
+// and test pages of distinct 64-page words (ranges that start and end at
+// multiples of 64) at once: every method touches only the words of the
+// pages it names. Concurrent readers are fine.
 type Bitmap struct {
 	words []uint64
 	n     uint64
