@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"time"
 
@@ -375,6 +377,14 @@ type liveMedianRow struct {
 
 // liveMedian takes each number's median over tool's successful rows (the
 // stop reason of the first).
+// medianPauseRow is the row of the median pause (the lower middle one of
+// an even count), whose phases the tables show beside it.
+func medianPauseRow(rows []liveRow) liveRow {
+	s := slices.Clone(rows)
+	slices.SortFunc(s, func(a, b liveRow) int { return cmp.Compare(a.PauseMS, b.PauseMS) })
+	return s[(len(s)-1)/2]
+}
+
 func liveMedian(p *livePoint, tool string) liveMedianRow {
 	var rows []liveRow
 	for _, r := range p.Rows {
@@ -404,6 +414,6 @@ func liveMedian(p *livePoint, tool string) liveMedianRow {
 		FinalPages:    uint64(med(func(r liveRow) float64 { return float64(r.FinalPages) })),
 		ToolCPUMS:     med(func(r liveRow) float64 { return r.ToolCPUMS }),
 		QEMUCPUMS:     med(func(r liveRow) float64 { return r.QEMUCPUMS }),
-		PausePhases:   rows[len(rows)/2].PausePhases,
+		PausePhases:   medianPauseRow(rows).PausePhases,
 	}}
 }
