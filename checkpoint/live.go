@@ -52,6 +52,16 @@ import (
 // their copy). Dirty detection by content costs a read of the used pages
 // in the pause, at memory speed; a cheaper tracker (QEMU's dirty log,
 // soft-dirty) could name the pages to look at instead.
+//
+// Where such a tracker goes: round's workers take every group in turn
+// (look); a tracker would hand them only the groups it names written since
+// it last did, plus, in the final round, those whose used pages changed
+// with the walk, and the stop rule's read time would be that of the
+// named groups. The hashes stay: they decide what a named group's copy
+// must be, and they prove the tracker's answers in tests. One such
+// tracker, QEMU's dirty log read off a migration into a pipe, was built
+// that way and removed because nothing on a TCG host could prove it (see
+// the history of tracker.go).
 
 // liveGroupPages is the pages of a group, and the chunk size of a live
 // checkpoint: small enough that a page written does not rewrite much, large
