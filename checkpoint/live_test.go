@@ -79,11 +79,13 @@ func TestLiveSave(t *testing.T) {
 			require.NoError(t, err)
 			if c.torn {
 				// Torn: the workload's proof fails, or the kernel's own
-				// structures are torn too and it dies first.
+				// structures are torn too and it dies first, or hangs
+				// silently (seen once: not a line in two minutes). What
+				// must never happen is the proof passing.
 				torn := regexp.MustCompile(`KW WRITER FAIL|Kernel panic|BUG: |kernel BUG at|list_del corruption|general protection`)
-				if _, _, err := dst.WaitSerial(ctx, torn, 0, 2*time.Minute); err != nil {
-					require.Regexp(t, torn, dst.Serial(), "a checkpoint without its final round is torn: the proof must fail")
-				}
+				_, _, err := dst.WaitSerial(ctx, torn, 0, 2*time.Minute)
+				t.Logf("torn checkpoint restored: failure seen: %v", err == nil)
+				assert.NotRegexp(t, writerOK, dst.Serial(), "a checkpoint without its final round is torn: the proof must not pass")
 				return
 			}
 			_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW WRITER OK[\s\S]*KW WRITER OK[\s\S]*KW VERIFY OK`), 0, 2*time.Minute)
