@@ -40,25 +40,63 @@ func (m Mapping) String() string {
 	return fmt.Sprintf("%v -> backend %d offset %#x", m.Range(), m.Backend, m.Offset)
 }
 
-// PhysMem is the guest's physical memory, backed by host byte slices
-// (normally read-only mmaps of the RAM files from [MapFile]).
+// Backend is one block of guest RAM as the host holds it: a mapped file,
+// another process's memory, a checkpoint. Introspection reads guest memory
+// only through it, so the walks never learn where the bytes came from.
+type Backend interface {
+	// Size is the backend's length in bytes.
+	Size() uint64
+	// Bytes returns the n bytes at off, which lie within Size. The slice
+	// aliases memory that stays valid and unchanged as long as the
+	// backend is open (the guest is paused): do not write to it. ok is
+	// false if the bytes cannot be had, for example because the source
+	// could not be read.
+	Bytes(off, n uint64) (b []byte, ok bool)
+}
+
+// Bytes is a [Backend] held in memory: normally a read-only mmap of a RAM
+// file from [MapFile].
+type Bytes []byte
+
+// Size returns len(b).
+func (b Bytes) Size() uint64 { return uint64(len(b)) }
+
+// Bytes returns b[off:off+n].
+func (b Bytes) Bytes(off, n uint64) ([]byte, bool) {
+	if off > uint64(len(b)) || n > uint64(len(b))-off {
+		return nil, false
+	}
+	return b[off : off+n : off+n], true
+}
+
+// PhysMem is the guest's physical memory, backed by [Backend]s.
 //
 // The contents are untrusted: PhysMem only bounds-checks, it never
 // interprets. A PhysMem is immutable after [NewPhysMem] and safe for
 // concurrent use, provided nothing writes the backends concurrently (the
 // guest is paused while kvmckpt reads it).
 type PhysMem struct {
-	backends [][]byte
+	backends []Backend
 	maps     []Mapping // sorted by GPA, non-overlapping, page-aligned
 }
 
-// NewPhysMem returns guest-physical memory laid out by maps over backends.
-// Every mapping must be non-empty, page-aligned (GPA, Offset and Size, as KVM
-// requires of memory slots), lie within its backend, and not overlap another
-// mapping in guest-physical space. Mappings may appear in any order; two
-// mappings may share backend bytes. An inconsistent list gives an error
-// wrapping [ErrBadMapping].
+// NewPhysMem returns guest-physical memory laid out by maps over backends
+// held in memory: [NewPhysMemOf] with each slice a [Bytes].
 func NewPhysMem(backends [][]byte, maps []Mapping) (*PhysMem, error) {
+	bs := make([]Backend, len(backends))
+	for i, b := range backends {
+		bs[i] = Bytes(b)
+	}
+	return NewPhysMemOf(bs, maps)
+}
+
+// NewPhysMemOf returns guest-physical memory laid out by maps over
+// backends. Every mapping must be non-empty, page-aligned (GPA, Offset and
+// Size, as KVM requires of memory slots), lie within its backend, and not
+// overlap another mapping in guest-physical space. Mappings may appear in
+// any order; two mappings may share backend bytes. An inconsistent list
+// gives an error wrapping [ErrBadMapping].
+func NewPhysMemOf(backends []Backend, maps []Mapping) (*PhysMem, error) {
 	ms := slices.Clone(maps)
 	for _, m := range ms {
 		if m.Backend < 0 || m.Backend >= len(backends) {
@@ -73,7 +111,7 @@ func NewPhysMem(backends [][]byte, maps []Mapping) (*PhysMem, error) {
 		if _, ok := m.GPA.AddLength(m.Size); !ok {
 			return nil, fmt.Errorf("mapping %v size %#x: overflows: %w", m.GPA, m.Size, ErrBadMapping)
 		}
-		blen := uint64(len(backends[m.Backend]))
+		blen := backends[m.Backend].Size()
 		if m.Offset > blen || m.Size > blen-m.Offset {
 			return nil, fmt.Errorf("mapping %v size %#x: beyond backend %d of %#x bytes: %w",
 				m, m.Size, m.Backend, blen, ErrBadMapping)
@@ -127,15 +165,16 @@ func (m *PhysMem) find(pa PAddr) int {
 	return -1
 }
 
-// host returns the backend bytes from pa to the end of its mapping.
-func (m *PhysMem) host(pa PAddr) ([]byte, bool) {
+// host returns the backend bytes from pa on, at most n of them and at
+// most to the end of pa's mapping.
+func (m *PhysMem) host(pa PAddr, n uint64) ([]byte, bool) {
 	i := m.find(pa)
 	if i < 0 {
 		return nil, false
 	}
 	mp := m.maps[i]
-	off := mp.Offset + uint64(pa-mp.GPA)
-	return m.backends[mp.Backend][off : mp.Offset+mp.Size : mp.Offset+mp.Size], true
+	in := uint64(pa - mp.GPA)
+	return m.backends[mp.Backend].Bytes(mp.Offset+in, min(n, mp.Size-in))
 }
 
 // Contains reports whether pa is backed by guest RAM.
@@ -146,11 +185,11 @@ func (m *PhysMem) Contains(pa PAddr) bool { return m.find(pa) >= 0 }
 // is normally a read-only mmap) and do not keep it past the backend's
 // lifetime.
 func (m *PhysMem) Slice(pa PAddr, n uint64) ([]byte, bool) {
-	b, ok := m.host(pa)
+	b, ok := m.host(pa, n)
 	if !ok || n > uint64(len(b)) {
 		return nil, false
 	}
-	return b[:n:n], true
+	return b, true
 }
 
 // ReadAt copies guest-physical memory starting at pa into p, crossing
@@ -168,7 +207,7 @@ func (m *PhysMem) readAt(p []byte, pa PAddr, op string) (int, error) {
 	n := 0
 	for n < len(p) {
 		cur := pa + PAddr(n)
-		b, ok := m.host(cur)
+		b, ok := m.host(cur, uint64(len(p)-n))
 		if !ok {
 			return n, &ReadError{Addr: cur, Op: op, Err: ErrNotMapped}
 		}
