@@ -1,6 +1,7 @@
 package writer
 
 import (
+	"io"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/binary"
@@ -514,6 +515,25 @@ func contiguous(used *pagemap.Bitmap, first, pages uint64) bool {
 type space struct {
 	mem    [][]byte
 	starts []uint64 // starts[i] is region i's first page; one more, the total
+	// src, if not nil, holds the pages instead of mem: page p at byte
+	// p*PageSize (see [Writer.WritePagesFrom]).
+	src io.ReaderAt
+}
+
+// read copies the pages from p on into dst, whole pages.
+func (s *space) read(dst []byte, p uint64) error {
+	if s.src != nil {
+		if _, err := s.src.ReadAt(dst, int64(p*PageSize)); err != nil {
+			return err
+		}
+		return nil
+	}
+	for len(dst) > 0 {
+		mem, n := s.span(p, uint64(len(dst))/PageSize)
+		copy(dst, mem)
+		dst, p = dst[n*PageSize:], p+n
+	}
+	return nil
 }
 
 func newSpace(mem [][]byte, h *Header) (*space, error) {

@@ -369,6 +369,26 @@ func (w *Writer) WritePagesContext(ctx context.Context, ram [][]byte, used *page
 	if err != nil {
 		return fmt.Errorf("write pages: %w", err)
 	}
+	return w.writePages(ctx, sp, used, progress)
+}
+
+// WritePagesFrom is [Writer.WritePagesContext] for RAM that is not mapped
+// into kvmckpt (another process's memory): page p of the page space, the
+// regions one after another, is read from src at byte p*PageSize. src
+// must be safe for concurrent ReadAt calls. A read error fails the
+// Writer.
+func (w *Writer) WritePagesFrom(ctx context.Context, src io.ReaderAt, used *pagemap.Bitmap, progress func(done, total uint64)) error {
+	if err := w.expect(stateOpen, "write pages"); err != nil {
+		return err
+	}
+	var total uint64
+	for _, r := range w.h.Regions {
+		total += r.Size / PageSize
+	}
+	return w.writePages(ctx, &space{src: src, starts: []uint64{0, total}}, used, progress)
+}
+
+func (w *Writer) writePages(ctx context.Context, sp *space, used *pagemap.Bitmap, progress func(done, total uint64)) error {
 	if used.Len() != w.h.Pages.Total {
 		return fmt.Errorf("write pages: bitmap of %d pages, regions hold %d", used.Len(), w.h.Pages.Total)
 	}
@@ -545,8 +565,25 @@ func (c *compressor) do(j *chunkJob, sp *space, used *pagemap.Bitmap) {
 	// one region with no page to leave unread, else gathered into c.raw,
 	// or into j.buf if they will be stored raw.
 	var src []byte
-	if mem, n := sp.span(j.first, j.pages); n == j.pages && contiguous(used, j.first, j.pages) && !c.anyZero(j.first, j.pages) {
+	whole := contiguous(used, j.first, j.pages) && !c.anyZero(j.first, j.pages)
+	var mem []byte
+	if whole && sp.src == nil {
+		var n uint64
+		if mem, n = sp.span(j.first, j.pages); n != j.pages {
+			mem = nil
+		}
+	}
+	if mem != nil {
 		src = mem
+	} else if whole {
+		src = c.raw[:rawLen]
+		if !c.lz4 {
+			src = j.buf[:rawLen]
+		}
+		if err := sp.read(src, j.first); err != nil {
+			j.err = err
+			return
+		}
 	} else {
 		dst := c.raw[:rawLen]
 		if !c.lz4 {
@@ -560,9 +597,18 @@ func (c *compressor) do(j *chunkJob, sp *space, used *pagemap.Bitmap) {
 					clear(dst[off : off+n*PageSize])
 					off += n * PageSize
 				} else {
-					var mem []byte
-					mem, n = sp.span(start, c.dataRun(start, count))
-					off += uint64(copy(dst[off:], mem))
+					n = c.dataRun(start, count)
+					if sp.src == nil {
+						var mem []byte
+						mem, n = sp.span(start, n)
+						off += uint64(copy(dst[off:], mem))
+					} else {
+						if err := sp.read(dst[off:off+n*PageSize], start); err != nil {
+							j.err = err
+							return
+						}
+						off += n * PageSize
+					}
 				}
 				start, count = start+n, count-n
 			}
