@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/kvmckpt/kvmckpt/internal/vmtest"
+	"github.com/kvmckpt/kvmckpt/writer"
 	"github.com/kvmckpt/kvmckpt/qmp"
 )
 
@@ -293,6 +294,67 @@ func TestRestoreLaunch(t *testing.T) {
 				}
 				require.True(t, time.Now().Before(deadline), "launched guest does not verify; its serial:\n%s", b)
 				time.Sleep(200 * time.Millisecond)
+			}
+		})
+	}
+}
+
+// TestQEMUOwnRAM saves and restores guests whose RAM is not a file
+// kvmckpt can open by name: QEMU's default RAM (anonymous, read and
+// written through QEMU's process), and a guest with one anonymous and one
+// memfd backend (the memfd opened through /proc/PID/fd), on both QEMU
+// versions. QEMU sends such RAM with the device state, whatever
+// x-ignore-shared says (10.0 sends memfd RAM too): the stream is filtered
+// of it, which the device state's size shows.
+func TestQEMUOwnRAM(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		cfg  vmtest.Config
+	}{
+		{"default-ram-qemu7.2", vmtest.Config{Machine: "pc", MemMiB: 768, RAM: "default"}},
+		{"anon-memfd-qemu7.2", vmtest.Config{Machine: "pc", MemMiB: 768, CPUs: 2, RAM: "mixed"}},
+		{"anon-memfd-qemu10", vmtest.Config{Machine: "q35", MemMiB: 768, CPUs: 2, RAM: "mixed", QEMU: "10.0"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := c.cfg
+			cfg.Workload = dirtyFree(cfg.MemMiB)
+			src := vmtest.Boot(t, cfg)
+			src.WaitReady(t)
+			free := memFreePages(t, src)
+			ctx := context.Background()
+			out := filepath.Join(t.TempDir(), "guest.kvmckpt")
+			res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: t.TempDir()}, Output: out})
+			require.NoError(t, err)
+			t.Logf("save: %+v", *res)
+			assert.Equal(t, "running", res.GuestState)
+			assert.False(t, res.FullSave, "the guest kernel is read through QEMU's memory")
+			used := res.PagesTotal - free
+			assert.LessOrEqual(t, float64(res.PagesSaved), 1.02*float64(used),
+				"checkpoint holds %d pages, guest uses %d", res.PagesSaved, used)
+			assert.Greater(t, res.PagesFree, res.PagesTotal/2, "most of the churned memory is free")
+			assert.Less(t, res.DeviceStateBytes, int64(8<<20), "the device state carries no guest RAM")
+			r, err := writer.Open(out)
+			require.NoError(t, err)
+			assert.Equal(t, writer.DeviceStateFiltered, r.Header().DeviceStateForm)
+			r.Close()
+			_, _, err = src.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK`), len(src.Serial()), time.Minute)
+			require.NoError(t, err, "source verifies after the save")
+			caps := src.MigrationCapabilities(t)
+			assert.False(t, caps["x-ignore-shared"], "capabilities put back as they were")
+
+			tcfg := c.cfg
+			tcfg.Workload = cfg.Workload
+			tcfg.Incoming = true
+			dst := vmtest.Boot(t, tcfg)
+			rres, err := Restore(ctx, RestoreOptions{Input: out, QMP: dst.QMPPath, Resume: true})
+			require.NoError(t, err)
+			t.Logf("restore: %+v", *rres)
+			assert.Equal(t, "running", rres.GuestState)
+			_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK`), 0, 2*time.Minute)
+			require.NoError(t, err, "restored guest does not verify its data")
+			assert.NotRegexp(t, kernelTrouble, dst.Serial(), "restored guest's console shows trouble")
+			if !t.Failed() {
+				vmtest.RecordMatrix(cfg, "save, restore, data verified ("+cfg.RAM+" RAM)")
 			}
 		})
 	}

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -20,6 +21,8 @@ import (
 
 	"github.com/kvmckpt/kvmckpt/introspect"
 	"github.com/kvmckpt/kvmckpt/qmp"
+	"github.com/kvmckpt/kvmckpt/ramblock"
+	"github.com/kvmckpt/kvmckpt/writer"
 )
 
 var (
@@ -46,11 +49,14 @@ type guest struct {
 	prior    qmp.Status
 	backends []qmp.Backend
 	layout   []qmp.Mapping
-	files    []*os.File
-	ram      [][]byte
-	unmaps   []func() error
-	mem      *introspect.PhysMem
-	log      *slog.Logger
+	// blocks are the backends' memory, in the order of backends; ram
+	// and files are each block's mapping and file, nil for a block that
+	// is QEMU's own memory.
+	blocks []ramblock.Block
+	files  []*os.File
+	ram    [][]byte
+	mem    *introspect.PhysMem
+	log    *slog.Logger
 	// afterResume is run when a save returns, the guest running again.
 	afterResume []func()
 	// instance names the QEMU process for the life of the host's boot
@@ -316,8 +322,9 @@ func (g *guest) clearPauseRecord() {
 	g.stale = ""
 }
 
-// mapRAM finds the guest's RAM backends and layout and maps the files.
-// writable maps them for writing (restore).
+// mapRAM finds the guest's RAM backends and layout and opens each
+// backend's memory (see [guest.openBlock]). writable opens it for writing
+// too (restore).
 func (g *guest) mapRAM(ctx context.Context, writable bool) error {
 	if g.mem != nil {
 		return nil // mapped already (a live save maps before its rounds)
@@ -334,25 +341,15 @@ func (g *guest) mapRAM(ctx context.Context, writable bool) error {
 	}
 	index := map[string]int{}
 	for i, b := range g.backends {
-		if b.MemPath == "" || !b.Share {
-			return fmt.Errorf("%w: backend %q is %s (mem-path %q, share=%v); %s", ErrRAMBackend, b.ID, b.Type, b.MemPath, b.Share, ramHint)
-		}
 		index[b.ID] = i
-		flag := os.O_RDONLY
-		if writable {
-			flag = os.O_RDWR
-		}
-		f, err := os.OpenFile(b.MemPath, flag|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+		blk, err := g.openBlock(ctx, b, writable)
 		if err != nil {
-			return fmt.Errorf("open RAM file of backend %q: %w", b.ID, err)
+			return err
 		}
-		g.files = append(g.files, f)
-		m, unmap, err := mapFile(f, b.Size, writable)
-		if err != nil {
-			return fmt.Errorf("map RAM file %s: %w", b.MemPath, err)
-		}
-		g.ram = append(g.ram, m)
-		g.unmaps = append(g.unmaps, unmap)
+		g.log.Debug("opened guest RAM", "backend", b.ID, "type", b.Type, "at", blk.String())
+		g.blocks = append(g.blocks, blk)
+		g.ram = append(g.ram, blk.Mapped())
+		g.files = append(g.files, blk.File())
 	}
 	var maps []introspect.Mapping
 	for _, m := range g.layout {
@@ -360,32 +357,141 @@ func (g *guest) mapRAM(ctx context.Context, writable bool) error {
 		if !ok {
 			continue
 		}
-		maps = append(maps, introspect.Mapping{GPA: introspect.PAddr(m.GPA), Backend: i, Offset: m.Offset, Size: m.Size})
+		// Offsets into the block, which starts at the backend's offset
+		// in its file.
+		off := m.Offset - g.backends[i].FileOffset
+		maps = append(maps, introspect.Mapping{GPA: introspect.PAddr(m.GPA), Backend: i, Offset: off, Size: m.Size})
 	}
 	if len(maps) == 0 {
 		return fmt.Errorf("%w: no RAM backend appears in the guest-physical memory map", ErrRAMBackend)
 	}
-	g.mem, err = introspect.NewPhysMem(g.ram, maps)
+	backends := make([]introspect.Backend, len(g.blocks))
+	for i, b := range g.blocks {
+		backends[i] = b
+	}
+	g.mem, err = introspect.NewPhysMemOf(backends, maps)
 	return err
 }
 
-func mapFile(f *os.File, size uint64, writable bool) ([]byte, func() error, error) {
-	st, err := f.Stat()
+// openBlock opens a backend's memory. A shared memory-backend-file is
+// opened at its mem-path, as before QEMU 10 gave RAM blocks' addresses;
+// any other backend (memory-backend-ram, QEMU's default; a memfd; a file
+// mapped private) is found at its address in QEMU's memory (HMP gpa2hva)
+// and opened as /proc/PID/maps shows it: a shared file through QEMU's
+// open descriptor, else QEMU's memory itself.
+func (g *guest) openBlock(ctx context.Context, b qmp.Backend, writable bool) (ramblock.Block, error) {
+	if b.Type == "memory-backend-file" && b.Share && b.MemPath != "" {
+		flag := os.O_RDONLY
+		if writable {
+			flag = os.O_RDWR
+		}
+		f, err := os.OpenFile(b.MemPath, flag|syscall.O_NOFOLLOW|syscall.O_CLOEXEC|syscall.O_NONBLOCK, 0)
+		if err != nil {
+			return nil, fmt.Errorf("open RAM file of backend %q: %w", b.ID, err)
+		}
+		blk, err := ramblock.OpenFile(f, int64(b.FileOffset), b.Size, writable, "RAM file "+b.MemPath)
+		if err != nil {
+			return nil, fmt.Errorf("RAM file of backend %q: %w", b.ID, err)
+		}
+		return blk, nil
+	}
+	why := fmt.Sprintf("backend %q (%s, share=%v) is read from QEMU's memory", b.ID, b.Type, b.Share)
+	pid, err := g.sess.PeerPID()
 	if err != nil {
-		return nil, nil, err
+		return nil, fmt.Errorf("%w: %s, but QEMU's process cannot be told: %v; %s", ErrRAMBackend, why, err, ramHint)
 	}
-	if uint64(st.Size()) < size {
-		return nil, nil, fmt.Errorf("file is %d bytes, the backend %d", st.Size(), size)
+	var first *qmp.Mapping
+	for i := range g.layout {
+		if g.layout[i].Backend == b.ID {
+			first = &g.layout[i]
+			break
+		}
 	}
-	prot := syscall.PROT_READ
-	if writable {
-		prot |= syscall.PROT_WRITE
+	if first == nil {
+		return nil, fmt.Errorf("%w: %s, but it is not in the guest-physical memory map", ErrRAMBackend, why)
 	}
-	b, err := syscall.Mmap(int(f.Fd()), 0, int(size), prot, syscall.MAP_SHARED)
+	hva, err := g.sess.HostAddress(ctx, first.GPA)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	return b, func() error { return syscall.Munmap(b) }, nil
+	into := first.Offset - b.FileOffset
+	if hva < into {
+		return nil, fmt.Errorf("%w: %s: QEMU gives host address %#x for guest-physical %#x, below the block's start", ErrRAMBackend, why, hva, first.GPA)
+	}
+	blk, err := ramblock.Locate(pid, hva-into, b.Size, writable)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s: %w", ErrRAMBackend, why, err)
+	}
+	return blk, nil
+}
+
+// mappedAll reports whether every block is mapped into kvmckpt.
+func (g *guest) mappedAll() bool {
+	for _, m := range g.ram {
+		if m == nil {
+			return false
+		}
+	}
+	return true
+}
+
+// deviceForm is how the device state leaves the backends' RAM out: with
+// x-ignore-shared if every backend is a shared memory-backend-file, which
+// QEMU 7.2 and 10 both leave out of the stream (migration/ram.c,
+// ramblock_is_ignored; QEMU 8.1 and later skip only such named files);
+// else filtered from a stream that carries them (see [guest.saveDevice]).
+func (g *guest) deviceForm() string {
+	for _, b := range g.backends {
+		if b.Type != "memory-backend-file" || !b.Share || b.MemPath == "" {
+			return writer.DeviceStateFiltered
+		}
+	}
+	return writer.DeviceStateIgnoreShared
+}
+
+// pageSpace is the guest's RAM as one run of pages, the backends one after
+// another: the space of a checkpoint's bitmap, read and written through
+// the blocks.
+type pageSpace struct {
+	blocks []ramblock.Block
+	starts []int64 // byte offset of each block; one more, the total
+}
+
+func (g *guest) pageSpace() *pageSpace {
+	s := &pageSpace{blocks: g.blocks}
+	var at int64
+	for _, b := range g.blocks {
+		s.starts = append(s.starts, at)
+		at += int64(b.Size())
+	}
+	s.starts = append(s.starts, at)
+	return s
+}
+
+func (s *pageSpace) do(p []byte, off int64, f func(ramblock.Block, []byte, int64) (int, error)) (int, error) {
+	done := 0
+	for done < len(p) {
+		at := off + int64(done)
+		i := sort.Search(len(s.blocks), func(i int) bool { return s.starts[i+1] > at })
+		if i == len(s.blocks) || at < 0 {
+			return done, fmt.Errorf("guest RAM offset %#x: %w", at, io.ErrUnexpectedEOF)
+		}
+		n := int(min(int64(len(p)-done), s.starts[i+1]-at))
+		k, err := f(s.blocks[i], p[done:done+n], at-s.starts[i])
+		done += k
+		if err != nil {
+			return done, err
+		}
+	}
+	return done, nil
+}
+
+func (s *pageSpace) ReadAt(p []byte, off int64) (int, error) {
+	return s.do(p, off, ramblock.Block.ReadAt)
+}
+
+func (s *pageSpace) WriteAt(p []byte, off int64) (int, error) {
+	return s.do(p, off, ramblock.Block.WriteAt)
 }
 
 // pause stops the guest if it runs. The returned function puts it back in
@@ -468,11 +574,8 @@ func settleContext(ctx context.Context) (context.Context, context.CancelFunc) {
 }
 
 func (g *guest) close() {
-	for _, u := range g.unmaps {
-		_ = u()
-	}
-	for _, f := range g.files {
-		f.Close()
+	for _, b := range g.blocks {
+		_ = b.Close()
 	}
 	if g.sess != nil {
 		g.sess.Close()

@@ -239,9 +239,9 @@ func launchPaths(src []string, base, qmpSock string) (args, ramFiles []string, m
 		}
 		out = append(out, a, v)
 	}
-	if len(ramFiles) == 0 {
-		return nil, nil, nil, fmt.Errorf("%w: the recorded command line has no memory-backend-file with a mem-path", ErrRAMBackend)
-	}
+	// Without a mem-path the copy's RAM is QEMU's own memory (-m alone,
+	// memory-backend-ram or -memfd), as the source's was: the restore
+	// fills it through QEMU's process.
 	return append(out, "-qmp", "unix:"+qmpSock+",server=on,wait=off"), ramFiles, moved, nil
 }
 

@@ -189,6 +189,15 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 	if err := g.mapRAM(ctx, false); err != nil {
 		return nil, err
 	}
+	for i, b := range g.blocks {
+		// The rounds read the RAM while the guest runs, through a
+		// mapping, and find its holes in the file.
+		if b.Mapped() == nil || b.File() == nil || b.FileOffset() != 0 {
+			return nil, fmt.Errorf("%w: backend %q is %s, which a live save cannot read while the guest runs; save without --live, "+
+				"or give QEMU its RAM in a shared memfd or file (memory-backend-memfd, or memory-backend-file with share=on)",
+				ErrLive, g.backends[i].ID, b)
+		}
+	}
 	regs, err := g.sess.CPURegisters(ctx, 0)
 	if err != nil {
 		return nil, err
@@ -701,7 +710,7 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 
 // header is the checkpoint header of the guest, without page counts.
 func (g *guest) header(ctx context.Context, banner, profile string) (writer.Header, error) {
-	h := writer.Header{KernelBanner: banner, Profile: profile}
+	h := writer.Header{KernelBanner: banner, Profile: profile, DeviceStateForm: g.deviceForm()}
 	for _, b := range g.backends {
 		r := writer.Region{ID: b.ID, Size: b.Size, MemPath: b.MemPath}
 		for _, m := range g.layout {

@@ -2,7 +2,6 @@ package checkpoint
 
 import (
 	"context"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"syscall"
@@ -60,21 +59,6 @@ func TestRefusals(t *testing.T) {
 		assert.Contains(t, err.Error(), "512 MiB")
 		assert.Contains(t, err.Error(), "768 MiB")
 		assert.Equal(t, "inmigrate", dst.Status(t).State, "the target was not fed")
-	})
-
-	t.Run("guest RAM not in a shared file", func(t *testing.T) {
-		qdir := t.TempDir()
-		sock := filepath.Join(qdir, "qmp.sock")
-		qemu, err := exec.LookPath("qemu-system-x86_64")
-		require.NoError(t, err)
-		g, err := vmtest.StartWithArgs(ctx, []string{qemu, "-machine", "pc,accel=tcg", "-m", "128", "-nodefaults",
-			"-display", "none", "-S", "-qmp", "unix:" + sock + ",server=on,wait=off"}, sock, "", "")
-		require.NoError(t, err)
-		defer g.Close()
-		_, err = Scan(ctx, ScanOptions{QMP: sock})
-		require.ErrorIs(t, err, ErrRAMBackend)
-		assert.Contains(t, err.Error(), "memory-backend-file,id=mem0")
-		assert.Contains(t, err.Error(), "share=on")
 	})
 }
 

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kvmckpt/kvmckpt/introspect"
+	"github.com/kvmckpt/kvmckpt/pagemap"
 	"github.com/kvmckpt/kvmckpt/writer"
 )
 
@@ -84,7 +85,13 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 		return nil, fmt.Errorf("%w: device state of form %q, which this kvmckpt does not know: restore with a newer kvmckpt", ErrInvalid, f)
 	}
 	t0 := time.Now()
-	if err := r.RestorePages(g.ram, writer.RestoreOptions{Progress: opt.Progress}); err != nil {
+	ropt := writer.RestoreOptions{Progress: opt.Progress}
+	if g.mappedAll() {
+		err = r.RestorePages(g.ram, ropt)
+	} else {
+		err = r.RestorePagesTo(g.pageSpace(), ropt)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("%w: restore pages (the target's RAM now holds a partial restore; its guest was not started): %w", ErrInvalid, err)
 	}
 	if err := g.clearUnsaved(r, h.FillByte); err != nil {
@@ -132,6 +139,9 @@ func (g *guest) checkRAMPrivate() error {
 		allowed = 0
 	}
 	for i, f := range g.files {
+		if f == nil {
+			continue // QEMU's own memory
+		}
 		id, ok := fdID(f)
 		if !ok {
 			continue
@@ -178,22 +188,66 @@ func (g *guest) matches(ctx context.Context, h writer.Header) error {
 // fill byte. For zero it punches holes, which frees the target's memory
 // instead of writing it. The target's RAM file is not trusted to be zero
 // to begin with: QEMU uses an existing file as it finds it.
+//
+// A block in QEMU's own memory gets zeros written over the pages QEMU has
+// touched; those it never touched read as zero already.
 func (g *guest) clearUnsaved(r *writer.Reader, fill byte) error {
 	if fill != 0 {
-		if err := r.FillUnsaved(g.ram); err != nil {
+		var err error
+		if g.mappedAll() {
+			err = r.FillUnsaved(g.ram)
+		} else {
+			err = r.FillUnsavedTo(g.pageSpace())
+		}
+		if err != nil {
 			return fmt.Errorf("fill unsaved pages: %w", err)
 		}
 		return nil
 	}
 	grains := make([]int64, len(g.files))
-	for i, f := range g.files {
-		grains[i] = punchGrain(f)
-	}
+	untouched := make([]*pagemap.Bitmap, len(g.blocks))
 	spans, _ := g.pageSpans()
+	for i, f := range g.files {
+		if f != nil {
+			grains[i] = punchGrain(f)
+			continue
+		}
+		zeros, err := g.blocks[i].Zeros()
+		if err != nil {
+			return fmt.Errorf("clear unsaved pages: %w", err)
+		}
+		untouched[i] = pagemap.NewBitmap(spans[i].n)
+		for _, z := range zeros {
+			untouched[i].SetRange(z.Start, min(z.Count, spans[i].n-min(z.Start, spans[i].n)))
+		}
+	}
+	var zero []byte
 	for start, count := range r.UnsavedRuns() {
 		for i, sp := range spans {
-			if p, c, ok := sp.clip(start, count); ok {
+			p, c, ok := sp.clip(start, count)
+			switch {
+			case !ok:
+			case g.files[i] != nil:
 				zeroRange(g.files[i], g.ram[i], int64(p*introspect.PageSize), int64(c*introspect.PageSize), grains[i])
+			default:
+				for q := p; q < p+c; {
+					if untouched[i].Test(q) {
+						q++
+						continue
+					}
+					end, ok := untouched[i].NextSet(q)
+					if !ok || end > p+c {
+						end = p + c
+					}
+					n := min(end-q, 256)
+					if zero == nil {
+						zero = make([]byte, 256*introspect.PageSize)
+					}
+					if _, err := g.blocks[i].WriteAt(zero[:n*introspect.PageSize], int64(q*introspect.PageSize)); err != nil {
+						return fmt.Errorf("clear unsaved pages: %w", err)
+					}
+					q += n
+				}
 			}
 		}
 	}

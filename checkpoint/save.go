@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"time"
+
+	"github.com/kvmckpt/kvmckpt/migstream"
 
 	"github.com/kvmckpt/kvmckpt/qmp"
 	"github.com/kvmckpt/kvmckpt/writer"
@@ -195,7 +198,12 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 	defer w.Abort()
 	g.afterResume = append(g.afterResume, w.ReleaseReplaced)
 	t1 := time.Now()
-	if err := w.WritePagesContext(ctx, g.ram, scan.save, opt.Progress); err != nil {
+	if g.mappedAll() {
+		err = w.WritePagesContext(ctx, g.ram, scan.save, opt.Progress)
+	} else {
+		err = w.WritePagesFrom(ctx, g.pageSpace(), scan.save, opt.Progress)
+	}
+	if err != nil {
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
@@ -237,8 +245,12 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 
 // saveDevice streams QEMU's device state into the checkpoint and puts the
 // migration capabilities back as they were, so a later ordinary migration
-// of this guest still carries its RAM.
+// of this guest still carries its RAM. In the filtered form (see
+// [guest.deviceForm]) QEMU sends the backends' RAM too, and the stream is
+// filtered of it on its way to the checkpoint: every page of it passes
+// through the pipe during the pause.
 func (g *guest) saveDevice(ctx context.Context, write func(io.Reader) (int64, error), caps map[string]bool) (int64, error) {
+	form := g.deviceForm()
 	pr, pw := io.Pipe()
 	type result struct {
 		n   int64
@@ -250,8 +262,34 @@ func (g *guest) saveDevice(ctx context.Context, write func(io.Reader) (int64, er
 		pr.CloseWithError(err)
 		done <- result{n, err}
 	}()
-	_, qerr := g.sess.SaveDeviceState(ctx, pw)
-	pw.CloseWithError(qerr)
+	var qerr error
+	var filtered migstream.Stats
+	if form == writer.DeviceStateFiltered {
+		fr, fw := io.Pipe()
+		ferr := make(chan error, 1)
+		go func() {
+			var err error
+			filtered, err = migstream.Filter(fr, pw, migstream.Options{
+				Drop:   g.isBackendBlock,
+				Blocks: g.checkStreamBlocks,
+			})
+			if err != nil {
+				err = fmt.Errorf("filter the migration stream of its RAM: %w", err)
+			}
+			fr.CloseWithError(err)
+			pw.CloseWithError(err)
+			ferr <- err
+		}()
+		_, qerr = g.sess.SaveStream(ctx, fw, false)
+		fw.CloseWithError(qerr)
+		if err := <-ferr; qerr == nil {
+			qerr = err
+		}
+		g.log.Debug("filtered the device state", "ram_pages_dropped", filtered.Dropped, "qemu_pages_kept", filtered.KeptPages)
+	} else {
+		_, qerr = g.sess.SaveDeviceState(ctx, pw)
+		pw.CloseWithError(qerr)
+	}
 	r := <-done
 	if ignore, ok := caps[qmp.CapIgnoreShared]; ok {
 		sctx, cancel := settleContext(ctx)
@@ -267,4 +305,32 @@ func (g *guest) saveDevice(ctx context.Context, write func(io.Reader) (int64, er
 		return 0, fmt.Errorf("write device state: %w", r.err)
 	}
 	return r.n, nil
+}
+
+// isBackendBlock reports whether a RAM block of QEMU's stream is one of
+// the backends, whose pages the checkpoint holds.
+func (g *guest) isBackendBlock(b migstream.Block) bool {
+	for _, be := range g.backends {
+		if be.RegionName() == b.ID {
+			return true
+		}
+	}
+	return false
+}
+
+// checkStreamBlocks checks that QEMU's stream lists every backend, of its
+// size: a backend it left out would be restored with no pages, and one of
+// another size is not the RAM kvmckpt read.
+func (g *guest) checkStreamBlocks(blocks []migstream.Block) error {
+	for _, be := range g.backends {
+		i := slices.IndexFunc(blocks, func(b migstream.Block) bool { return b.ID == be.RegionName() })
+		switch {
+		case i < 0:
+			return fmt.Errorf("%w: QEMU's migration stream does not list RAM backend %q", migstream.ErrFormat, be.ID)
+		case blocks[i].Size != be.Size:
+			return fmt.Errorf("%w: QEMU's migration stream gives RAM backend %q %d bytes, query-memdev %d",
+				migstream.ErrFormat, be.ID, blocks[i].Size, be.Size)
+		}
+	}
+	return nil
 }

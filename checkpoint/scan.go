@@ -244,7 +244,7 @@ func (g *guest) excludeHost(res *scanResult) {
 				cand.SetRange(off, k)
 			}
 		}
-		holes, err := pagemap.Holes(g.files[i], int64(b.Size))
+		holes, err := g.blocks[i].Zeros()
 		if err != nil {
 			g.log.Warn("hole detection failed; holes are read as zero pages", "backend", b.ID, "err", err)
 		}
@@ -252,6 +252,12 @@ func (g *guest) excludeHost(res *scanResult) {
 			c := min(h.Count, n-min(h.Start, n))
 			res.hole.SetRange(base+h.Start, c)
 			cand.ClearRange(h.Start, c)
+		}
+		if g.ram[i] == nil {
+			// QEMU's own memory: telling zero pages would mean reading
+			// every page twice. Those it never touched are holes
+			// already; the rest are saved, and compress to nothing.
+			continue
 		}
 		// ZeroPages maps the candidates into our address space as it
 		// goes (never holes, which would then be allocated), for the

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -95,6 +96,10 @@ func (s *Session) RAMBackends(ctx context.Context) ([]Backend, error) {
 	}
 	return backends, nil
 }
+
+// RegionName is the name of the backend's memory region and RAM block:
+// its id, or /objects/ID (see the region field).
+func (b Backend) RegionName() string { return b.region }
 
 // qomList returns the properties of the QOM object at path, name to type.
 func (s *Session) qomList(ctx context.Context, path string) (map[string]string, error) {
@@ -244,4 +249,34 @@ func isRAMKind(kind string) bool {
 		return true
 	}
 	return false
+}
+
+// HostAddress returns the address in QEMU's own memory of guest-physical
+// address gpa, from HMP gpa2hva (monitor/hmp-cmds-target.c): "Host
+// virtual address for 0x1000 (pc.ram) is 0x7f1c2fe01000". The address is
+// QEMU's to interpret: check it against /proc/PID/maps before use.
+func (s *Session) HostAddress(ctx context.Context, gpa uint64) (uint64, error) {
+	out, err := s.HumanMonitorCommand(ctx, fmt.Sprintf("gpa2hva %#x", gpa), -1)
+	if err != nil {
+		return 0, fmt.Errorf("host address of guest-physical %#x: %w", gpa, err)
+	}
+	return parseGPA2HVA(out, gpa)
+}
+
+func parseGPA2HVA(out string, gpa uint64) (uint64, error) {
+	line := strings.TrimSpace(out)
+	rest, ok := strings.CutPrefix(line, "Host virtual address for ")
+	if ok {
+		var addr string
+		if i := strings.LastIndex(rest, " is "); i >= 0 {
+			addr = rest[i+len(" is "):]
+		}
+		if v, err := strconv.ParseUint(strings.TrimPrefix(addr, "0x"), 16, 64); err == nil && strings.HasPrefix(addr, "0x") {
+			return v, nil
+		}
+	}
+	if len(line) > 200 {
+		line = line[:200] + "..."
+	}
+	return 0, fmt.Errorf("host address of guest-physical %#x: %w: QEMU answered %q", gpa, ErrMalformed, line)
 }

@@ -173,8 +173,38 @@ func (p *poller) next() <-chan time.Time {
 // fails after QEMU stopped the guest for the final pass leaves a guest that
 // was not running in "postmigrate" too (migration_iteration_finish).
 func (s *Session) SaveDeviceState(ctx context.Context, w io.Writer) (int64, error) {
-	if err := s.prepareSave(ctx); err != nil {
+	return s.SaveStream(ctx, w, true)
+}
+
+// SaveStream is [Session.SaveDeviceState] with [CapIgnoreShared] set to
+// ignoreShared: off, QEMU sends every RAM block, shared or not (for a
+// guest whose RAM is not all in shared files; the caller filters the
+// stream, see package migstream).
+//
+// With the RAM in the stream, the stream's rate limit (max-bandwidth,
+// 128 MiB/s by default) would make the pause last as long as the RAM takes
+// at that rate: it is lifted for the save and put back afterwards.
+func (s *Session) SaveStream(ctx context.Context, w io.Writer, ignoreShared bool) (n int64, err error) {
+	if err := s.prepareSave(ctx, ignoreShared); err != nil {
 		return 0, fmt.Errorf("save device state: %w", err)
+	}
+	if !ignoreShared {
+		var p struct {
+			MaxBandwidth int64 `json:"max-bandwidth"`
+		}
+		if err := s.Run(ctx, "query-migrate-parameters", nil, &p); err != nil {
+			return 0, fmt.Errorf("save device state: query migration parameters: %w", err)
+		}
+		if err := s.setMaxBandwidth(ctx, unlimitedBandwidth); err != nil {
+			return 0, fmt.Errorf("save device state: %w", err)
+		}
+		defer func() {
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), abortTimeout)
+			defer cancel()
+			if rerr := s.setMaxBandwidth(rctx, p.MaxBandwidth); rerr != nil && err == nil {
+				err = fmt.Errorf("save device state: put the migration bandwidth back to %d bytes/s: %w", p.MaxBandwidth, rerr)
+			}
+		}()
 	}
 	pr, pw, err := os.Pipe()
 	if err != nil {
@@ -197,16 +227,27 @@ func (s *Session) SaveDeviceState(ctx context.Context, w io.Writer) (int64, erro
 		<-copied
 		return 0, fmt.Errorf("save device state: start migration: %w", err)
 	}
-	n, err := s.waitSave(ctx, pr, copied)
+	n, err = s.waitSave(ctx, pr, copied)
 	if err != nil {
 		return n, fmt.Errorf("save device state: %w", err)
 	}
 	return n, nil
 }
 
-// prepareSave checks the migration capabilities and turns on
-// [CapIgnoreShared].
-func (s *Session) prepareSave(ctx context.Context) error {
+// unlimitedBandwidth is the max-bandwidth of a save that carries RAM: 1
+// TiB/s, within what QEMU accepts (at most SIZE_MAX, migration/options.c).
+const unlimitedBandwidth = 1 << 40
+
+func (s *Session) setMaxBandwidth(ctx context.Context, bps int64) error {
+	if err := s.Run(ctx, "migrate-set-parameters", map[string]int64{"max-bandwidth": bps}, nil); err != nil {
+		return fmt.Errorf("set migration bandwidth: %w", err)
+	}
+	return nil
+}
+
+// prepareSave checks the migration capabilities and sets
+// [CapIgnoreShared] to ignoreShared.
+func (s *Session) prepareSave(ctx context.Context, ignoreShared bool) error {
 	caps, err := s.MigrationCapabilities(ctx)
 	if err != nil {
 		return err
@@ -224,10 +265,10 @@ func (s *Session) prepareSave(ctx context.Context) error {
 	if _, ok := caps[CapIgnoreShared]; !ok {
 		return fmt.Errorf("%w: QEMU lacks %s", ErrCapability, CapIgnoreShared)
 	}
-	if caps[CapIgnoreShared] {
+	if caps[CapIgnoreShared] == ignoreShared {
 		return nil
 	}
-	return s.SetMigrationCapabilities(ctx, map[string]bool{CapIgnoreShared: true})
+	return s.SetMigrationCapabilities(ctx, map[string]bool{CapIgnoreShared: ignoreShared})
 }
 
 // waitSave polls an outgoing migration to the end. It owns pr and closes it

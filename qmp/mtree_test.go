@@ -348,3 +348,27 @@ func FuzzParseMtree(f *testing.F) {
 		}
 	})
 }
+
+func TestParseGPA2HVA(t *testing.T) {
+	for _, c := range []struct {
+		out  string
+		want uint64
+		ok   bool
+	}{
+		{"Host virtual address for 0x1000 (pc.ram) is 0x7f1c2fe01000\r\n", 0x7f1c2fe01000, true},
+		{"Host virtual address for 0x100000000 (/objects/mem0) is 0x7f0000000000\n", 0x7f0000000000, true},
+		{"Memory at address 0xffffffff0000is not RAM\r\n", 0, false},
+		{"Host virtual address for 0x1000 (pc.ram) is 12\n", 0, false},
+		{"", 0, false},
+	} {
+		got, err := parseGPA2HVA(c.out, 0x1000)
+		if (err == nil) != c.ok || got != c.want {
+			t.Errorf("parseGPA2HVA(%q) = %#x, %v", c.out, got, err)
+		}
+	}
+}
+
+func FuzzParseGPA2HVA(f *testing.F) {
+	f.Add("Host virtual address for 0x1000 (pc.ram) is 0x7f1c2fe01000\r\n")
+	f.Fuzz(func(t *testing.T, s string) { _, _ = parseGPA2HVA(s, 0) })
+}

@@ -34,8 +34,10 @@ type Block interface {
 	// Mapped returns the whole block mapped into kvmckpt, or nil if it
 	// is not (another process's memory).
 	Mapped() []byte
-	// File returns the file behind a mapped block, or nil.
+	// File returns the file behind a mapped block, or nil; FileOffset
+	// is where the block starts in it.
 	File() *os.File
+	FileOffset() int64
 	// Zeros returns runs of pages that read as zero without being read:
 	// holes of a file, pages a process never touched. It may return
 	// fewer than there are (none, where the host cannot tell).
@@ -82,11 +84,11 @@ func OpenFile(f *os.File, off int64, size uint64, writable bool, desc string) (B
 	return &fileBlock{f: f, off: off, mem: mem, desc: desc}, nil
 }
 
-func (b *fileBlock) Size() uint64   { return uint64(len(b.mem)) }
-func (b *fileBlock) Mapped() []byte { return b.mem }
-func (b *fileBlock) File() *os.File { return b.f }
-func (b *fileBlock) String() string { return b.desc }
-func (b *fileBlock) Offset() int64  { return b.off }
+func (b *fileBlock) Size() uint64      { return uint64(len(b.mem)) }
+func (b *fileBlock) Mapped() []byte    { return b.mem }
+func (b *fileBlock) File() *os.File    { return b.f }
+func (b *fileBlock) String() string    { return b.desc }
+func (b *fileBlock) FileOffset() int64 { return b.off }
 func (b *fileBlock) inBounds(off int64, n int) bool {
 	return off >= 0 && uint64(off) <= uint64(len(b.mem)) && uint64(n) <= uint64(len(b.mem))-uint64(off)
 }

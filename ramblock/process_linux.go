@@ -63,10 +63,11 @@ func OpenProcess(pid int, hva, size uint64, anon bool) (Block, error) {
 	return b, nil
 }
 
-func (b *processBlock) Size() uint64   { return b.size }
-func (b *processBlock) Mapped() []byte { return nil }
-func (b *processBlock) File() *os.File { return nil }
-func (b *processBlock) String() string { return b.desc }
+func (b *processBlock) Size() uint64      { return b.size }
+func (b *processBlock) Mapped() []byte    { return nil }
+func (b *processBlock) File() *os.File    { return nil }
+func (b *processBlock) FileOffset() int64 { return 0 }
+func (b *processBlock) String() string    { return b.desc }
 func (b *processBlock) inBounds(off int64, n int) bool {
 	return off >= 0 && uint64(off) <= b.size && uint64(n) <= b.size-uint64(off)
 }

@@ -128,3 +128,20 @@ func (g *Guest) Status(tb testing.TB) qmp.Status {
 
 // IsNotFound reports whether err means the test bed is not set up.
 func IsNotFound(err error) bool { return errors.Is(err, ErrNotFound) }
+
+// MigrationCapabilities asks the guest's QEMU for its migration
+// capabilities, as [Guest.Status] asks for its run state.
+func (g *Guest) MigrationCapabilities(tb testing.TB) map[string]bool {
+	tb.Helper()
+	ctx := context.Background()
+	s, err := qmp.Dial(ctx, g.QMPPath)
+	if err != nil {
+		tb.Fatalf("migration capabilities of guest: %v", err)
+	}
+	defer s.Close()
+	caps, err := s.MigrationCapabilities(ctx)
+	if err != nil {
+		tb.Fatalf("migration capabilities of guest: %v", err)
+	}
+	return caps
+}

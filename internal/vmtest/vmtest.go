@@ -119,6 +119,12 @@ type Config struct {
 	// NUMA nodes, each with a RAM backend and file of its own; vCPU i
 	// goes to node i mod NUMANodes.
 	NUMANodes int
+	// RAM is the kind of RAM: "" a memory-backend-file with share=on
+	// (one per NUMA node); "default" QEMU's own (-m alone: an anonymous
+	// memory-backend-ram named pc.ram); "mixed" two NUMA nodes, the first
+	// a memory-backend-ram, the second a shared memory-backend-memfd.
+	// Guests of the last two kinds have no RAM files.
+	RAM string
 }
 
 // Guest is a running QEMU.
@@ -206,6 +212,28 @@ func Start(ctx context.Context, cfg Config) (*Guest, error) {
 				"-numa", node)
 		}
 		g.RAMPath = g.RAMPaths[0]
+	}
+	switch cfg.RAM {
+	case "":
+	case "default":
+		machine = fmt.Sprintf("%s,accel=%s", cfg.Machine, g.Accel)
+		memArgs, g.RAMPaths, g.RAMPath = nil, nil, ""
+	case "mixed":
+		half := cfg.MemMiB / 2
+		machine = fmt.Sprintf("%s,accel=%s", cfg.Machine, g.Accel)
+		memArgs = []string{
+			"-object", fmt.Sprintf("memory-backend-ram,id=mem0,size=%dM", half),
+			"-numa", "node,nodeid=0,memdev=mem0,cpus=0",
+			"-object", fmt.Sprintf("memory-backend-memfd,id=mem1,size=%dM,share=on", cfg.MemMiB-half),
+			"-numa", "node,nodeid=1,memdev=mem1",
+		}
+		for c := 1; c < cfg.CPUs; c++ {
+			memArgs[3] += fmt.Sprintf(",cpus=%d", c)
+		}
+		g.RAMPaths, g.RAMPath = nil, ""
+	default:
+		g.Close()
+		return nil, fmt.Errorf("RAM kind %q: want \"\", \"default\" or \"mixed\"", cfg.RAM)
 	}
 
 	appendLine := append([]string{"console=ttyS0", "quiet", "panic=-1"}, cfg.Workload.args()...)
