@@ -245,6 +245,8 @@ func TestRestoreLaunch(t *testing.T) {
 		{"pc-512M", vmtest.Config{MemMiB: 512}},
 		// A RAM file per NUMA node, each replaced by a new one.
 		{"q35-1G-2numa", vmtest.Config{Machine: "q35", MemMiB: 1024, CPUs: 2, NUMANodes: 2}},
+		// QEMU's own RAM: the copy's too, filled through its process.
+		{"pc-512M-default-ram", vmtest.Config{MemMiB: 512, RAM: "default"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := c.cfg
@@ -341,6 +343,15 @@ func TestQEMUOwnRAM(t *testing.T) {
 			require.NoError(t, err, "source verifies after the save")
 			caps := src.MigrationCapabilities(t)
 			assert.False(t, caps["x-ignore-shared"], "capabilities put back as they were")
+			if cfg.RAM == "default" {
+				// The rounds of a live save read RAM while the guest
+				// runs, through a mapping: refused, guest untouched.
+				_, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: t.TempDir()},
+					Output: filepath.Join(t.TempDir(), "live.kvmckpt"), Live: true})
+				require.ErrorIs(t, err, ErrLive)
+				assert.Contains(t, err.Error(), "save without --live")
+				assert.True(t, src.Status(t).Running)
+			}
 
 			tcfg := c.cfg
 			tcfg.Workload = cfg.Workload

@@ -30,15 +30,18 @@ var (
 	ErrBusy = errors.New("another kvmckpt is working on this guest")
 	// ErrGuestState means the guest is in a run state kvmckpt cannot work in.
 	ErrGuestState = errors.New("guest not in a state to checkpoint")
-	// ErrRAMBackend means the guest's RAM is not a shared file kvmckpt can map.
-	ErrRAMBackend = errors.New("guest RAM is not a shared file backend")
+	// ErrRAMBackend means kvmckpt cannot reach the guest's RAM: neither
+	// a shared file it can open nor QEMU's memory it can read.
+	ErrRAMBackend = errors.New("guest RAM cannot be reached")
 	// ErrUnsafePath means a directory or file kvmckpt would use could be
 	// changed by another user, or is not of the kind it must be.
 	ErrUnsafePath = errors.New("unsafe path")
 )
 
-// ramHint shows the QEMU options kvmckpt needs.
-const ramHint = "start QEMU with its RAM in a shared file, for example:\n" +
+// ramHint shows the QEMU options with which kvmckpt reaches guest RAM
+// without reading QEMU's memory (which needs the right to ptrace QEMU, and
+// QEMU in kvmckpt's pid namespace), and saves fastest.
+const ramHint = "run kvmckpt as root in QEMU's pid namespace, or start QEMU with its RAM in a shared file, for example:\n" +
 	"  -object memory-backend-file,id=mem0,size=2G,mem-path=/dev/shm/vm.ram,share=on -machine memory-backend=mem0 -m 2G"
 
 // guest is a QEMU session with its RAM mapped, held under the per-guest lock.

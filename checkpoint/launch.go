@@ -36,7 +36,7 @@ type Launched struct {
 	QMP string `json:"qmp"`
 	// RAMFile is the first RAM file; RAMFiles all of them, one per
 	// memory-backend-file of the recorded command line (a NUMA guest has
-	// one per node).
+	// one per node); none for a guest whose RAM is QEMU's own memory.
 	RAMFile  string   `json:"ram_file"`
 	RAMFiles []string `json:"ram_files"`
 	Log      string   `json:"log"`
@@ -77,7 +77,9 @@ func RestoreLaunch(ctx context.Context, opt LaunchOptions) (*Launched, error) {
 	if err != nil {
 		return nil, err
 	}
-	l.RAMFile = l.RAMFiles[0]
+	if len(l.RAMFiles) > 0 {
+		l.RAMFile = l.RAMFiles[0]
+	}
 	if opt.QEMU != "" {
 		l.Args[0] = opt.QEMU
 	} else if l.Args[0], err = qemuBinary(l.Args[0]); err != nil {

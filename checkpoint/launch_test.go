@@ -71,8 +71,12 @@ func TestLaunchArgs(t *testing.T) {
 	assert.Equal(t, "iothread,id=io0", got[6])
 	assert.Equal(t, "memory-backend-file,id=m1,size=1G,mem-path=/r/n-1.ram,share=on", got[8])
 
-	_, _, err = launchArgs([]string{"qemu", "-m", "1G"}, "/r", "/q")
-	assert.ErrorIs(t, err, ErrRAMBackend)
+	// QEMU's own RAM: no file to make; the restore fills it through
+	// QEMU's process.
+	got, files, err = launchArgs([]string{"qemu", "-m", "1G"}, "/r", "/q")
+	require.NoError(t, err)
+	assert.Empty(t, files)
+	assert.Equal(t, []string{"qemu", "-m", "1G", "-incoming", "defer", "-S", "-qmp", "unix:/q,server=on,wait=off"}, got)
 }
 
 func TestPageSpans(t *testing.T) {

@@ -55,7 +55,7 @@ func cmdInspect(ctx context.Context, e *env, args []string) error {
 	fmt.Fprintf(w, "storage:      %d chunks, %s, %s, fill byte %#02x, device state %s\n", info.Chunks, info.Compression, enc, info.FillByte, mib(info.DeviceStateBytes))
 	if len(info.RestoreCommandLine) > 0 {
 		fmt.Fprintf(w, "restore into: %s\n", term.ShellJoin(info.RestoreCommandLine))
-		fmt.Fprintf(w, "              (give it its own mem-path and QMP socket, then: kvmckpt restore -i %s --qmp SOCKET --resume)\n", term.ShellQuote(info.Path))
+		fmt.Fprintf(w, "              (give it its own mem-path, if it has one, and QMP socket, then: kvmckpt restore -i %s --qmp SOCKET --resume)\n", term.ShellQuote(info.Path))
 	}
 	return nil
 }
