@@ -46,6 +46,13 @@
 // RAM (firmware, ROMs, video RAM): their total size is bounded by
 // [Options].MaxKept.
 //
+// For `kvmckpt export`, the same pass can read a stream written with
+// x-ignore-shared (each listed block followed by a be64 guest-physical
+// address), write it as a stock stream (no address, the capability out
+// of the configuration: what QEMU writes with it off, and loads with no
+// capability set), and insert page records of the caller's into a PART
+// section after ram's START ([Options].Insert).
+//
 // # Trust model
 //
 // The stream is untrusted input, as it comes from a QEMU process that

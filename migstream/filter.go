@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 )
 
 var (
@@ -83,6 +84,68 @@ type Options struct {
 	// MaxKept bounds the bytes of the blocks that are kept; 0 means
 	// DefaultMaxKept.
 	MaxKept uint64
+
+	// IgnoreShared says the stream was written with x-ignore-shared on:
+	// its block list gives each block's guest-physical address too.
+	IgnoreShared bool
+	// Stock writes the stream as QEMU writes it with x-ignore-shared
+	// off, which any QEMU loads without setting a capability: the
+	// capability leaves the configuration, the addresses the block list.
+	Stock bool
+	// Insert, if not nil, is called once the ram START section is
+	// written, to write page records into a PART section of its own
+	// (see [Pages]); an error from it ends the filter.
+	Insert func(blocks []Block, p *Pages) error
+}
+
+// Pages writes page records into the stream (see [Options].Insert).
+type Pages struct {
+	w    *bufio.Writer
+	last int
+	ids  []Block
+	n    uint64
+}
+
+// Page writes the page at byte offset off of block blk (an index into the
+// blocks Insert was given) with its bytes, [PageSize] of them.
+func (p *Pages) Page(blk int, off uint64, data []byte) error {
+	if len(data) != PageSize {
+		return fmt.Errorf("page of %d bytes", len(data))
+	}
+	if err := p.record(blk, off, flagPage); err != nil {
+		return err
+	}
+	_, err := p.w.Write(data)
+	return err
+}
+
+// Fill writes the page at off of block blk as every byte fill (QEMU's
+// zero-page record, which carries the byte).
+func (p *Pages) Fill(blk int, off uint64, fill byte) error {
+	if err := p.record(blk, off, flagZero); err != nil {
+		return err
+	}
+	return p.w.WriteByte(fill)
+}
+
+func (p *Pages) record(blk int, off, flags uint64) error {
+	if blk < 0 || blk >= len(p.ids) || off%PageSize != 0 || off >= p.ids[blk].Size {
+		return fmt.Errorf("page at %#x of block %d: not in the stream's blocks", off, blk)
+	}
+	hdr := off | flags
+	if blk == p.last {
+		hdr |= flagContinue
+	}
+	var b [8 + 1 + 255]byte
+	out := binary.BigEndian.AppendUint64(b[:0], hdr)
+	if blk != p.last {
+		out = append(out, byte(len(p.ids[blk].ID)))
+		out = append(out, p.ids[blk].ID...)
+	}
+	p.last = blk
+	p.n++
+	_, err := p.w.Write(out)
+	return err
 }
 
 // Stats is what [Filter] saw.
@@ -92,6 +155,8 @@ type Stats struct {
 	Dropped, Kept uint64
 	// KeptPages is the pages of kept blocks written out.
 	KeptPages uint64
+	// Inserted is the page records [Options].Insert wrote.
+	Inserted uint64
 }
 
 // Filter reads a pre-copy migration stream from r until its end and
@@ -304,12 +369,25 @@ func (f *filter) configuration() error {
 			if count > 64 {
 				return formatErr("%d capabilities", count)
 			}
-			out = binary.BigEndian.AppendUint32(out, count)
+			var caps []string
 			for range count {
 				c, err := f.str()
 				if err != nil {
 					return err
 				}
+				if f.opt.Stock && c == "x-ignore-shared" {
+					continue
+				}
+				caps = append(caps, c)
+			}
+			if f.opt.Stock && len(caps) == 0 {
+				// QEMU sends the subsection only with a capability
+				// to check (savevm.c, vmstate_capabilites_needed).
+				out = out[:len(out)-(1+1+len(sub)+4)]
+				continue
+			}
+			out = binary.BigEndian.AppendUint32(out, uint32(len(caps)))
+			for _, c := range caps {
 				out = append(out, byte(len(c)))
 				out = append(out, c...)
 			}
@@ -413,6 +491,12 @@ func (f *filter) start() error {
 			return formatErr("RAM block %q of %d bytes (%d of %d listed)", name, size, sum, total)
 		}
 		sum += size
+		var addr uint64
+		if f.opt.IgnoreShared {
+			if addr, err = f.be64(); err != nil {
+				return err
+			}
+		}
 		b := Block{ID: name, Size: size}
 		drop := f.opt.Drop != nil && f.opt.Drop(b)
 		var pages [][]byte
@@ -428,6 +512,9 @@ func (f *filter) start() error {
 		out = append(out, byte(len(name)))
 		out = append(out, name...)
 		out = binary.BigEndian.AppendUint64(out, size)
+		if f.opt.IgnoreShared && !f.opt.Stock {
+			out = binary.BigEndian.AppendUint64(out, addr)
+		}
 	}
 	if f.opt.Blocks != nil {
 		if err := f.opt.Blocks(f.blocks); err != nil {
@@ -447,7 +534,28 @@ func (f *filter) start() error {
 	if err != nil {
 		return err
 	}
-	return f.write(append(out, foot...))
+	if err := f.write(append(out, foot...)); err != nil {
+		return err
+	}
+	if f.opt.Insert == nil {
+		return nil
+	}
+	// A PART section of ram's own, footed like its START.
+	bw := bufio.NewWriterSize(f.w, 1<<20)
+	bw.Write(binary.BigEndian.AppendUint32([]byte{vmSectionPart}, id))
+	p := &Pages{w: bw, last: -1, ids: f.blocks}
+	if err := f.opt.Insert(slices.Clone(f.blocks), p); err != nil {
+		return err
+	}
+	bw.Write(binary.BigEndian.AppendUint64(nil, flagEOS))
+	if len(foot) > 0 {
+		bw.Write(binary.BigEndian.AppendUint32([]byte{vmSectionFooter}, id))
+	}
+	if err := bw.Flush(); err != nil {
+		return fmt.Errorf("write migration stream: %w", err)
+	}
+	f.stats.Inserted = p.n
+	return nil
 }
 
 // part reads a PART or END section of ram: page records until EOS. The

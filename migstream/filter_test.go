@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"io"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -228,5 +229,84 @@ func FuzzFilter(f *testing.F) {
 		if err != nil && !errors.Is(err, ErrFormat) && !errors.Is(err, ErrUnsupported) {
 			t.Fatalf("error wraps neither ErrFormat nor ErrUnsupported: %v", err)
 		}
+		// As export reads a stream written with x-ignore-shared.
+		_, err = Filter(bytes.NewReader(b), io.Discard, Options{
+			IgnoreShared: true, Stock: true, MaxKept: 1 << 20,
+			Insert: func(blocks []Block, p *Pages) error {
+				for i, b := range blocks {
+					if err := p.Fill(i, b.Size-PageSize, 1); err != nil {
+						t.Fatalf("fill the last page of a listed block: %v", err)
+					}
+				}
+				return nil
+			},
+		})
+		if err != nil && !errors.Is(err, ErrFormat) && !errors.Is(err, ErrUnsupported) {
+			t.Fatalf("error wraps neither ErrFormat nor ErrUnsupported: %v", err)
+		}
 	})
+}
+
+// TestStock turns an x-ignore-shared stream (block addresses, the
+// capability in the configuration) into a stock one with pages inserted,
+// as `kvmckpt export` does: the result reads back as a stream without the
+// capability, carrying the inserted pages.
+func TestStock(t *testing.T) {
+	s := (&stream{}).header()
+	s.u8(vmSubsection).str("configuration/capabilities").be32(1).be32(1).str("x-ignore-shared")
+	s.u8(vmSubsection).str("configuration/uuid").be32(1).raw(make([]byte, 16))
+	s.u8(vmSectionStart).be32(ramID).str("ram").be32(0).be32(4)
+	s.be64(testBlocks[0].Size + testBlocks[1].Size + testBlocks[2].Size | flagMemSize)
+	for i, b := range testBlocks {
+		s.str(b.ID).be64(b.Size).be64(uint64(i) << 32)
+	}
+	s.be64(flagEOS).footer(ramID)
+	s.u8(vmSectionEnd).be32(ramID).page("vga.vram", 0, 0x11).be64(flagEOS).footer(ramID)
+	dev := []byte{vmSectionFull, 0, 0, 0, 9, 3, 'c', 'p', 'u', 0, 0, 0, 0, 0, 0, 0, 1, 0xaa, vmEOF}
+	s.raw(dev)
+
+	var out bytes.Buffer
+	st, err := Filter(bytes.NewReader(s.b), &out, Options{
+		IgnoreShared: true,
+		Stock:        true,
+		Insert: func(blocks []Block, p *Pages) error {
+			assert.Equal(t, testBlocks, blocks)
+			require.NoError(t, p.Page(0, 0, bytes.Repeat([]byte{1}, PageSize)))
+			require.NoError(t, p.Page(0, 2*PageSize, bytes.Repeat([]byte{2}, PageSize)))
+			require.NoError(t, p.Fill(0, 3*PageSize, 0xaa))
+			require.NoError(t, p.Page(2, 0, bytes.Repeat([]byte{3}, PageSize)))
+			assert.Error(t, p.Page(0, testBlocks[0].Size, make([]byte, PageSize)), "past the block")
+			assert.Error(t, p.Page(9, 0, make([]byte, PageSize)), "no such block")
+			return nil
+		},
+	})
+	require.NoError(t, err)
+	assert.Equal(t, uint64(4), st.Inserted)
+
+	want := (&stream{}).header()
+	want.u8(vmSubsection).str("configuration/uuid").be32(1).raw(make([]byte, 16))
+	want.start(ramID, testBlocks...)
+	want.u8(vmSectionPart).be32(ramID)
+	want.page(testBlocks[0].ID, 0, 1).page("", 2*PageSize, 2)
+	want.record("", 3*PageSize, flagZero, []byte{0xaa})
+	want.page(testBlocks[2].ID, 0, 3)
+	want.be64(flagEOS).footer(ramID)
+	want.u8(vmSectionEnd).be32(ramID).page("vga.vram", 0, 0x11).be64(flagEOS).footer(ramID)
+	want.raw(dev)
+	assert.Equal(t, want.b, out.Bytes())
+
+	// Read back as a stock stream: the pages are there.
+	var pages []pageRef
+	_, err = Filter(bytes.NewReader(out.Bytes()), io.Discard, Options{
+		Drop: func(b Block) bool { return b.ID != "vga.vram" },
+		Page: func(b int, off uint64, zero bool) { pages = append(pages, pageRef{b, off}) },
+	})
+	require.NoError(t, err)
+	assert.Equal(t, []pageRef{{0, 0}, {0, 2 * PageSize}, {0, 3 * PageSize}, {2, 0}}, pages)
+
+	// Without Stock, the addresses and the capability stay.
+	out.Reset()
+	_, err = Filter(bytes.NewReader(s.b), &out, Options{IgnoreShared: true})
+	require.NoError(t, err)
+	assert.Equal(t, s.b, out.Bytes())
 }
