@@ -15,8 +15,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/kvmckpt/kvmckpt/internal/vmtest"
-	"github.com/kvmckpt/kvmckpt/writer"
 	"github.com/kvmckpt/kvmckpt/qmp"
+	"github.com/kvmckpt/kvmckpt/writer"
 )
 
 func TestMain(m *testing.M) { vmtest.Main(m) }
@@ -100,6 +100,13 @@ func TestSaveRestore(t *testing.T) {
 			assert.NotRegexp(t, kernelTrouble, dst.Serial(), "restored guest's console shows trouble")
 			if !t.Failed() {
 				vmtest.RecordMatrix(cfg, "save, restore, data verified")
+			}
+			if gc.name == "pc-1G-qemu10" {
+				// Saved with x-ignore-shared, exported stock: a
+				// target with its own new RAM file loads it with no
+				// capability set.
+				tcfg.Incoming = false
+				loadExported(t, tcfg, exportQEMU(t, out))
 			}
 		})
 	}
@@ -367,6 +374,60 @@ func TestQEMUOwnRAM(t *testing.T) {
 			if !t.Failed() {
 				vmtest.RecordMatrix(cfg, "save, restore, data verified ("+cfg.RAM+" RAM)")
 			}
+			if cfg.RAM == "default" {
+				// A standard migration stream of it, loaded by a
+				// stock QEMU.
+				loadExported(t, tcfg, exportQEMU(t, out))
+			}
 		})
 	}
+}
+
+// loadExported boots a target like cfg, has it load the exported stream
+// at path the way an operator would (migrate-incoming "exec:cat PATH":
+// QEMU reads it itself, nothing of kvmckpt's in between), resumes it and
+// waits for it to verify its data.
+func loadExported(t *testing.T, cfg vmtest.Config, path string) {
+	t.Helper()
+	ctx := context.Background()
+	cfg.Incoming = true
+	dst := vmtest.Boot(t, cfg)
+	s, err := qmp.Dial(ctx, dst.QMPPath)
+	require.NoError(t, err)
+	defer s.Close()
+	require.NoError(t, s.Run(ctx, "migrate-incoming", map[string]string{"uri": "exec:cat " + path}, nil))
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		st, err := s.Status(ctx)
+		require.NoError(t, err, "QEMU loading the export:\n%s", dst.SerialTail(20))
+		if st.State != "inmigrate" {
+			require.Equal(t, "paused", st.State, "the guest was paused for its checkpoint")
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "QEMU did not load the export in time")
+		time.Sleep(100 * time.Millisecond)
+	}
+	require.NoError(t, s.Cont(ctx))
+	_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK`), 0, 2*time.Minute)
+	require.NoError(t, err, "guest loaded from the export does not verify its data")
+	assert.NotRegexp(t, kernelTrouble, dst.Serial())
+}
+
+// exportQEMU exports a checkpoint as a migration stream and checks what
+// Export says of it.
+func exportQEMU(t *testing.T, ckpt string) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "guest.qemu")
+	res, err := Export(context.Background(), ExportOptions{Input: ckpt, Output: out, Format: FormatQEMU})
+	require.NoError(t, err)
+	t.Logf("export: %+v", *res)
+	r, err := writer.Open(ckpt)
+	require.NoError(t, err)
+	defer r.Close()
+	assert.Equal(t, r.Header().Pages.Saved, res.PagesWritten)
+	st, err := os.Stat(out)
+	require.NoError(t, err)
+	assert.Equal(t, st.Size(), res.Bytes)
+	assert.Equal(t, os.FileMode(0o600), st.Mode().Perm())
+	return out
 }

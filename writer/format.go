@@ -141,6 +141,12 @@ type Header struct {
 	// DeviceStateForm says how the device state leaves out the regions'
 	// RAM: "" (DeviceStateIgnoreShared), or DeviceStateFiltered.
 	DeviceStateForm string `json:"device_state_form,omitempty"`
+	// LibvirtDomain and LibvirtXML name the libvirt domain the
+	// checkpoint was saved from and hold its XML (virsh dumpxml
+	// --migratable), for a libvirt save image of it; empty for a QEMU
+	// not managed by libvirt.
+	LibvirtDomain string `json:"libvirt_domain,omitempty"`
+	LibvirtXML    string `json:"libvirt_xml,omitempty"`
 }
 
 // Forms of the device state (see [Header].DeviceStateForm).
