@@ -4,6 +4,7 @@
 //	kvmckpt scan    --qmp PATH [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
 //	kvmckpt save    --qmp PATH -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--json]
 //	kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH]) [--resume] [--json]
+//	kvmckpt export  FILE -o OUT --format qemu|libvirt [--xml DOMAIN.xml] [--json]
 //	kvmckpt inspect FILE [--json]
 //	kvmckpt verify  FILE
 //	kvmckpt resume  --qmp PATH
