@@ -2,12 +2,15 @@ package checkpoint
 
 import (
 	"bufio"
+	"bytes"
 	"cmp"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -39,6 +42,10 @@ type ExportOptions struct {
 	// DomainXML is the libvirt domain of a [FormatLibvirt] image, for a
 	// checkpoint that records none (one not saved through libvirt).
 	DomainXML []byte
+	// Paused makes `virsh restore` of a [FormatLibvirt] image leave the
+	// guest paused; by default it runs, as after a `virsh save` of a
+	// running guest.
+	Paused bool
 	// Progress, if not nil, is called as pages are written.
 	Progress func(done, total uint64)
 	Log      *slog.Logger
@@ -120,7 +127,7 @@ func Export(ctx context.Context, opt ExportOptions) (*ExportResult, error) {
 	}
 	bw := bufio.NewWriterSize(tmp, 4<<20)
 	if opt.Format == FormatLibvirt {
-		if err := writeLibvirtHeader(bw, xml); err != nil {
+		if err := writeLibvirtHeader(bw, xml, !opt.Paused); err != nil {
 			return nil, fmt.Errorf("export: %w", err)
 		}
 	}
@@ -260,8 +267,41 @@ func exportStream(ctx context.Context, w io.Writer, r *writer.Reader, res *Expor
 	return nil
 }
 
-// writeLibvirtHeader writes the header of a libvirt save image and the
-// domain XML (see libvirtHeader).
-func writeLibvirtHeader(w io.Writer, xml []byte) error {
-	return errors.New("not yet")
+// A libvirt save image (libvirt's src/qemu/qemu_saveimage.h): a header of
+// the magic, five 32-bit fields in the host's byte order (version 2, the
+// length of the data after the header, whether the guest runs after the
+// restore, the compression, the offset of a cookie in the data) and 14
+// unused ones; then the data: the domain XML with its NUL, and room for a
+// longer one (libvirt leaves 64 KiB); then the migration stream.
+const (
+	libvirtMagic   = "LibvirtQemudSave"
+	libvirtVersion = 2
+	libvirtPadding = 64 << 10
+	libvirtUnused  = 14
+)
+
+// writeLibvirtHeader writes the header of a libvirt save image and its
+// data: the domain XML, no cookie, uncompressed. running says whether
+// `virsh restore` starts the guest's CPUs.
+func writeLibvirtHeader(w io.Writer, xml []byte, running bool) error {
+	if bytes.IndexByte(xml, 0) >= 0 {
+		return fmt.Errorf("%w: the domain XML holds a NUL byte", ErrExport)
+	}
+	dataLen := len(xml) + 1 + libvirtPadding
+	if dataLen > math.MaxUint32 {
+		return fmt.Errorf("%w: a domain XML of %d bytes", ErrExport, len(xml))
+	}
+	hdr := []byte(libvirtMagic)
+	wasRunning := uint32(0)
+	if running {
+		wasRunning = 1
+	}
+	for _, v := range []uint32{libvirtVersion, uint32(dataLen), wasRunning, 0 /* raw */, 0 /* no cookie */} {
+		hdr = binary.NativeEndian.AppendUint32(hdr, v)
+	}
+	hdr = append(hdr, make([]byte, 4*libvirtUnused)...)
+	hdr = append(hdr, xml...)
+	hdr = append(hdr, make([]byte, 1+libvirtPadding)...)
+	_, err := w.Write(hdr)
+	return err
 }

@@ -13,6 +13,7 @@ func cmdExport(ctx context.Context, e *env, args []string) error {
 	out := fs.String("o", "", "file to write")
 	format := fs.String("format", "", "qemu: a migration stream (load it with -incoming \"exec:cat FILE\"); libvirt: a save image (virsh restore FILE)")
 	xmlFile := fs.String("xml", "", "with --format libvirt: the domain's XML, for a checkpoint not saved with --domain (virsh dumpxml --migratable NAME)")
+	paused := fs.Bool("paused", false, "with --format libvirt: virsh restore leaves the guest paused (by default it runs)")
 	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
 	keyFile := keyFlag(fs)
 	pos, err := e.parse(fs, verbose, args)
@@ -28,8 +29,8 @@ func cmdExport(ctx context.Context, e *env, args []string) error {
 	if *format != checkpoint.FormatQEMU && *format != checkpoint.FormatLibvirt {
 		return usagef("--format is qemu or libvirt")
 	}
-	if *xmlFile != "" && *format != checkpoint.FormatLibvirt {
-		return usagef("--xml goes with --format libvirt")
+	if (*xmlFile != "" || *paused) && *format != checkpoint.FormatLibvirt {
+		return usagef("--xml and --paused go with --format libvirt")
 	}
 	key, err := loadKey(*keyFile)
 	if err != nil {
@@ -43,7 +44,7 @@ func cmdExport(ctx context.Context, e *env, args []string) error {
 	}
 	bar := newProgress(e.stderr, "exporting")
 	res, err := checkpoint.Export(ctx, checkpoint.ExportOptions{Input: pos[0], Key: key, Output: *out, Format: *format,
-		DomainXML: xml, Progress: bar.update, Log: e.log})
+		DomainXML: xml, Paused: *paused, Progress: bar.update, Log: e.log})
 	bar.done()
 	if err != nil {
 		return err

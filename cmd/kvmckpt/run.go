@@ -29,7 +29,7 @@ Usage:
   kvmckpt scan    --qmp PATH [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
   kvmckpt save    --qmp PATH -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--encrypt-key FILE] [--json]
   kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH]) [--resume] [--encrypt-key FILE] [--json]
-  kvmckpt export  FILE -o OUT --format qemu|libvirt [--xml DOMAIN.xml] [--encrypt-key FILE] [--json]
+  kvmckpt export  FILE -o OUT --format qemu|libvirt [--xml DOMAIN.xml] [--paused] [--encrypt-key FILE] [--json]
   kvmckpt inspect FILE [--encrypt-key FILE] [--json]
   kvmckpt verify  FILE [--encrypt-key FILE]
   kvmckpt resume  --qmp PATH
