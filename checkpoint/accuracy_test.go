@@ -41,7 +41,7 @@ func TestScanAgainstGuestTruth(t *testing.T) {
 			truth := g.Truth(t)
 			ctx := context.Background()
 
-			gst, err := openGuest(ctx, g.QMPPath, nil)
+			gst, err := openGuest(ctx, Target{QMP: g.QMPPath}, nil)
 			require.NoError(t, err)
 			defer gst.close()
 			restore, err := gst.pause(ctx)

@@ -180,7 +180,7 @@ func TestSaveKeepsPausedGuestPaused(t *testing.T) {
 	require.ErrorIs(t, err, ErrGuestState)
 	assert.ErrorContains(t, err, "still current")
 	assert.NoFileExists(t, filepath.Join(dir, "b2.kvmckpt"))
-	state, err := Resume(ctx, g.QMPPath)
+	state, err := Resume(ctx, Target{QMP: g.QMPPath})
 	require.NoError(t, err)
 	assert.Equal(t, "running", state)
 

@@ -54,9 +54,9 @@ func TestNoLinuxKernel(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, len(a), len(b))
 	assert.True(t, bytes.Equal(a, b), "the restored RAM is the paused source's")
-	state, err := Resume(ctx, dst.QMPPath)
+	state, err := Resume(ctx, Target{QMP: dst.QMPPath})
 	require.NoError(t, err)
 	assert.Equal(t, "running", state)
-	_, err = Resume(ctx, src.QMPPath)
+	_, err = Resume(ctx, Target{QMP: src.QMPPath})
 	require.NoError(t, err)
 }

@@ -47,6 +47,7 @@ const ramHint = "run kvmckpt as root in QEMU's pid namespace, or start QEMU with
 // guest is a QEMU session with its RAM mapped, held under the per-guest lock.
 type guest struct {
 	sess     *qmp.Session
+	target   Target
 	lock     *os.File
 	lockPath string
 	prior    qmp.Status
@@ -137,11 +138,50 @@ func ensureRunDir(dir string) error {
 // SocketPath strips an optional "unix:" prefix.
 func SocketPath(p string) string { return strings.TrimPrefix(p, "unix:") }
 
+// Target names a guest: the path of its QMP socket, or a libvirt domain
+// (with the connection URI, "" for libvirt's default).
+type Target struct {
+	QMP     string
+	Domain  string
+	Connect string
+}
+
+func (t Target) String() string {
+	if t.Domain != "" {
+		return "libvirt domain " + t.Domain
+	}
+	return SocketPath(t.QMP)
+}
+
+// flag is the option naming t on kvmckpt's command line.
+func (t Target) flag() string {
+	if t.Domain != "" {
+		s := "--domain " + t.Domain
+		if t.Connect != "" {
+			s += " --connect " + t.Connect
+		}
+		return s
+	}
+	return "--qmp " + t.QMP
+}
+
+// lockPath names t's lock file: the socket's (see [LockPath]), or one
+// named by the libvirt connection and domain.
+func (t Target) lockPath() (string, error) {
+	if t.Domain == "" {
+		return lockPath(SocketPath(t.QMP))
+	}
+	sum := sha256.Sum256([]byte("libvirt\x00" + t.Connect + "\x00" + t.Domain))
+	return filepath.Join(RunDir(), "kvmckpt-"+hex.EncodeToString(sum[:8])+".lock"), nil
+}
+
 // openGuest connects to QEMU and takes the per-guest lock. The caller must
 // close it.
-func openGuest(ctx context.Context, socket string, log *slog.Logger) (*guest, error) {
-	socket = SocketPath(socket)
-	lp, err := lockPath(socket)
+func openGuest(ctx context.Context, t Target, log *slog.Logger) (*guest, error) {
+	if (t.QMP == "") == (t.Domain == "") {
+		return nil, errors.New("name the guest by its QMP socket or its libvirt domain, not both or neither")
+	}
+	lp, err := t.lockPath()
 	if err != nil {
 		return nil, err
 	}
@@ -149,7 +189,12 @@ func openGuest(ctx context.Context, socket string, log *slog.Logger) (*guest, er
 	if err != nil {
 		return nil, err
 	}
-	sess, err := qmp.Dial(ctx, socket)
+	var sess *qmp.Session
+	if t.Domain != "" {
+		sess, err = qmp.DialLibvirt(ctx, t.Connect, t.Domain)
+	} else {
+		sess, err = qmp.Dial(ctx, SocketPath(t.QMP))
+	}
 	if err != nil {
 		// Still locked: nobody else can have written a record into it.
 		if st, serr := lf.Stat(); serr == nil && st.Size() == 0 {
@@ -158,7 +203,7 @@ func openGuest(ctx context.Context, socket string, log *slog.Logger) (*guest, er
 		lf.Close()
 		return nil, err
 	}
-	g := &guest{sess: sess, lock: lf, lockPath: lp, log: logger(log), instance: qemuInstance(sess)}
+	g := &guest{sess: sess, target: t, lock: lf, lockPath: lp, log: logger(log), instance: qemuInstance(sess)}
 	if g.prior, err = sess.Status(ctx); err != nil {
 		g.close()
 		return nil, err
@@ -169,8 +214,8 @@ func openGuest(ctx context.Context, socket string, log *slog.Logger) (*guest, er
 
 // openSaveable opens a guest that is in a run state a checkpoint can be
 // taken in.
-func openSaveable(ctx context.Context, socket string, log *slog.Logger) (*guest, error) {
-	g, err := openGuest(ctx, socket, log)
+func openSaveable(ctx context.Context, t Target, log *slog.Logger) (*guest, error) {
+	g, err := openGuest(ctx, t, log)
 	if err != nil {
 		return nil, err
 	}
@@ -273,7 +318,7 @@ func (g *guest) checkStale() {
 	case g.instance == "":
 		// Keep the record: a later run may tell.
 		g.log.Warn("an earlier kvmckpt recorded a pause of a guest on this socket, and this QEMU cannot be told apart from "+
-			"the one it paused; if that kvmckpt was killed, run `kvmckpt resume --qmp PATH`", "record", rec)
+			"the one it paused; if that kvmckpt was killed, run `kvmckpt resume "+g.target.flag()+"`", "record", rec)
 		return
 	case !strings.HasSuffix(rec, "; "+g.instance):
 		g.log.Debug("dropped the pause record of another QEMU", "record", rec)
@@ -282,7 +327,7 @@ func (g *guest) checkStale() {
 	}
 	g.stale = rec
 	g.log.Warn("an earlier kvmckpt was stopped while it held this guest paused; this run puts the guest back to running ("+
-		"or run `kvmckpt resume --qmp PATH`)", "record", g.stale)
+		"or run `kvmckpt resume "+g.target.flag()+"`)", "record", g.stale)
 	g.prior.Running = true
 	g.prior.State = "running"
 }
@@ -528,7 +573,7 @@ func (g *guest) pause(ctx context.Context) (restore func(context.Context) error,
 			// No answer: QEMU may pause the guest once it reads the
 			// command. The record stays, so the next kvmckpt on this
 			// guest puts it back to running.
-			return nil, fmt.Errorf("pause guest: %w; QEMU may still pause the guest: the next kvmckpt on it resumes it, or run `kvmckpt resume --qmp %s`", err, g.sess.Path())
+			return nil, fmt.Errorf("pause guest: %w; QEMU may still pause the guest: the next kvmckpt on it resumes it, or run `kvmckpt resume %s`", err, g.target.flag())
 		}
 	}
 	// Paused now, by us or by the killed kvmckpt before us.

@@ -90,8 +90,8 @@ func Verify(path string, key []byte, progress func(done, total uint64)) error {
 
 // Resume starts a paused guest (after `kvmckpt save --keep-paused`, or an
 // interrupted kvmckpt) and returns its run state.
-func Resume(ctx context.Context, socket string) (string, error) {
-	g, err := openGuest(ctx, socket, logger(nil))
+func Resume(ctx context.Context, t Target) (string, error) {
+	g, err := openGuest(ctx, t, logger(nil))
 	if err != nil {
 		return "", err
 	}

@@ -732,5 +732,12 @@ func (g *guest) header(ctx context.Context, banner, profile string) (writer.Head
 	if pid, err := g.sess.PeerPID(); err == nil {
 		h.CommandLine, _ = qmp.ProcessCmdline(pid)
 	}
+	if t := g.target; t.Domain != "" {
+		xml, err := qmp.LibvirtDomainXML(ctx, t.Connect, t.Domain)
+		if err != nil {
+			return h, err
+		}
+		h.LibvirtDomain, h.LibvirtXML = t.Domain, string(xml)
+	}
 	return h, nil
 }

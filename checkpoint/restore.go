@@ -27,6 +27,10 @@ type RestoreOptions struct {
 	// QMP is the QMP socket of a QEMU started with -incoming defer (and -S,
 	// so that it waits for Resume).
 	QMP string
+	// Domain, instead of QMP, restores into libvirt as this domain
+	// (see [RestoreDomain]), on the connection Connect.
+	Domain  string
+	Connect string
 	// Resume starts the guest once its state is loaded.
 	Resume bool
 	// Key decrypts an encrypted checkpoint.
@@ -64,7 +68,7 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	if _, err := io.Copy(io.Discard, r.DeviceState()); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
-	g, err := openGuest(ctx, opt.QMP, logger(opt.Log))
+	g, err := openGuest(ctx, Target{QMP: opt.QMP}, logger(opt.Log))
 	if err != nil {
 		return nil, err
 	}

@@ -90,7 +90,7 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 		return nil, errors.New("save: no output file")
 	}
 	log := logger(opt.Log)
-	g, err := openSaveable(ctx, opt.QMP, log)
+	g, err := openSaveable(ctx, opt.target(), log)
 	if err != nil {
 		return nil, err
 	}
@@ -155,7 +155,7 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 	}
 	if saveErr != nil {
 		if afterErr != nil {
-			return nil, fmt.Errorf("%w; and the guest could not be resumed: %v (the next kvmckpt on this guest resumes it, or run `kvmckpt resume --qmp %s`)", saveErr, afterErr, opt.QMP)
+			return nil, fmt.Errorf("%w; and the guest could not be resumed: %v (the next kvmckpt on this guest resumes it, or run `kvmckpt resume %s`)", saveErr, afterErr, opt.target().flag())
 		}
 		return nil, saveErr
 	}

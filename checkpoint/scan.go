@@ -15,8 +15,12 @@ import (
 
 // ScanOptions say which guest to scan and how.
 type ScanOptions struct {
-	// QMP is the path of the guest's QMP socket ("unix:" prefix allowed).
-	QMP string
+	// QMP is the path of the guest's QMP socket ("unix:" prefix allowed);
+	// or Domain names a libvirt domain, on the connection Connect ("" for
+	// libvirt's default).
+	QMP     string
+	Domain  string
+	Connect string
 	// Profile is "auto" (or empty): a stored profile whose banner matches
 	// the guest's, else one built from guest memory and stored; or the
 	// path of a profile file.
@@ -33,6 +37,10 @@ type ScanOptions struct {
 	// [ErrNoIntrospection], instead of saving every non-zero page.
 	RequireIntrospection bool
 	Log                  *slog.Logger
+}
+
+func (o ScanOptions) target() Target {
+	return Target{QMP: o.QMP, Domain: o.Domain, Connect: o.Connect}
 }
 
 // ErrNoIntrospection means kvmckpt could not read the guest kernel's
@@ -85,7 +93,7 @@ type scanResult struct {
 func Scan(ctx context.Context, opt ScanOptions) (*ScanStats, error) {
 	start := time.Now()
 	log := logger(opt.Log)
-	g, err := openGuest(ctx, opt.QMP, log)
+	g, err := openGuest(ctx, opt.target(), log)
 	if err != nil {
 		return nil, err
 	}

@@ -39,6 +39,9 @@ func PeerPID(path string) (int, error) {
 // PeerPID returns the PID of the QEMU process at the other end of the
 // session's connection.
 func (s *Session) PeerPID() (int, error) {
+	if s.pid != 0 {
+		return s.pid, nil // the domain's QEMU, not libvirt's proxy
+	}
 	pid, err := peerPID(s.conn)
 	if err != nil {
 		return 0, fmt.Errorf("read peer of %s: %w", s.path, err)

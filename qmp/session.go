@@ -69,6 +69,12 @@ type Session struct {
 	timeout   atomic.Int64 // command timeout in nanoseconds
 	fdMu      sync.Mutex
 	fdSeq     uint64 // guarded by fdMu
+
+	// Set by [DialLibvirt]: QEMU's pid (the socket's peer is libvirt's
+	// proxy), what Close stops besides, and a name for the guest.
+	pid     int
+	onClose func()
+	label   string
 }
 
 // reply is one non-event message from QEMU.
@@ -265,12 +271,23 @@ func (s *Session) Close() error {
 	s.closeOnce.Do(func() {
 		err = s.conn.Close()
 		<-s.done
+		if s.onClose != nil {
+			s.onClose()
+		}
 	})
 	return err
 }
 
 // Path returns the socket path the session was dialled on.
 func (s *Session) Path() string { return s.path }
+
+// Name names the guest for messages: its libvirt domain, or the socket.
+func (s *Session) Name() string {
+	if s.label != "" {
+		return s.label
+	}
+	return s.path
+}
 
 // ctxErr returns ctx's error, wrapping [ErrTimeout] too when its deadline
 // passed.

@@ -1,13 +1,13 @@
 package writer
 
 import (
-	"io"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"iter"
 	"sort"
 	"time"

@@ -1,13 +1,13 @@
 // Command kvmckpt checkpoints KVM/QEMU virtual machines by looking inside
 // the guest: it saves only the pages the guest kernel uses.
 //
-//	kvmckpt scan    --qmp PATH [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
-//	kvmckpt save    --qmp PATH -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--json]
-//	kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH]) [--resume] [--json]
+//	kvmckpt scan    (--qmp PATH | --domain NAME [--connect URI]) [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
+//	kvmckpt save    (--qmp PATH | --domain NAME [--connect URI]) -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--json]
+//	kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH] | --domain NAME [--connect URI]) [--resume] [--json]
 //	kvmckpt export  FILE -o OUT --format qemu|libvirt [--xml DOMAIN.xml] [--json]
 //	kvmckpt inspect FILE [--json]
 //	kvmckpt verify  FILE
-//	kvmckpt resume  --qmp PATH
+//	kvmckpt resume  (--qmp PATH | --domain NAME [--connect URI])
 //	kvmckpt profile build --kernel PATH [-o FILE] | list | show NAME|FILE
 //
 // Exit codes: 0 success; 1 the operation failed; 2 usage error; 3 the

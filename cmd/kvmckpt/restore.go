@@ -12,6 +12,8 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 	fs, verbose := e.flags("restore")
 	in := fs.String("i", "", "checkpoint file to restore")
 	qmpPath := fs.String("qmp", "", "QMP socket of a QEMU started with -incoming defer -S")
+	domain := fs.String("domain", "", "restore into libvirt as this domain (not running), through a libvirt save image")
+	connect := fs.String("connect", "", "with --domain: libvirt connection URI")
 	launch := fs.Bool("launch", false, "start the target QEMU from the command line recorded in the checkpoint")
 	ramDir := fs.String("ram-dir", "", "with --launch: directory for the new RAM file and QMP socket (default /dev/shm)")
 	qemu := fs.String("qemu", "", "with --launch: the QEMU binary to run (default: the recorded emulator's name, found in PATH)")
@@ -24,8 +26,17 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 	if err := required("i", *in); err != nil {
 		return err
 	}
-	if *launch == (*qmpPath != "") {
-		return usagef("give one of --qmp (a waiting QEMU) or --launch (start one)")
+	n := 0
+	for _, given := range []bool{*launch, *qmpPath != "", *domain != ""} {
+		if given {
+			n++
+		}
+	}
+	if n != 1 {
+		return usagef("give one of --qmp (a waiting QEMU), --launch (start one) or --domain (a libvirt domain)")
+	}
+	if *connect != "" && *domain == "" {
+		return usagef("--connect goes with --domain")
 	}
 	if (*ramDir != "" || *qemu != "") && !*launch {
 		return usagef("--ram-dir and --qemu go with --launch")
@@ -35,7 +46,7 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	bar := newProgress(e.stderr, "restoring")
-	opts := checkpoint.RestoreOptions{Input: *in, QMP: *qmpPath, Resume: *resume, Key: key, Progress: bar.update, Log: e.log}
+	opts := checkpoint.RestoreOptions{Input: *in, QMP: *qmpPath, Domain: *domain, Connect: *connect, Resume: *resume, Key: key, Progress: bar.update, Log: e.log}
 	if *launch {
 		l, err := checkpoint.RestoreLaunch(ctx, checkpoint.LaunchOptions{RestoreOptions: opts, RAMDir: *ramDir, QEMU: *qemu})
 		bar.done()
@@ -49,7 +60,11 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintf(e.stdout, "restored %d of %d pages in %d ms; guest is %s; QMP: %s\n", l.PagesRestored, l.PagesTotal, l.DurationMS, l.GuestState, l.QMP)
 		return nil
 	}
-	res, err := checkpoint.Restore(ctx, opts)
+	restore := checkpoint.Restore
+	if *domain != "" {
+		restore = checkpoint.RestoreDomain
+	}
+	res, err := restore(ctx, opts)
 	bar.done()
 	if err != nil {
 		return err
@@ -64,14 +79,15 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 
 func cmdResume(ctx context.Context, e *env, args []string) error {
 	fs, verbose := e.flags("resume")
-	qmpPath := fs.String("qmp", "", "QMP socket of the guest")
+	tf := targetFlags(fs)
 	if _, err := e.parse(fs, verbose, args); err != nil {
 		return err
 	}
-	if err := required("qmp", *qmpPath); err != nil {
+	target, err := tf.target()
+	if err != nil {
 		return err
 	}
-	state, err := checkpoint.Resume(ctx, *qmpPath)
+	state, err := checkpoint.Resume(ctx, target)
 	if err != nil {
 		return err
 	}

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"strings"
 
+	"github.com/kvmckpt/kvmckpt/checkpoint"
 	"github.com/kvmckpt/kvmckpt/writer"
 )
 
@@ -26,13 +27,13 @@ func usagef(format string, args ...any) error { return &usageError{fmt.Sprintf(f
 const usage = `kvmckpt checkpoints KVM/QEMU guests by saving only the pages the guest uses.
 
 Usage:
-  kvmckpt scan    --qmp PATH [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
-  kvmckpt save    --qmp PATH -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--encrypt-key FILE] [--json]
-  kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH]) [--resume] [--encrypt-key FILE] [--json]
+  kvmckpt scan    (--qmp PATH | --domain NAME [--connect URI]) [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
+  kvmckpt save    (--qmp PATH | --domain NAME [--connect URI]) -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--encrypt-key FILE] [--json]
+  kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH] | --domain NAME [--connect URI]) [--resume] [--encrypt-key FILE] [--json]
   kvmckpt export  FILE -o OUT --format qemu|libvirt [--xml DOMAIN.xml] [--paused] [--encrypt-key FILE] [--json]
   kvmckpt inspect FILE [--encrypt-key FILE] [--json]
   kvmckpt verify  FILE [--encrypt-key FILE]
-  kvmckpt resume  --qmp PATH
+  kvmckpt resume  (--qmp PATH | --domain NAME [--connect URI])
   kvmckpt profile build --kernel PATH [-o FILE]
   kvmckpt profile list
   kvmckpt profile show NAME|FILE
@@ -131,6 +132,33 @@ func loadKey(path string) ([]byte, error) {
 		return nil, nil
 	}
 	return writer.LoadKeyFile(path)
+}
+
+// targetFlags adds --qmp, --domain and --connect to a command; check the
+// result with target.
+func targetFlags(fs *flag.FlagSet) *targetFlag {
+	return &targetFlag{
+		qmp:     fs.String("qmp", "", "QMP socket of the guest (PATH or unix:PATH)"),
+		domain:  fs.String("domain", "", "or: the libvirt domain of the guest (name), reached through libvirt's virt-qemu-qmp-proxy"),
+		connect: fs.String("connect", "", "with --domain: libvirt connection URI (default: libvirt's, qemu:///system for root)"),
+	}
+}
+
+type targetFlag struct{ qmp, domain, connect *string }
+
+// target returns the guest the flags name: exactly one of --qmp and
+// --domain.
+func (f *targetFlag) target() (checkpoint.Target, error) {
+	t := checkpoint.Target{QMP: *f.qmp, Domain: *f.domain, Connect: *f.connect}
+	switch {
+	case t.QMP != "" && t.Domain != "":
+		return t, usagef("give --qmp or --domain, not both")
+	case t.QMP == "" && t.Domain == "":
+		return t, usagef("--qmp (a QMP socket) or --domain (a libvirt domain) is required")
+	case t.Connect != "" && t.Domain == "":
+		return t, usagef("--connect goes with --domain")
+	}
+	return t, nil
 }
 
 func required(name, value string) error {

@@ -11,7 +11,7 @@ import (
 
 func cmdSave(ctx context.Context, e *env, args []string) error {
 	fs, verbose := e.flags("save")
-	qmpPath := fs.String("qmp", "", "QMP socket of the guest (PATH or unix:PATH)")
+	tf := targetFlags(fs)
 	out := fs.String("o", "", "checkpoint file to write")
 	profile := fs.String("profile", "auto", "kernel profile: auto, or a profile file")
 	requireIntro := fs.Bool("require-introspection", false, "fail rather than save every non-zero page when the guest kernel cannot be read")
@@ -26,7 +26,8 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	if _, err := e.parse(fs, verbose, args); err != nil {
 		return err
 	}
-	if err := required("qmp", *qmpPath); err != nil {
+	target, err := tf.target()
+	if err != nil {
 		return err
 	}
 	if err := required("o", *out); err != nil {
@@ -57,7 +58,7 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	}
 	bar := newProgress(e.stderr, "saving")
 	res, err := checkpoint.Save(ctx, checkpoint.SaveOptions{
-		ScanOptions: checkpoint.ScanOptions{QMP: *qmpPath, Profile: *profile, RequireIntrospection: *requireIntro, Log: e.log},
+		ScanOptions: checkpoint.ScanOptions{QMP: target.QMP, Domain: target.Domain, Connect: target.Connect, Profile: *profile, RequireIntrospection: *requireIntro, Log: e.log},
 		Output:      *out,
 		After:       after,
 		Compression: writer.Compression(*compress),

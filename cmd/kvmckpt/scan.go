@@ -11,7 +11,7 @@ import (
 
 func cmdScan(ctx context.Context, e *env, args []string) error {
 	fs, verbose := e.flags("scan")
-	qmpPath := fs.String("qmp", "", "QMP socket of the guest (PATH or unix:PATH)")
+	tf := targetFlags(fs)
 	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
 	profile := fs.String("profile", "auto", "kernel profile: auto, or a profile file")
 	requireIntro := fs.Bool("require-introspection", false, "fail rather than save every non-zero page when the guest kernel cannot be read")
@@ -19,10 +19,11 @@ func cmdScan(ctx context.Context, e *env, args []string) error {
 	if _, err := e.parse(fs, verbose, args); err != nil {
 		return err
 	}
-	if err := required("qmp", *qmpPath); err != nil {
+	target, err := tf.target()
+	if err != nil {
 		return err
 	}
-	st, err := checkpoint.Scan(ctx, checkpoint.ScanOptions{QMP: *qmpPath, Profile: *profile, RequireIntrospection: *requireIntro, Map: *mapPNG, Log: e.log})
+	st, err := checkpoint.Scan(ctx, checkpoint.ScanOptions{QMP: target.QMP, Domain: target.Domain, Connect: target.Connect, Profile: *profile, RequireIntrospection: *requireIntro, Map: *mapPNG, Log: e.log})
 	if err != nil {
 		return err
 	}
