@@ -30,6 +30,14 @@ type Info struct {
 	// RestoreCommandLine is the source's command line made into a restore
 	// target: -incoming defer -S added. Point its mem-path at a new file.
 	RestoreCommandLine []string `json:"restore_command_line,omitempty"`
+	// LibvirtDomain is the libvirt domain it was saved from; its XML is
+	// recorded too, for `restore --domain` and `export --format libvirt`.
+	// A libvirt domain's QEMU command line (descriptors libvirt passed)
+	// is no restore command line: RestoreCommandLine is then empty.
+	LibvirtDomain string `json:"libvirt_domain,omitempty"`
+	// DeviceStateForm is how the device state leaves the RAM out (see
+	// writer.Header).
+	DeviceStateForm string `json:"device_state_form,omitempty"`
 }
 
 // Inspect reads a checkpoint's header and structure (not its pages).
@@ -51,8 +59,9 @@ func Inspect(path string, key []byte) (*Info, error) {
 		Compression: string(h.Compression), FillByte: h.FillByte, Regions: h.Regions,
 		Pages: h.Pages, Chunks: r.NumChunks(), DeviceStateBytes: r.DeviceStateLen(),
 		CommandLine: h.CommandLine, Encrypted: r.Encrypted(),
+		LibvirtDomain: h.LibvirtDomain, DeviceStateForm: h.DeviceStateForm,
 	}
-	if len(h.CommandLine) > 0 {
+	if len(h.CommandLine) > 0 && h.LibvirtDomain == "" {
 		info.RestoreCommandLine = RestoreCommandLine(h.CommandLine)
 	}
 	return info, nil

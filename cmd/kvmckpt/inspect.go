@@ -53,6 +53,11 @@ func cmdInspect(ctx context.Context, e *env, args []string) error {
 		enc = "AES-256-GCM"
 	}
 	fmt.Fprintf(w, "storage:      %d chunks, %s, %s, fill byte %#02x, device state %s\n", info.Chunks, info.Compression, enc, info.FillByte, mib(info.DeviceStateBytes))
+	if info.LibvirtDomain != "" {
+		fmt.Fprintf(w, "libvirt:      domain %s (its XML recorded)\n", esc(info.LibvirtDomain))
+		fmt.Fprintf(w, "restore into: kvmckpt restore -i %s --domain %s --resume  (or export --format libvirt, then virsh restore)\n",
+			term.ShellQuote(info.Path), term.ShellQuote(info.LibvirtDomain))
+	}
 	if len(info.RestoreCommandLine) > 0 {
 		fmt.Fprintf(w, "restore into: %s\n", term.ShellJoin(info.RestoreCommandLine))
 		fmt.Fprintf(w, "              (give it its own mem-path, if it has one, and QMP socket, then: kvmckpt restore -i %s --qmp SOCKET --resume)\n", term.ShellQuote(info.Path))

@@ -100,6 +100,7 @@ func (g *Guest) LaterTruth(tb testing.TB) *Truth {
 // a QEMU process or a RAM file behind. Use it from TestMain.
 func Main(m *testing.M) {
 	code := m.Run()
+	stopLibvirt()
 	if left := Leftovers(); len(left) > 0 {
 		fmt.Fprintf(os.Stderr, "vmtest: left behind after the tests: %v\n", left)
 		if code == 0 {
