@@ -1,6 +1,7 @@
 package checkpoint
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -197,6 +198,13 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 	}
 	defer w.Abort()
 	g.afterResume = append(g.afterResume, w.ReleaseReplaced)
+	// A stream that carries the RAM costs a pass of QEMU's over all of
+	// it: run it beside the pages, into memory (filtered, it is small).
+	var dev *deviceCapture
+	if g.deviceForm() == writer.DeviceStateFiltered {
+		dev = g.captureDevice(ctx, caps)
+		defer dev.stop()
+	}
 	t1 := time.Now()
 	if g.mappedAll() {
 		err = w.WritePagesContext(ctx, g.ram, scan.save, opt.Progress)
@@ -211,11 +219,23 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 	}
 	tPages := time.Since(t1)
 	t2 := time.Now()
-	devBytes, err := g.saveDevice(ctx, w.WriteDeviceState, caps)
-	if err != nil {
-		return nil, err
+	var devBytes int64
+	var tDev time.Duration
+	if dev != nil {
+		buf, took, err := dev.wait()
+		if err != nil {
+			return nil, err
+		}
+		if devBytes, err = w.WriteDeviceState(bytes.NewReader(buf)); err != nil {
+			return nil, fmt.Errorf("write device state: %w", err)
+		}
+		tDev = took
+	} else {
+		if devBytes, err = g.saveDevice(ctx, w.WriteDeviceState, caps); err != nil {
+			return nil, err
+		}
+		tDev = time.Since(t2)
 	}
-	tDev := time.Since(t2)
 	t3 := time.Now()
 	if err := w.Commit(); err != nil {
 		return nil, err
@@ -241,6 +261,51 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 		Warnings:         scan.Warnings,
 		FullSave:         scan.FullSave,
 	}, nil
+}
+
+// maxDeviceState bounds a device state held in memory: QEMU's small RAM
+// blocks (migstream's MaxKept) and the devices' sections.
+const maxDeviceState = migstream.DefaultMaxKept + 64<<20
+
+// deviceCapture is a device state being saved into memory while the pages
+// are written.
+type deviceCapture struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	buf    bytes.Buffer
+	took   time.Duration
+	err    error
+}
+
+func (g *guest) captureDevice(ctx context.Context, caps map[string]bool) *deviceCapture {
+	ctx, cancel := context.WithCancel(ctx)
+	d := &deviceCapture{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(d.done)
+		t := time.Now()
+		_, d.err = g.saveDevice(ctx, func(r io.Reader) (int64, error) {
+			n, err := io.Copy(&d.buf, io.LimitReader(r, maxDeviceState+1))
+			if err == nil && n > maxDeviceState {
+				err = fmt.Errorf("device state larger than %d MiB", maxDeviceState>>20)
+			}
+			return n, err
+		}, caps)
+		d.took = time.Since(t)
+	}()
+	return d
+}
+
+// wait returns the device state and how long QEMU took to send it.
+func (d *deviceCapture) wait() ([]byte, time.Duration, error) {
+	<-d.done
+	return d.buf.Bytes(), d.took, d.err
+}
+
+// stop cancels the capture, if it still runs, and waits for it: QEMU's
+// migration is cancelled and the capabilities put back.
+func (d *deviceCapture) stop() {
+	d.cancel()
+	<-d.done
 }
 
 // saveDevice streams QEMU's device state into the checkpoint and puts the

@@ -21,7 +21,9 @@
 set -euo pipefail
 
 cache=${KVMCKPT_CACHE:?KVMCKPT_CACHE is not set: run make deps}
-packages=(qemu-system-x86 busybox-static cpio)
+packages=(qemu-system-x86 busybox-static cpio
+	# libvirt, for the tests of libvirt domains (--domain, export --format libvirt)
+	libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-clients-qemu python3-libvirt)
 kernels=("$@")
 if [ ${#kernels[@]} -eq 0 ]; then
 	kernels=(amd64=linux-image-6.1.0-47-amd64-unsigned cloud-amd64=linux-image-6.1.0-47-cloud-amd64-unsigned)

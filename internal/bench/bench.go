@@ -89,6 +89,8 @@ type workload struct {
 	// QEMU is the emulator (vmtest.Config.QEMU): "" bookworm's 7.2,
 	// "10.0" the backported one.
 	QEMU string `json:"qemu,omitempty"`
+	// RAM is the kind of RAM (vmtest.Config.RAM).
+	RAM string `json:"ram,omitempty"`
 }
 
 // newWorkload shapes a guest of mem MiB: churn of it filled with non-zero
@@ -107,6 +109,7 @@ func newWorkload(c config, mem int, churn float64) workload {
 		CPUs:      c.CPUs,
 		Machine:   c.Machine,
 		QEMU:      c.QEMU,
+		RAM:       c.RAM,
 	}
 }
 
@@ -116,6 +119,7 @@ func (w workload) guest() vmtest.Config {
 		Machine: w.Machine,
 		MemMiB:  w.MemMiB,
 		CPUs:    w.CPUs,
+		RAM:     w.RAM,
 		Workload: vmtest.Workload{
 			Churn: w.ChurnMiB, Anon: w.AnonMiB, Tmpfs: w.TmpfsMiB, Text: w.TextMiB,
 			Interval: w.IntervalS,
@@ -263,7 +267,12 @@ func (b *bench) rep(ctx context.Context, g *vmtest.Guest, w workload, rep int, r
 	}
 	defer os.RemoveAll(dir)
 	files := map[string][]string{}
-	for i, tool := range saveOrder(rep, b.cfg.mappedRAM()) {
+	order := saveOrder(rep, b.cfg.mappedRAM())
+	if b.cfg.RAM != "" {
+		// No RAM file to copy.
+		order = slices.DeleteFunc(order, func(t string) bool { return t == toolNaive })
+	}
+	for i, tool := range order {
 		if err := b.settle(ctx, g, w); err != nil {
 			return fmt.Errorf("rep %d, before %s save: %w", rep+1, tool, err)
 		}

@@ -95,6 +95,10 @@ type config struct {
 	Live bool `json:"live,omitempty"`
 	// Rates are the live bench's writer rates, MiB/s (0: idle).
 	Rates []int `json:"rates,omitempty"`
+	// RAM is the guest's kind of RAM (vmtest.Config.RAM): "" a shared
+	// file, "default" QEMU's own anonymous RAM, which has no file for
+	// the naive copy.
+	RAM string `json:"ram,omitempty"`
 }
 
 // mappedRAM reports whether the emulator has mapped-ram (QEMU 8.2 and
@@ -129,6 +133,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.QEMU, "qemu", "", "emulator: empty for the system's (bookworm's 7.2), 10.0 for the one make deps unpacked (adds QEMU's mapped-ram save)")
 	fs.StringVar(&c.Copier, "copier", copierWrite, "how QEMU's save stream reaches the file: write (read/write(2), as when QEMU writes the file itself) or splice")
 	fs.BoolVar(&c.Live, "live", false, "live saves instead: guests writing memory at 0, 10, 50 and 200 MiB/s (50 with -smoke), each saved by kvmckpt with and without --live and by QEMU's live migration")
+	fs.StringVar(&c.RAM, "ram", "", "guest RAM: empty for a shared file (memory-backend-file share=on), default for QEMU's own anonymous RAM (-m alone; no naive copy then)")
 	rates := fs.String("rates", "", "with -live: the writer rates, MiB/s, comma-separated (0: idle; default 0,10,50,200, or 50 with -smoke)")
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -187,6 +192,10 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, fmt.Errorf("-interval %d: at least 1 s", c.Interval)
 	case c.CPUs < 1:
 		return c, fmt.Errorf("-cpus %d: at least 1", c.CPUs)
+	case c.RAM != "" && c.RAM != "default":
+		return c, fmt.Errorf("-ram %q: empty or default", c.RAM)
+	case c.RAM != "" && (c.Live || c.Sweep):
+		return c, errors.New("-ram default goes with the stop-and-copy bench only")
 	case c.Machine != "pc" && c.Machine != "q35":
 		return c, fmt.Errorf("-machine %q: pc or q35", c.Machine)
 	case c.Copier != copierWrite && c.Copier != copierSplice:
