@@ -372,7 +372,11 @@ func TestQEMUOwnRAM(t *testing.T) {
 			require.NoError(t, err, "restored guest does not verify its data")
 			assert.NotRegexp(t, kernelTrouble, dst.Serial(), "restored guest's console shows trouble")
 			if !t.Failed() {
-				vmtest.RecordMatrix(cfg, "save, restore, data verified ("+cfg.RAM+" RAM)")
+				check := "anonymous RAM: save, restore, verified"
+				if cfg.RAM == "mixed" {
+					check = "anonymous + memfd RAM: save, restore, verified"
+				}
+				vmtest.RecordMatrix(cfg, check)
 			}
 			if cfg.RAM == "default" {
 				// A standard migration stream of it, loaded by a

@@ -80,6 +80,9 @@ func TestLibvirtDomain(t *testing.T) {
 	t.Logf("restore --domain: %s", strings.TrimSpace(stdout))
 	assert.Equal(t, "running", d.State(t))
 	verifiedAfter(t, d, from)
+	if !t.Failed() {
+		vmtest.RecordMatrix(d.Config, "libvirt domain: save, export, virsh restore, restore --domain")
+	}
 	entries, err := os.ReadDir(dir)
 	require.NoError(t, err)
 	for _, e := range entries {
