@@ -64,19 +64,8 @@ func TestSaveRestore(t *testing.T) {
 		t.Run(gc.name, func(t *testing.T) {
 			cfg := gc.cfg
 			cfg.Workload = dirtyFree(cfg.MemMiB)
-			src := vmtest.Boot(t, cfg)
-			src.WaitReady(t)
-			free := memFreePages(t, src)
+			src, out, _ := bootAndSave(t, cfg)
 			ctx := context.Background()
-			out := filepath.Join(t.TempDir(), "guest.kvmckpt")
-			res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: t.TempDir()}, Output: out})
-			require.NoError(t, err)
-			t.Logf("save: %+v", *res)
-			assert.Equal(t, "running", res.GuestState, "save must put a running guest back to running")
-			used := res.PagesTotal - free
-			assert.LessOrEqual(t, float64(res.PagesSaved), 1.02*float64(used),
-				"checkpoint holds %d pages, guest uses %d", res.PagesSaved, used)
-			assert.Greater(t, res.PagesFree, res.PagesTotal/2, "most of the churned memory is free")
 			st, err := os.Stat(out)
 			require.NoError(t, err)
 			assert.Equal(t, os.FileMode(0o600), st.Mode().Perm())
@@ -88,16 +77,7 @@ func TestSaveRestore(t *testing.T) {
 
 			tcfg := gc.cfg
 			tcfg.Workload = cfg.Workload
-			tcfg.Incoming = true
-			dst := vmtest.Boot(t, tcfg)
-			rres, err := Restore(ctx, RestoreOptions{Input: out, QMP: dst.QMPPath, Resume: true})
-			require.NoError(t, err)
-			t.Logf("restore: %+v", *rres)
-			assert.Equal(t, "running", rres.GuestState)
-			// Two rounds of verification of all kept data after the restore.
-			_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK`), 0, 2*time.Minute)
-			require.NoError(t, err, "restored guest does not verify its data")
-			assert.NotRegexp(t, kernelTrouble, dst.Serial(), "restored guest's console shows trouble")
+			restoreVerified(t, tcfg, out)
 			if !t.Failed() {
 				vmtest.RecordMatrix(cfg, "save, restore, data verified")
 			}
@@ -327,20 +307,9 @@ func TestQEMUOwnRAM(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := c.cfg
 			cfg.Workload = dirtyFree(cfg.MemMiB)
-			src := vmtest.Boot(t, cfg)
-			src.WaitReady(t)
-			free := memFreePages(t, src)
+			src, out, res := bootAndSave(t, cfg)
 			ctx := context.Background()
-			out := filepath.Join(t.TempDir(), "guest.kvmckpt")
-			res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: t.TempDir()}, Output: out})
-			require.NoError(t, err)
-			t.Logf("save: %+v", *res)
-			assert.Equal(t, "running", res.GuestState)
 			assert.False(t, res.FullSave, "the guest kernel is read through QEMU's memory")
-			used := res.PagesTotal - free
-			assert.LessOrEqual(t, float64(res.PagesSaved), 1.02*float64(used),
-				"checkpoint holds %d pages, guest uses %d", res.PagesSaved, used)
-			assert.Greater(t, res.PagesFree, res.PagesTotal/2, "most of the churned memory is free")
 			assert.Less(t, res.DeviceStateBytes, int64(8<<20), "the device state carries no guest RAM")
 			r, err := writer.Open(out)
 			require.NoError(t, err)
@@ -362,15 +331,7 @@ func TestQEMUOwnRAM(t *testing.T) {
 
 			tcfg := c.cfg
 			tcfg.Workload = cfg.Workload
-			tcfg.Incoming = true
-			dst := vmtest.Boot(t, tcfg)
-			rres, err := Restore(ctx, RestoreOptions{Input: out, QMP: dst.QMPPath, Resume: true})
-			require.NoError(t, err)
-			t.Logf("restore: %+v", *rres)
-			assert.Equal(t, "running", rres.GuestState)
-			_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK`), 0, 2*time.Minute)
-			require.NoError(t, err, "restored guest does not verify its data")
-			assert.NotRegexp(t, kernelTrouble, dst.Serial(), "restored guest's console shows trouble")
+			restoreVerified(t, tcfg, out)
 			if !t.Failed() {
 				check := "anonymous RAM: save, restore, verified"
 				if cfg.RAM == "mixed" {
@@ -385,6 +346,43 @@ func TestQEMUOwnRAM(t *testing.T) {
 			}
 		})
 	}
+}
+
+// bootAndSave boots a guest like cfg, waits for its workload and saves
+// it, checking that it runs on and that the checkpoint holds no more than
+// the pages the guest uses (by its own MemFree).
+func bootAndSave(t *testing.T, cfg vmtest.Config) (*vmtest.Guest, string, *SaveResult) {
+	t.Helper()
+	src := vmtest.Boot(t, cfg)
+	src.WaitReady(t)
+	free := memFreePages(t, src)
+	out := filepath.Join(t.TempDir(), "guest.kvmckpt")
+	res, err := Save(context.Background(), SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: t.TempDir()}, Output: out})
+	require.NoError(t, err)
+	t.Logf("save: %+v", *res)
+	assert.Equal(t, "running", res.GuestState, "save must put a running guest back to running")
+	used := res.PagesTotal - free
+	assert.LessOrEqual(t, float64(res.PagesSaved), 1.02*float64(used),
+		"checkpoint holds %d pages, guest uses %d", res.PagesSaved, used)
+	assert.Greater(t, res.PagesFree, res.PagesTotal/2, "most of the churned memory is free")
+	return src, out, res
+}
+
+// restoreVerified restores the checkpoint at out into a target booted
+// like cfg and waits for two rounds of the workload's verification of
+// all its kept data.
+func restoreVerified(t *testing.T, cfg vmtest.Config, out string) {
+	t.Helper()
+	ctx := context.Background()
+	cfg.Incoming = true
+	dst := vmtest.Boot(t, cfg)
+	rres, err := Restore(ctx, RestoreOptions{Input: out, QMP: dst.QMPPath, Resume: true})
+	require.NoError(t, err)
+	t.Logf("restore: %+v", *rres)
+	assert.Equal(t, "running", rres.GuestState)
+	_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK`), 0, 2*time.Minute)
+	require.NoError(t, err, "restored guest does not verify its data")
+	assert.NotRegexp(t, kernelTrouble, dst.Serial(), "restored guest's console shows trouble")
 }
 
 // loadExported boots a target like cfg, has it load the exported stream

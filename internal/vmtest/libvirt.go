@@ -128,15 +128,7 @@ func VirshErr(args ...string) (string, error) {
 func BootDomain(tb testing.TB, cfg Config) *Domain {
 	tb.Helper()
 	RequiresLibvirt(tb)
-	if cfg.Machine == "" {
-		cfg.Machine = "pc"
-	}
-	if cfg.CPUs == 0 {
-		cfg.CPUs = 1
-	}
-	if cfg.MemMiB == 0 {
-		cfg.MemMiB = 1024
-	}
+	cfg = cfg.withDefaults()
 	kernel, err := KernelPath(cfg.Kernel)
 	if err != nil {
 		tb.Fatal(err)

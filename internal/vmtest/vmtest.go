@@ -127,6 +127,20 @@ type Config struct {
 	RAM string
 }
 
+// withDefaults fills in the machine (pc), vCPUs (1) and RAM (1 GiB).
+func (cfg Config) withDefaults() Config {
+	if cfg.Machine == "" {
+		cfg.Machine = "pc"
+	}
+	if cfg.CPUs == 0 {
+		cfg.CPUs = 1
+	}
+	if cfg.MemMiB == 0 {
+		cfg.MemMiB = 1024
+	}
+	return cfg
+}
+
 // Guest is a running QEMU.
 type Guest struct {
 	Config     Config
@@ -149,15 +163,7 @@ var seq atomic.Int64
 
 // Start boots a guest. The caller must Close it.
 func Start(ctx context.Context, cfg Config) (*Guest, error) {
-	if cfg.Machine == "" {
-		cfg.Machine = "pc"
-	}
-	if cfg.CPUs == 0 {
-		cfg.CPUs = 1
-	}
-	if cfg.MemMiB == 0 {
-		cfg.MemMiB = 1024
-	}
+	cfg = cfg.withDefaults()
 	kernel, err := KernelPath(cfg.Kernel)
 	if err != nil {
 		return nil, err
