@@ -62,7 +62,7 @@ func DialLibvirt(ctx context.Context, uri, domain string) (*Session, error) {
 	if uri != "" {
 		args = append(args, "--connect", uri)
 	}
-	args = append(args, domain, sock)
+	args = append(args, "--", domain, sock)
 	cmd := exec.Command(libvirtPython, args...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
