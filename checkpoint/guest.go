@@ -22,7 +22,6 @@ import (
 	"github.com/kvmckpt/kvmckpt/introspect"
 	"github.com/kvmckpt/kvmckpt/qmp"
 	"github.com/kvmckpt/kvmckpt/ramblock"
-	"github.com/kvmckpt/kvmckpt/writer"
 )
 
 var (
@@ -61,6 +60,9 @@ type guest struct {
 	ram    [][]byte
 	mem    *introspect.PhysMem
 	log    *slog.Logger
+	// ramSent is what QEMU sent of each backend's RAM in the device
+	// state's stream (page records), when it was filtered.
+	ramSent map[string]uint64
 	// afterResume is run when a save returns, the guest running again.
 	afterResume []func()
 	// instance names the QEMU process for the life of the host's boot
@@ -483,18 +485,21 @@ func (g *guest) mappedAll() bool {
 	return true
 }
 
-// deviceForm is how the device state leaves the backends' RAM out: with
-// x-ignore-shared if every backend is a shared memory-backend-file, which
-// QEMU 7.2 and 10 both leave out of the stream (migration/ram.c,
-// ramblock_is_ignored; QEMU 8.1 and later skip only such named files);
-// else filtered from a stream that carries them (see [guest.saveDevice]).
-func (g *guest) deviceForm() string {
+// ramInStream reports whether QEMU may put backends' RAM into the device
+// state's stream even with x-ignore-shared on: it leaves out shared
+// memory-backend-file RAM in QEMU 7.2 and 10 alike, but QEMU 8.1 and
+// later send a shared memfd, and every version sends memory that is not
+// shared (migration/ram.c: ramblock_is_ignored in 7.2,
+// migrate_ram_is_ignored in 10.0). Such a stream is filtered on its way
+// to the checkpoint (see [guest.saveDevice]), so what the running QEMU
+// really leaves out is seen, not assumed.
+func (g *guest) ramInStream() bool {
 	for _, b := range g.backends {
 		if b.Type != "memory-backend-file" || !b.Share || b.MemPath == "" {
-			return writer.DeviceStateFiltered
+			return true
 		}
 	}
-	return writer.DeviceStateIgnoreShared
+	return false
 }
 
 // pageSpace is the guest's RAM as one run of pages, the backends one after

@@ -700,6 +700,7 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 		KernelBanner:     ls.prof.Banner,
 		Warnings:         warnings,
 		FullSave:         fp == nil,
+		RAMInDeviceState: g.ramSent,
 		Live:             &ls.report,
 	}
 	if fp != nil {
@@ -710,7 +711,9 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 
 // header is the checkpoint header of the guest, without page counts.
 func (g *guest) header(ctx context.Context, banner, profile string) (writer.Header, error) {
-	h := writer.Header{KernelBanner: banner, Profile: profile, DeviceStateForm: g.deviceForm()}
+	// The device state is always saved with x-ignore-shared on (and
+	// filtered of any RAM QEMU sends anyway): loaded with it on.
+	h := writer.Header{KernelBanner: banner, Profile: profile, DeviceStateForm: writer.DeviceStateIgnoreShared}
 	for _, b := range g.backends {
 		r := writer.Region{ID: b.ID, Size: b.Size, MemPath: b.MemPath}
 		for _, m := range g.layout {

@@ -74,6 +74,11 @@ type SaveResult struct {
 	// FullSave is true when the guest kernel could not be introspected
 	// and every non-zero page was saved (Warnings say why).
 	FullSave bool `json:"full_save"`
+	// RAMInDeviceState counts, per backend whose RAM QEMU may send with
+	// the device state (QEMU's own memory; a memfd on QEMU 8.1 and
+	// later), the page records QEMU did send, x-ignore-shared
+	// notwithstanding, and kvmckpt dropped: what that RAM cost the pause.
+	RAMInDeviceState map[string]uint64 `json:"ram_pages_in_device_state,omitempty"`
 	// Live is what the pre-copy rounds of a live save did.
 	Live *LiveReport `json:"live,omitempty"`
 	// GuestState is the guest's run state when kvmckpt left it.
@@ -201,7 +206,7 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 	// A stream that carries the RAM costs a pass of QEMU's over all of
 	// it: run it beside the pages, into memory (filtered, it is small).
 	var dev *deviceCapture
-	if g.deviceForm() == writer.DeviceStateFiltered {
+	if g.ramInStream() {
 		dev = g.captureDevice(ctx, caps)
 		defer dev.stop()
 	}
@@ -260,6 +265,7 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 		KernelBanner:     scan.Banner,
 		Warnings:         scan.Warnings,
 		FullSave:         scan.FullSave,
+		RAMInDeviceState: g.ramSent,
 	}, nil
 }
 
@@ -308,14 +314,14 @@ func (d *deviceCapture) stop() {
 	<-d.done
 }
 
-// saveDevice streams QEMU's device state into the checkpoint and puts the
-// migration capabilities back as they were, so a later ordinary migration
-// of this guest still carries its RAM. In the filtered form (see
-// [guest.deviceForm]) QEMU sends the backends' RAM too, and the stream is
-// filtered of it on its way to the checkpoint: every page of it passes
-// through the pipe during the pause.
+// saveDevice streams QEMU's device state, saved with x-ignore-shared on,
+// into the checkpoint and puts the migration capabilities back as they
+// were, so a later ordinary migration of this guest still carries its
+// RAM. When QEMU may send backends' RAM all the same (see
+// [guest.ramInStream]), the stream is filtered of it on its way to the
+// checkpoint, with the stream's rate limit lifted: every page QEMU sends
+// passes through the pipe during the pause.
 func (g *guest) saveDevice(ctx context.Context, write func(io.Reader) (int64, error), caps map[string]bool) (int64, error) {
-	form := g.deviceForm()
 	pr, pw := io.Pipe()
 	type result struct {
 		n   int64
@@ -329,14 +335,21 @@ func (g *guest) saveDevice(ctx context.Context, write func(io.Reader) (int64, er
 	}()
 	var qerr error
 	var filtered migstream.Stats
-	if form == writer.DeviceStateFiltered {
+	if g.ramInStream() {
 		fr, fw := io.Pipe()
 		ferr := make(chan error, 1)
+		var blocks []migstream.Block
+		sent := map[string]uint64{}
 		go func() {
 			var err error
 			filtered, err = migstream.Filter(fr, pw, migstream.Options{
-				Drop:   g.isBackendBlock,
-				Blocks: g.checkStreamBlocks,
+				IgnoreShared: true,
+				Drop:         g.isBackendBlock,
+				Blocks: func(b []migstream.Block) error {
+					blocks = b
+					return g.checkStreamBlocks(b)
+				},
+				Page: func(blk int, _ uint64, _ bool) { sent[blocks[blk].ID]++ },
 			})
 			if err != nil {
 				err = fmt.Errorf("filter the migration stream of its RAM: %w", err)
@@ -345,12 +358,17 @@ func (g *guest) saveDevice(ctx context.Context, write func(io.Reader) (int64, er
 			pw.CloseWithError(err)
 			ferr <- err
 		}()
-		_, qerr = g.sess.SaveStream(ctx, fw, false)
+		_, qerr = g.sess.SaveStream(ctx, fw, true, true)
 		fw.CloseWithError(qerr)
 		if err := <-ferr; qerr == nil {
 			qerr = err
 		}
-		g.log.Debug("filtered the device state", "ram_pages_dropped", filtered.Dropped, "qemu_pages_kept", filtered.KeptPages)
+		g.ramSent = map[string]uint64{}
+		for _, b := range g.backends {
+			g.ramSent[b.ID] = sent[b.RegionName()]
+		}
+		g.log.Debug("filtered the device state: pages of the backends QEMU sent despite x-ignore-shared, dropped",
+			"pages", g.ramSent, "qemu_pages_kept", filtered.KeptPages)
 	} else {
 		_, qerr = g.sess.SaveDeviceState(ctx, pw)
 		pw.CloseWithError(qerr)

@@ -173,22 +173,21 @@ func (p *poller) next() <-chan time.Time {
 // fails after QEMU stopped the guest for the final pass leaves a guest that
 // was not running in "postmigrate" too (migration_iteration_finish).
 func (s *Session) SaveDeviceState(ctx context.Context, w io.Writer) (int64, error) {
-	return s.SaveStream(ctx, w, true)
+	return s.SaveStream(ctx, w, true, false)
 }
 
 // SaveStream is [Session.SaveDeviceState] with [CapIgnoreShared] set to
-// ignoreShared: off, QEMU sends every RAM block, shared or not (for a
-// guest whose RAM is not all in shared files; the caller filters the
-// stream, see package migstream).
-//
-// With the RAM in the stream, the stream's rate limit (max-bandwidth,
-// 128 MiB/s by default) would make the pause last as long as the RAM takes
-// at that rate: it is lifted for the save and put back afterwards.
-func (s *Session) SaveStream(ctx context.Context, w io.Writer, ignoreShared bool) (n int64, err error) {
+// ignoreShared (off, QEMU sends every RAM block, shared or not) and, if
+// unlimited, the stream's rate limit lifted: a stream that carries RAM (a
+// guest whose RAM is not all in shared files; the caller filters it, see
+// package migstream) would otherwise keep the guest paused as long as its
+// RAM takes at max-bandwidth (128 MiB/s by default). The limit is put back
+// afterwards.
+func (s *Session) SaveStream(ctx context.Context, w io.Writer, ignoreShared, unlimited bool) (n int64, err error) {
 	if err := s.prepareSave(ctx, ignoreShared); err != nil {
 		return 0, fmt.Errorf("save device state: %w", err)
 	}
-	if !ignoreShared {
+	if unlimited {
 		var p struct {
 			MaxBandwidth int64 `json:"max-bandwidth"`
 		}
