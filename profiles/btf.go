@@ -65,7 +65,7 @@ func (b btfTypes) composite(name string) (btf.Type, bool) {
 // and unions appear at their absolute offsets under their own names, and
 // members of named struct or union members appear as "member.sub".
 // Bitfields are left out.
-func structLayout(t btf.Type) (Struct, error) {
+func structLayout(t btf.Type, maxDepth int) (Struct, error) {
 	var members []btf.Member
 	var size uint32
 	switch c := t.(type) {
@@ -77,11 +77,11 @@ func structLayout(t btf.Type) (Struct, error) {
 		return Struct{}, fmt.Errorf("%s is not a struct or union", t)
 	}
 	s := Struct{Size: uint64(size), Fields: make(map[string]Field)}
-	flattenMembers(members, 0, "", 0, s.Fields)
+	flattenMembers(members, 0, "", 0, maxDepth, s.Fields)
 	return s, nil
 }
 
-func flattenMembers(members []btf.Member, base btf.Bits, prefix string, depth int, out map[string]Field) {
+func flattenMembers(members []btf.Member, base btf.Bits, prefix string, depth, maxDepth int, out map[string]Field) {
 	for _, m := range members {
 		if len(out) >= maxFields {
 			return
@@ -99,7 +99,7 @@ func flattenMembers(members []btf.Member, base btf.Bits, prefix string, depth in
 			inner = c.Members
 		}
 		if m.Name == "" {
-			flattenMembers(inner, off, prefix, depth, out)
+			flattenMembers(inner, off, prefix, depth, maxDepth, out)
 			continue
 		}
 		name := prefix + m.Name
@@ -115,8 +115,8 @@ func flattenMembers(members []btf.Member, base btf.Bits, prefix string, depth in
 			f.Count = uint64(a.Nelems)
 		}
 		out[name] = f
-		if inner != nil && depth < maxFieldDepth {
-			flattenMembers(inner, off, name+".", depth+1, out)
+		if inner != nil && depth < maxDepth {
+			flattenMembers(inner, off, name+".", depth+1, maxDepth, out)
 		}
 	}
 }
@@ -188,7 +188,7 @@ func structsFromBTF(b btfTypes) (map[string]Struct, error) {
 			}
 			return nil, &MissingError{Kind: "struct", Name: w.name}
 		}
-		s, err := structLayout(t)
+		s, err := structLayout(t, w.maxDepth())
 		if err != nil {
 			return nil, fmt.Errorf("lay out struct %s: %w", w.name, err)
 		}

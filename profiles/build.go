@@ -250,7 +250,7 @@ func prefAddressDelta(img kernelImage, syms symbolSource, bt btfTypes, text uint
 	if !ok {
 		return 0, false
 	}
-	s, err := structLayout(t)
+	s, err := structLayout(t, maxFieldDepth)
 	if err != nil {
 		return 0, false
 	}

@@ -158,18 +158,18 @@ func profileFromISF(d *isfDoc) (*Profile, error) {
 	}
 
 	for _, w := range wantStructs {
-		st, ok := d.layout(w.name)
+		st, ok := d.layout(w.name, w.maxDepth())
 		for _, a := range w.aliases {
 			if ok {
 				break
 			}
-			st, ok = d.layout(a)
+			st, ok = d.layout(a, w.maxDepth())
 		}
 		if !ok {
 			if fb, has := isfFallbacks[w.name]; has {
 				if owner, ok2 := d.UserTypes[fb[0]]; ok2 {
 					if f, ok3 := owner.Fields[fb[1]]; ok3 && isComposite(f.Type.Kind) {
-						st, ok = d.layout(f.Type.Name)
+						st, ok = d.layout(f.Type.Name, w.maxDepth())
 					}
 				}
 			}
@@ -208,17 +208,17 @@ func isComposite(kind string) bool { return kind == "struct" || kind == "union" 
 // layout flattens an ISF user type like [structLayout] does BTF: members
 // of anonymous members (dwarf2json names them "unnamed_field_<offset>")
 // at their absolute offsets, named composite members as "member.sub".
-func (d *isfDoc) layout(name string) (Struct, bool) {
+func (d *isfDoc) layout(name string, maxDepth int) (Struct, bool) {
 	ut, ok := d.UserTypes[name]
 	if !ok || ut.Size <= 0 || ut.Size > maxStructSize {
 		return Struct{}, false
 	}
 	s := Struct{Size: uint64(ut.Size), Fields: make(map[string]Field)}
-	d.flatten(ut, 0, "", 0, 0, s.Fields)
+	d.flatten(ut, 0, "", 0, 0, maxDepth, s.Fields)
 	return s, true
 }
 
-func (d *isfDoc) flatten(ut isfUserType, base int64, prefix string, depth, nest int, out map[string]Field) {
+func (d *isfDoc) flatten(ut isfUserType, base int64, prefix string, depth, nest, maxDepth int, out map[string]Field) {
 	if nest > maxISFDepth {
 		return
 	}
@@ -248,7 +248,7 @@ func (d *isfDoc) flatten(ut isfUserType, base int64, prefix string, depth, nest 
 		}
 		if f.Anonymous || strings.HasPrefix(n, "unnamed_field_") {
 			if composite {
-				d.flatten(inner, off, prefix, depth, nest+1, out)
+				d.flatten(inner, off, prefix, depth, nest+1, maxDepth, out)
 			}
 			continue
 		}
@@ -265,8 +265,8 @@ func (d *isfDoc) flatten(ut isfUserType, base int64, prefix string, depth, nest 
 			fl.Count = uint64(f.Type.Count)
 		}
 		out[name] = fl
-		if composite && depth < maxFieldDepth {
-			d.flatten(inner, off, name+".", depth+1, nest+1, out)
+		if composite && depth < maxDepth {
+			d.flatten(inner, off, name+".", depth+1, nest+1, maxDepth, out)
 		}
 	}
 }

@@ -205,3 +205,44 @@ func TestRealKernel612(t *testing.T) {
 		require.Equal(t, int64(-129), p.Constants["PAGE_BUDDY_MAPCOUNT_VALUE"], "~PG_buddy")
 	})
 }
+
+// TestRealKernelTasks checks that the profiles of Debian's 6.1 and 6.12
+// kernels carry the task structures `kvmckpt ps` reads, at the offsets
+// their BTF gave when this test was written (a change means the
+// flattening changed), and
+// that task_struct's nesting did not push fields past maxFields.
+func TestRealKernelTasks(t *testing.T) {
+	for _, c := range []struct {
+		flavor                  string
+		tasks, threadNode, comm uint64
+		rssStatCount            uint64 // 0: struct mm_rss_stat (6.1); else percpu_counter[4]
+	}{
+		{"amd64", 2192, 2608, 2976, 0},
+		{"6.12-amd64", 0, 0, 0, 4},
+	} {
+		t.Run(c.flavor, func(t *testing.T) {
+			p := kernelProfile(t, c.flavor)
+			require.NoError(t, p.Validate())
+			for _, w := range wantStructs {
+				if w.name == "percpu_counter" && c.rssStatCount == 0 {
+					continue
+				}
+				s, ok := p.Structs[w.name]
+				require.True(t, ok, "struct %s", w.name)
+				for _, f := range w.required {
+					require.Contains(t, s.Fields, f, "%s.%s", w.name, f)
+				}
+			}
+			ts := p.Structs["task_struct"]
+			require.Less(t, len(ts.Fields), maxFields, "task_struct's fields cut off")
+			require.Contains(t, ts.Fields, "thread_info.cpu")
+			if c.tasks != 0 {
+				require.Equal(t, c.tasks, ts.Fields["tasks"].Offset)
+				require.Equal(t, c.threadNode, ts.Fields["thread_node"].Offset)
+				require.Equal(t, c.comm, ts.Fields["comm"].Offset)
+			}
+			require.Equal(t, c.rssStatCount, p.Structs["mm_struct"].Fields["rss_stat"].Count)
+			require.Equal(t, uint64(16), p.Structs["upid"].Size)
+		})
+	}
+}

@@ -11,6 +11,19 @@ type wantStruct struct {
 	aliases  []string
 	required []string
 	optional bool
+	// depth, if not zero, bounds the named members expanded below the
+	// struct's own (as maxFieldDepth does for all): task_struct nests
+	// thousands of fields, and the ones wanted would be cut off by
+	// maxFields.
+	depth int
+}
+
+// maxDepth is how deep named members of w are expanded.
+func (w wantStruct) maxDepth() int {
+	if w.depth > 0 {
+		return w.depth
+	}
+	return maxFieldDepth
 }
 
 // wantStructs are the structs a profile carries. Linux 6.1 names; the
@@ -34,6 +47,20 @@ var wantStructs = []wantStruct{
 	{name: "atomic_long_t", aliases: []string{"atomic64_t"}, required: []string{"counter"}, optional: true},
 	{name: "static_key", required: []string{"enabled"}, optional: true},
 	{name: "cpumask", required: []string{"bits"}, optional: true},
+
+	// Tasks, for `kvmckpt ps` and `core`: optional, as a save never
+	// needs them; package introspect checks what it reads. 6.1 names.
+	{name: "task_struct", optional: true, depth: 1, required: []string{
+		"tasks", "pid", "tgid", "comm", "__state", "flags", "mm", "real_parent",
+		"real_cred", "signal", "thread_node", "thread_pid", "exit_state", "stack",
+	}},
+	{name: "signal_struct", optional: true, depth: 1, required: []string{"thread_head", "nr_threads"}},
+	{name: "pid", optional: true, required: []string{"level", "numbers"}},
+	{name: "upid", optional: true, required: []string{"nr", "ns"}},
+	{name: "pid_namespace", optional: true, depth: 1, required: []string{"level"}},
+	{name: "cred", optional: true, depth: 1, required: []string{"uid", "euid"}},
+	{name: "mm_struct", optional: true, depth: 1, required: []string{"pgd", "map_count", "arg_start", "arg_end", "rss_stat"}},
+	{name: "percpu_counter", optional: true, required: []string{"count", "counters"}},
 }
 
 // Symbols a profile must have, and symbols it records when present.
