@@ -75,6 +75,9 @@ var (
 		"__stop_BTF", "_totalram_pages", "init_on_free", "init_on_alloc",
 		"_page_poisoning_enabled", "phys_base", "__start_notes", "__stop_notes",
 		"boot_params",
+		// Tasks (kvmckpt ps): the list's head, and the per-CPU pointer
+		// to the running task (current_task in 6.1, pcpu_hot in 6.2+).
+		"init_task", "current_task", "pcpu_hot",
 	}
 )
 
