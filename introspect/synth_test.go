@@ -216,7 +216,7 @@ func (b synthBlock) pcp() bool { return b.cpu >= 0 }
 var kernelSymbols = []string{
 	"linux_banner", "page_offset_base", "vmemmap_base", "nr_cpu_ids",
 	"__cpu_possible_mask", "__per_cpu_offset", "node_data",
-	"init_on_free", "_page_poisoning_enabled",
+	"init_on_free", "_page_poisoning_enabled", "init_task",
 }
 
 // newSynthGuest builds a guest with empty free lists.
