@@ -87,6 +87,7 @@ type taskLayout struct {
 	pidLevel, pidNumbers, upidSize, upidNr                 uint64
 	credUID, credEUID                                      uint64
 	mmRSS, mmRSSStride, mmRSSCount                         uint64
+	mmPgd, mmArgStart, mmArgEnd                            uint64
 	span                                                   uint64 // bytes of task_struct read: up to the last field used
 }
 
@@ -140,6 +141,9 @@ func resolveTaskLayout(p *profiles.Profile) (*taskLayout, error) {
 	// RSS counters: struct mm_rss_stat { atomic_long_t count[] } in 6.1,
 	// struct percpu_counter rss_stat[] since 6.2, whose count is the
 	// value /proc reports (percpu_counter_read_positive).
+	l.mmPgd = field("mm_struct", "pgd", 8)
+	l.mmArgStart = field("mm_struct", "arg_start", 8)
+	l.mmArgEnd = field("mm_struct", "arg_end", 8)
 	rss := field("mm_struct", "rss_stat", 8)
 	if f, ok := p.Structs["mm_struct"].Fields["rss_stat.count"]; ok && f.Count >= nrMMCounters {
 		l.mmRSS, l.mmRSSStride, l.mmRSSCount = f.Offset, 8, f.Count
@@ -434,4 +438,69 @@ func checkTaskMacros(tasks []Task) error {
 		}
 	}
 	return nil
+}
+
+// maxCmdline bounds the command line read from a process: the kernel's
+// own bound on the argument strings is MAX_ARG_STRLEN per string and the
+// stack limit for all; ps reads 128 KiB.
+const maxCmdline = 128 << 10
+
+// userTranslator returns the page-table walker of the address space of
+// the mm_struct at mm.
+func (k *Kernel) userTranslator(l *taskLayout, mm VAddr) (*Translator, error) {
+	pgd, err := k.Uint64(mm + VAddr(l.mmPgd))
+	if err != nil {
+		return nil, err
+	}
+	root, err := k.phys(VAddr(pgd))
+	if err != nil {
+		return nil, fmt.Errorf("mm's pgd %#x: %w", pgd, err)
+	}
+	if root%PageSize != 0 {
+		return nil, fmt.Errorf("mm's pgd %#x is not page-aligned", pgd)
+	}
+	return &Translator{Mem: k.Mem, Root: root, LA57: k.Tr.LA57}, nil
+}
+
+// Cmdline reads a process's command line from its memory, as
+// /proc/PID/cmdline shows it: the NUL-separated strings between the mm's
+// arg_start and arg_end, at most 128 KiB. Pages of it that are not in
+// guest RAM (swapped out) end it early: truncated is then true. A task
+// without an mm (a kernel thread) has none. The strings are the guest
+// process's: untrusted text.
+func (k *Kernel) Cmdline(t Task) (args []string, truncated bool, err error) {
+	if t.MM == 0 || t.KernelThread {
+		return nil, false, nil
+	}
+	l, err := resolveTaskLayout(k.Profile)
+	if err != nil {
+		return nil, false, err
+	}
+	start, err1 := k.Uint64(t.MM + VAddr(l.mmArgStart))
+	end, err2 := k.Uint64(t.MM + VAddr(l.mmArgEnd))
+	if err := errors.Join(err1, err2); err != nil {
+		return nil, false, fmt.Errorf("%w: mm of pid %d: %w", ErrKernel, t.PID, err)
+	}
+	if end < start || start >= 1<<63 {
+		return nil, false, fmt.Errorf("%w: pid %d's arguments at [%#x, %#x)", ErrKernel, t.PID, start, end)
+	}
+	n := min(end-start, maxCmdline)
+	if n == 0 {
+		return nil, false, nil
+	}
+	tr, err := k.userTranslator(l, t.MM)
+	if err != nil {
+		return nil, false, fmt.Errorf("%w: pid %d: %w", ErrKernel, t.PID, err)
+	}
+	buf := make([]byte, n)
+	got, _ := tr.ReadVirt(buf, VAddr(start))
+	truncated = uint64(got) < n || end-start > maxCmdline
+	buf = bytes.TrimRight(buf[:got], "\x00")
+	if len(buf) == 0 {
+		return nil, truncated, nil
+	}
+	for _, a := range bytes.Split(buf, []byte{0}) {
+		args = append(args, string(a))
+	}
+	return args, truncated, nil
 }

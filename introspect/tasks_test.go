@@ -254,3 +254,57 @@ func FuzzTasks(f *testing.F) {
 		_, _ = k.Tasks(context.Background(), TaskOptions{Threads: true})
 	})
 }
+
+// TestCmdline reads a process's arguments through its own page tables:
+// two pages of them, the second not present (swapped out): the first
+// page's strings, truncated.
+func TestCmdline(t *testing.T) {
+	g := newSynthGuest(t, realProfile(t), smallConfig(false, 11))
+	addrs := addTasks(t, g, standardTasks)
+	l, _ := resolveTaskLayout(g.p)
+	// A user address space: its own PGD, the arguments on one page.
+	kernelRoot := g.pt.root
+	userRoot := g.pt.alloc()
+	g.pt.root = userRoot
+	argPA := g.alloc(PageSize, PageSize)
+	const argVA = 0x7ffd12340000
+	g.pt.mapPage(argVA, argPA, LevelPT, PTERW|PTEUser)
+	g.pt.root = kernelRoot
+	args := "/bin/app\x00--flag\x00value with space\x00"
+	copy(g.ram[argPA+PageSize-PAddr(len(args)):], args)
+	start := uint64(argVA + PageSize - len(args))
+
+	mm := g.get64(g.pa(addrs[100] + l.mm))
+	g.put64(g.pa(mm+l.mmPgd), g.directVA(userRoot))
+	g.put64(g.pa(mm+l.mmArgStart), start)
+	g.put64(g.pa(mm+l.mmArgEnd), start+uint64(len(args)))
+	k := g.kernel()
+	tasks, err := k.Tasks(context.Background(), TaskOptions{})
+	require.NoError(t, err)
+	var app Task
+	for _, tk := range tasks {
+		if tk.PID == 100 {
+			app = tk
+		}
+	}
+	got, truncated, err := k.Cmdline(app)
+	require.NoError(t, err)
+	assert.False(t, truncated)
+	assert.Equal(t, []string{"/bin/app", "--flag", "value with space"}, got)
+
+	// The rest of the arguments on the next page, which is not mapped.
+	g.put64(g.pa(mm+l.mmArgEnd), start+uint64(len(args))+100)
+	got, truncated, err = g.kernel().Cmdline(app)
+	require.NoError(t, err)
+	assert.True(t, truncated)
+	assert.Equal(t, []string{"/bin/app", "--flag", "value with space"}, got)
+
+	// A kernel thread has none; arguments that end before they start are
+	// refused.
+	got, _, err = k.Cmdline(Task{PID: 2, KernelThread: true})
+	assert.NoError(t, err)
+	assert.Nil(t, got)
+	g.put64(g.pa(mm+l.mmArgEnd), start-1)
+	_, _, err = g.kernel().Cmdline(app)
+	assert.ErrorIs(t, err, ErrKernel)
+}
