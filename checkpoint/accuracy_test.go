@@ -102,6 +102,13 @@ func TestScanAgainstGuestTruth(t *testing.T) {
 			}
 			assert.Empty(t, fp.Warnings)
 
+			// The tasks: what the guest's /proc listed, read from outside
+			// (kvmckpt ps --threads), on the same paused guest.
+			checkTasks(t, k, truth)
+			if !t.Failed() {
+				vmtest.RecordMatrix(cfg, "ps --threads against /proc")
+			}
+
 			// Completeness: nearly all of the guest's free memory is found.
 			memFree := truth.MemFreeKB / 4
 			t.Logf("found %d free pages (buddy %d, per-CPU %d); guest: MemFree %d pages, kpageflags buddy %d; walk %v",
@@ -147,4 +154,44 @@ func TestScanAgainstGuestTruth(t *testing.T) {
 			}
 		})
 	}
+}
+
+// checkTasks compares the guest's tasks as kvmckpt reads them with the
+// listing the workload printed from /proc: the same threads, with the same
+// ids, parents, names and states (but for the thread that read /proc,
+// running then), and the workload's command line. The guest is quiet
+// between the listing and the pause: no task comes or goes.
+func checkTasks(t *testing.T, k *introspect.Kernel, truth *vmtest.Truth) {
+	t.Helper()
+	require.NotEmpty(t, truth.Tasks, "the workload printed no task listing")
+	tasks, err := k.Tasks(context.Background(), introspect.TaskOptions{Threads: true})
+	require.NoError(t, err)
+	got := map[int32]introspect.Task{}
+	for _, tk := range tasks {
+		got[tk.PID] = tk
+	}
+	for tid, want := range truth.Tasks {
+		tk, ok := got[tid]
+		if !assert.True(t, ok, "thread %d (%s) of the guest's /proc not found", tid, want.Comm) {
+			continue
+		}
+		assert.Equal(t, want.TGID, tk.TGID, "tid %d tgid", tid)
+		assert.Equal(t, want.PPID, tk.PPID, "tid %d ppid", tid)
+		assert.Equal(t, want.Comm, tk.Comm, "tid %d comm", tid)
+		if tid != truth.SelfTID {
+			assert.Equal(t, want.State, tk.State, "tid %d (%s) state", tid, want.Comm)
+		}
+	}
+	for tid, tk := range got {
+		_, ok := truth.Tasks[tid]
+		assert.True(t, ok, "kvmckpt found thread %d (%s), which the guest's /proc did not list", tid, tk.Comm)
+	}
+	self := got[truth.Self]
+	args, truncated, err := k.Cmdline(self)
+	require.NoError(t, err)
+	assert.False(t, truncated)
+	assert.Equal(t, truth.Cmdline, args, "the workload's command line")
+	assert.False(t, self.KernelThread)
+	assert.Greater(t, self.RSSPages, uint64(16<<20/4096), "the workload keeps more than 16 MiB")
+	t.Logf("%d threads, as the guest's /proc listed them", len(tasks))
 }

@@ -41,7 +41,7 @@ func (g *guest) profile(ctx context.Context, opt ScanOptions, regs qmp.Registers
 			return nil, err
 		}
 	}
-	if p := lookupStored(store, img, g.log); p != nil {
+	if p := lookupStored(store, img, g.log); p != nil && (!opt.needTasks || hasTasks(p)) {
 		return p, nil
 	}
 	g.log.Info("no stored profile fits this kernel; building one from guest memory")
@@ -64,6 +64,14 @@ func (g *guest) profile(ctx context.Context, opt ScanOptions, regs qmp.Registers
 		g.log.Warn("could not store the profile", "err", err)
 	}
 	return p, nil
+}
+
+// hasTasks reports whether a profile describes the task structures (a
+// profile stored by a kvmckpt before `ps` does not).
+func hasTasks(p *profiles.Profile) bool {
+	_, task := p.Structs["task_struct"]
+	_, init := p.Symbols["init_task"]
+	return task && init
 }
 
 // readVmcoreinfo reads the kernel's vmcoreinfo text (what makedumpfile

@@ -37,6 +37,10 @@ type ScanOptions struct {
 	// [ErrNoIntrospection], instead of saving every non-zero page.
 	RequireIntrospection bool
 	Log                  *slog.Logger
+
+	// needTasks passes over stored profiles built before kvmckpt read
+	// tasks: `ps` rebuilds them from guest memory.
+	needTasks bool
 }
 
 func (o ScanOptions) target() Target {

@@ -33,6 +33,18 @@ type Truth struct {
 	// MemTotalKB and MemFreeKB are from /proc/meminfo, after the workload
 	// kept its data.
 	MemTotalKB, MemFreeKB uint64
+	// Tasks are every thread /proc listed, by thread id; Self is the
+	// workload's pid and SelfTID the thread that read /proc; Cmdline the
+	// workload's arguments.
+	Tasks         map[int32]TruthTask
+	Self, SelfTID int32
+	Cmdline       []string
+}
+
+// TruthTask is a thread as the guest's /proc shows it.
+type TruthTask struct {
+	TGID, TID, PPID int32
+	State, Comm     string
 }
 
 // Snapshot is a later /proc/kpageflags snapshot.
@@ -52,7 +64,7 @@ func (t *Truth) FreeOrFlagless(pfn uint64) bool {
 // ParseTruth parses the workload's serial output. It needs the line
 // "KW TRUTH END".
 func ParseTruth(serial string) (*Truth, error) {
-	t := &Truth{Symbols: map[string]uint64{}, Frames: map[string][]Run{}}
+	t := &Truth{Symbols: map[string]uint64{}, Frames: map[string][]Run{}, Tasks: map[int32]TruthTask{}}
 	var later Snapshot
 	end := false
 	sc := bufio.NewScanner(strings.NewReader(serial))
@@ -95,6 +107,33 @@ func ParseTruth(serial string) (*Truth, error) {
 		case "MEM":
 			kv := keyValues(f[1:])
 			t.MemTotalKB, t.MemFreeKB = kv["total_kb"], kv["free_kb"]
+		case "TASK":
+			var tt TruthTask
+			if len(f) < 6 {
+				return nil, fmt.Errorf("parse truth: bad line %q", line)
+			}
+			_, err = fmt.Sscan(strings.Join(f[1:4], " "), &tt.TGID, &tt.TID, &tt.PPID)
+			tt.State = f[4]
+			if err == nil {
+				// The quoted comm is the rest of the line.
+				q := line[strings.Index(line, `"`):]
+				tt.Comm, err = strconv.Unquote(q)
+			}
+			t.Tasks[tt.TID] = tt
+		case "TASKS":
+			kv := keyValues(f[1:])
+			t.Self, t.SelfTID = int32(kv["self"]), int32(kv["tid"])
+		case "CMDLINE":
+			rest := strings.TrimSpace(line[strings.Index(line, "CMDLINE")+len("CMDLINE"):])
+			for rest != "" && err == nil {
+				var q string
+				if q, err = strconv.QuotedPrefix(rest); err == nil {
+					var a string
+					a, err = strconv.Unquote(q)
+					t.Cmdline = append(t.Cmdline, a)
+					rest = strings.TrimSpace(rest[len(q):])
+				}
+			}
 		case "TRUTH":
 			end = true
 		case "TRUTH2":

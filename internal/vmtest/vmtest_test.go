@@ -26,9 +26,17 @@ func TestParseTruth(t *testing.T) {
 		"KW BUDDY 40+4\n" +
 		"KW NOFLAGS 30+2\n" +
 		"KW PAGES max_pfn=262144 buddy=10 noflags=2\n" +
+		"KW TASK 1 1 0 S \"init\"\n" +
+		"KW TASK 1 7 0 R \"init (x)\"\n" +
+		"KW TASKS self=1 tid=7\n" +
+		"KW CMDLINE \"/init\" \"a b\"\n" +
 		"KW TRUTH END\n"
 	tr, err := ParseTruth(serial)
 	require.NoError(t, err)
+	assert.Equal(t, TruthTask{TGID: 1, TID: 7, PPID: 0, State: "R", Comm: "init (x)"}, tr.Tasks[7])
+	assert.Len(t, tr.Tasks, 2)
+	assert.Equal(t, [2]int32{1, 7}, [2]int32{tr.Self, tr.SelfTID})
+	assert.Equal(t, []string{"/init", "a b"}, tr.Cmdline)
 	assert.Equal(t, uint64(0xffffffffb4e00000), tr.Symbols["_text"])
 	assert.Equal(t, []Run{{0x10, 5}, {0x20, 1}, {0x40, 4}}, tr.Buddy)
 	assert.Equal(t, []Run{{0x100, 0x10}, {0x200, 2}}, tr.Frames["anon"])

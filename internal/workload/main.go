@@ -411,6 +411,9 @@ func truth(out *bufio.Writer, kept *keptData) error {
 			return err
 		}
 	}
+	if err := printTasks(out); err != nil {
+		return err
+	}
 	// Give back what the runtime holds unused, then stop the collector: no
 	// page the snapshot below sees in use is freed behind it, so a page the
 	// host finds free later was free in the snapshot too.
@@ -422,6 +425,56 @@ func truth(out *bufio.Writer, kept *keptData) error {
 	}
 	fmt.Fprintf(out, "KW TRUTH END\n")
 	return out.Flush()
+}
+
+// printTasks prints every thread the guest's /proc lists, as "KW TASK
+// tgid tid ppid state comm" (comm quoted), then "KW TASKS self=PID
+// tid=TID" naming this process and the thread that read /proc (running
+// as it did, so its state is R here and not at a later pause), and this
+// process's command line as "KW CMDLINE" and its quoted arguments: what
+// `kvmckpt ps --threads` must find from outside.
+func printTasks(out *bufio.Writer) error {
+	procs, err := os.ReadDir("/proc")
+	if err != nil {
+		return err
+	}
+	for _, p := range procs {
+		tgid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
+		}
+		threads, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", tgid))
+		if err != nil {
+			continue // exited meanwhile
+		}
+		for _, th := range threads {
+			stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", tgid, th.Name()))
+			if err != nil {
+				continue
+			}
+			// "tid (comm) S ppid ...": comm may hold spaces and parens.
+			open, end := bytes.IndexByte(stat, '('), bytes.LastIndexByte(stat, ')')
+			if open < 0 || end < open {
+				return fmt.Errorf("/proc/%d/task/%s/stat: %q", tgid, th.Name(), stat)
+			}
+			rest := strings.Fields(string(stat[end+1:]))
+			if len(rest) < 2 {
+				return fmt.Errorf("/proc/%d/task/%s/stat: %q", tgid, th.Name(), stat)
+			}
+			fmt.Fprintf(out, "KW TASK %d %s %s %s %q\n", tgid, th.Name(), rest[1], rest[0], stat[open+1:end])
+		}
+	}
+	fmt.Fprintf(out, "KW TASKS self=%d tid=%d\n", os.Getpid(), syscall.Gettid())
+	cmdline, err := os.ReadFile("/proc/self/cmdline")
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "KW CMDLINE")
+	for _, a := range strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00") {
+		fmt.Fprintf(out, " %q", a)
+	}
+	fmt.Fprintln(out)
+	return nil
 }
 
 // laterSnapshotDelay is when, after the ready marker, the workload takes

@@ -1,0 +1,108 @@
+package checkpoint
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/kvmckpt/kvmckpt/introspect"
+)
+
+// PSOptions say which guest's tasks to list.
+type PSOptions struct {
+	ScanOptions
+	// Threads lists every thread, not only processes.
+	Threads bool
+}
+
+// Process is a task with its command line.
+type Process struct {
+	introspect.Task
+	// Cmdline is the process's arguments, read from its memory; empty for
+	// kernel threads. CmdlineTruncated says part of them was not in guest
+	// RAM (swapped out) or past 128 KiB.
+	Cmdline          []string `json:"cmdline"`
+	CmdlineTruncated bool     `json:"cmdline_truncated,omitempty"`
+}
+
+// PSResult is a guest's task list. The JSON names are part of the CLI.
+type PSResult struct {
+	Tasks        []Process `json:"tasks"`
+	KernelBanner string    `json:"kernel_banner"`
+	Profile      string    `json:"profile"`
+	// PauseMS is how long the guest was paused for the read.
+	PauseMS    int64 `json:"pause_ms"`
+	DurationMS int64 `json:"duration_ms"`
+}
+
+// PS lists a guest's tasks as its kernel has them, with nothing in the
+// guest: it pauses a running guest only while it reads the task list and
+// the command lines, then puts it back in its run state. A kernel whose
+// task structures kvmckpt cannot read with proof gives an error, never a
+// guessed list.
+func PS(ctx context.Context, opt PSOptions) (*PSResult, error) {
+	start := time.Now()
+	g, err := openGuest(ctx, opt.target(), logger(opt.Log))
+	if err != nil {
+		return nil, err
+	}
+	defer g.close()
+	if g.prior.State == "inmigrate" {
+		return nil, fmt.Errorf("%w: %w", ErrGuestState, g.prior.CheckSaveable())
+	}
+	// Mapped before the pause: finding the RAM does not need it.
+	if err := g.mapRAM(ctx, false); err != nil {
+		return nil, err
+	}
+	restore, err := g.pause(ctx)
+	if err != nil {
+		return nil, err
+	}
+	paused := time.Now()
+	res, psErr := g.ps(ctx, opt)
+	sctx, cancel := settleContext(ctx)
+	rerr := restore(sctx)
+	cancel()
+	if psErr != nil {
+		if rerr != nil {
+			return nil, fmt.Errorf("%w (and: %v)", psErr, rerr)
+		}
+		return nil, psErr
+	}
+	if rerr != nil {
+		return nil, rerr
+	}
+	res.PauseMS = time.Since(paused).Milliseconds()
+	res.DurationMS = time.Since(start).Milliseconds()
+	return res, nil
+}
+
+func (g *guest) ps(ctx context.Context, opt PSOptions) (*PSResult, error) {
+	regs, err := g.sess.CPURegisters(ctx, 0)
+	if err != nil {
+		return nil, err
+	}
+	so := opt.ScanOptions
+	so.needTasks = true
+	prof, err := g.profile(ctx, so, regs)
+	if err != nil {
+		return nil, err
+	}
+	k, err := introspect.OpenKernel(g.mem, regs.CR3, regs.LA57(), prof)
+	if err != nil {
+		return nil, err
+	}
+	tasks, err := k.Tasks(ctx, introspect.TaskOptions{Threads: opt.Threads})
+	if err != nil {
+		return nil, err
+	}
+	res := &PSResult{Profile: prof.Name, KernelBanner: prof.Banner, Tasks: make([]Process, 0, len(tasks))}
+	for _, t := range tasks {
+		p := Process{Task: t}
+		if p.Cmdline, p.CmdlineTruncated, err = k.Cmdline(t); err != nil {
+			return nil, err
+		}
+		res.Tasks = append(res.Tasks, p)
+	}
+	return res, nil
+}

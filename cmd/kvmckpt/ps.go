@@ -1,0 +1,69 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/kvmckpt/kvmckpt/checkpoint"
+	"github.com/kvmckpt/kvmckpt/internal/term"
+)
+
+func cmdPS(ctx context.Context, e *env, args []string) error {
+	fs, verbose := e.flags("ps")
+	tf := targetFlags(fs)
+	threads := fs.Bool("threads", false, "every thread, not only processes")
+	profile := fs.String("profile", "auto", "kernel profile: auto, or a profile file")
+	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
+	if _, err := e.parse(fs, verbose, args); err != nil {
+		return err
+	}
+	target, err := tf.target()
+	if err != nil {
+		return err
+	}
+	res, err := checkpoint.PS(ctx, checkpoint.PSOptions{
+		ScanOptions: checkpoint.ScanOptions{QMP: target.QMP, Domain: target.Domain, Connect: target.Connect, Profile: *profile, Log: e.log},
+		Threads:     *threads,
+	})
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return e.printJSON(res)
+	}
+	// Everything but the numbers is the guest's text: escaped.
+	w := tabwriter.NewWriter(e.stdout, 0, 0, 1, ' ', tabwriter.AlignRight)
+	head := "PID\tNSPID\tPPID\tS\tUID\tTHR\tRSS KiB\tCPU\t COMMAND\t"
+	if *threads {
+		head = "PID\tTID\tNSTID\tPPID\tS\tUID\tTHR\tRSS KiB\tCPU\t COMMAND\t"
+	}
+	fmt.Fprintln(w, head)
+	for _, p := range res.Tasks {
+		cmd := "[" + term.Escape(p.Comm) + "]"
+		if !p.KernelThread {
+			cmd = term.Escape(p.Comm)
+			if len(p.Cmdline) > 0 {
+				cmd = term.Escape(strings.Join(p.Cmdline, " "))
+			}
+			if p.CmdlineTruncated {
+				cmd += " …"
+			}
+		}
+		cpu := fmt.Sprint(p.CPU)
+		if p.OnCPU {
+			cpu += "*"
+		}
+		ids := fmt.Sprintf("%d\t%d\t%d", p.TGID, p.NsTGID, p.PPID)
+		if *threads {
+			ids = fmt.Sprintf("%d\t%d\t%d\t%d", p.TGID, p.PID, p.NsPID, p.PPID)
+		}
+		fmt.Fprintf(w, "%s\t%s\t%d\t%d\t%d\t%s\t %s\t\n", ids, p.State, p.EUID, p.Threads, p.RSSPages*4, cpu, cmd)
+	}
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stderr, "%d tasks; guest paused %d ms; profile %s\n", len(res.Tasks), res.PauseMS, term.Escape(res.Profile))
+	return nil
+}
