@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"sync/atomic"
 	"time"
 
@@ -371,6 +372,11 @@ func (s *Session) run(ctx context.Context, cmd string, args any, file *os.File, 
 		case <-s.done:
 			return s.readErr
 		default:
+		}
+		if errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
+			// QEMU closed the connection; the reader has not seen the
+			// end yet.
+			return fmt.Errorf("%w: send command %s: %w", ErrClosed, cmd, err)
 		}
 		return fmt.Errorf("send command %s: %w", cmd, err)
 	}

@@ -484,3 +484,29 @@ func TestSilentAfterHandshake(t *testing.T) {
 		t.Fatal("commands have no default deadline")
 	}
 }
+
+// TestWriteAfterPeerClosed: a command written after the peer closed the
+// connection fails with ErrClosed, whether the reader saw the end first
+// or the write met it (EPIPE): QEMU quitting races the next command.
+func TestWriteAfterPeerClosed(t *testing.T) {
+	closed := make(chan struct{}, 1)
+	path := fakeServer(t, func(c net.Conn) {
+		if _, err := greet(c); err != nil {
+			t.Errorf("fake server: %v", err)
+		}
+		c.Close()
+		closed <- struct{}{}
+	})
+	ctx := context.Background()
+	for range 20 {
+		s, err := Dial(ctx, path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		<-closed
+		if _, err := s.Status(ctx); !errors.Is(err, ErrClosed) {
+			t.Fatalf("Status after the peer closed: %v, want ErrClosed", err)
+		}
+		s.Close()
+	}
+}
