@@ -166,6 +166,34 @@ func TestCLIOnGuest(t *testing.T) {
 	before, err := os.ReadFile(out)
 	require.NoError(t, err)
 
+	t.Run("ps", func(t *testing.T) {
+		code, stdout, stderr := cli(t, "ps", "--qmp", g.QMPPath, "--threads", "--json")
+		require.Equal(t, exitOK, code, stderr)
+		var ps checkpoint.PSResult
+		require.NoError(t, json.Unmarshal([]byte(stdout), &ps))
+		byPid := map[int32]checkpoint.Process{}
+		for _, p := range ps.Tasks {
+			byPid[p.PID] = p
+		}
+		require.Contains(t, byPid, int32(2))
+		assert.Equal(t, "kthreadd", byPid[2].Comm)
+		assert.True(t, byPid[2].KernelThread)
+		var workload bool
+		for _, p := range ps.Tasks {
+			if len(p.Cmdline) > 0 && strings.HasSuffix(p.Cmdline[0], "workload") {
+				workload = true
+				assert.False(t, p.KernelThread)
+				assert.Greater(t, p.RSSPages, uint64(1000))
+			}
+		}
+		assert.True(t, workload, "the workload's command line is read from its memory")
+		assert.True(t, g.Status(t).Running, "ps puts the guest back to running")
+		code, stdout, stderr = cli(t, "ps", "--qmp", g.QMPPath)
+		require.Equal(t, exitOK, code, stderr)
+		assert.Contains(t, stdout, "[kthreadd]")
+		assert.Contains(t, stderr, "tasks; guest paused")
+	})
+
 	t.Run("encrypted", func(t *testing.T) {
 		key := filepath.Join(dir, "key")
 		require.NoError(t, os.WriteFile(key, bytes.Repeat([]byte("k"), 32), 0o600))
