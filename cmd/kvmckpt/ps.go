@@ -35,9 +35,10 @@ func cmdPS(ctx context.Context, e *env, args []string) error {
 	}
 	// Everything but the numbers is the guest's text: escaped.
 	w := tabwriter.NewWriter(e.stdout, 0, 0, 1, ' ', tabwriter.AlignRight)
-	head := "PID\tNSPID\tPPID\tS\tUID\tTHR\tRSS KiB\tCPU\t COMMAND\t"
+	// The command is after the last tab: not a cell, so not aligned.
+	head := "PID\tNSPID\tPPID\tS\tUID\tTHR\tRSS KiB\tCPU\t COMMAND"
 	if *threads {
-		head = "PID\tTID\tNSTID\tPPID\tS\tUID\tTHR\tRSS KiB\tCPU\t COMMAND\t"
+		head = "PID\tTID\tNSTID\tPPID\tS\tUID\tTHR\tRSS KiB\tCPU\t COMMAND"
 	}
 	fmt.Fprintln(w, head)
 	for _, p := range res.Tasks {
@@ -59,7 +60,7 @@ func cmdPS(ctx context.Context, e *env, args []string) error {
 		if *threads {
 			ids = fmt.Sprintf("%d\t%d\t%d\t%d", p.TGID, p.PID, p.NsPID, p.PPID)
 		}
-		fmt.Fprintf(w, "%s\t%s\t%d\t%d\t%d\t%s\t %s\t\n", ids, p.State, p.EUID, p.Threads, p.RSSPages*4, cpu, cmd)
+		fmt.Fprintf(w, "%s\t%s\t%d\t%d\t%d\t%s\t %s\n", ids, p.State, p.EUID, p.Threads, p.RSSPages*4, cpu, cmd)
 	}
 	if err := w.Flush(); err != nil {
 		return err
