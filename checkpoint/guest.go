@@ -60,6 +60,10 @@ type guest struct {
 	ram    [][]byte
 	mem    *introspect.PhysMem
 	log    *slog.Logger
+	// kernelPGD and la57 locate the guest kernel's page tables, once
+	// introspection found them (see writer.Header.KernelPGD).
+	kernelPGD uint64
+	la57      bool
 	// ramSent is what QEMU sent of each backend's RAM in the device
 	// state's stream (page records), when it was filtered.
 	ramSent map[string]uint64

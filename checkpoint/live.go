@@ -210,6 +210,7 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrLive, err)
 	}
+	g.notePGD(k, regs.LA57())
 	h, err := g.header(ctx, prof.Banner, prof.Name)
 	if err != nil {
 		return nil, err
@@ -735,6 +736,7 @@ func (g *guest) header(ctx context.Context, banner, profile string) (writer.Head
 	if pid, err := g.sess.PeerPID(); err == nil {
 		h.CommandLine, _ = qmp.ProcessCmdline(pid)
 	}
+	h.KernelPGD, h.LA57 = g.kernelPGD, g.la57
 	if t := g.target; t.Domain != "" {
 		xml, err := qmp.LibvirtDomainXML(ctx, t.Connect, t.Domain)
 		if err != nil {

@@ -19,6 +19,12 @@ const vmcoreinfoMax = 4096
 // operator named, or (for "auto") a stored profile whose banner matches the
 // guest's, or one built from the guest's own memory, which is then stored.
 func (g *guest) profile(ctx context.Context, opt ScanOptions, regs qmp.Registers) (*profiles.Profile, error) {
+	return findProfile(g.mem, introspect.PAddr(regs.CR3), regs.LA57(), opt, g.log)
+}
+
+// findProfile is [guest.profile] for any guest memory whose kernel's page
+// tables are at root.
+func findProfile(mem *introspect.PhysMem, root introspect.PAddr, la57 bool, opt ScanOptions, log *slog.Logger) (*profiles.Profile, error) {
 	if opt.Profile != "" && opt.Profile != "auto" {
 		f, err := safefile.Open(opt.Profile)
 		if err != nil {
@@ -31,7 +37,7 @@ func (g *guest) profile(ctx context.Context, opt ScanOptions, regs qmp.Registers
 		}
 		return p, nil
 	}
-	img, err := introspect.FindKernelImage(g.mem, regs.CR3, regs.LA57())
+	img, err := introspect.FindKernelImage(mem, uint64(root), la57)
 	if err != nil {
 		return nil, err
 	}
@@ -41,10 +47,10 @@ func (g *guest) profile(ctx context.Context, opt ScanOptions, regs qmp.Registers
 			return nil, err
 		}
 	}
-	if p := lookupStored(store, img, g.log); p != nil && (!opt.needTasks || hasTasks(p)) {
+	if p := lookupStored(store, img, log); p != nil && (!opt.needTasks || hasTasks(p)) {
 		return p, nil
 	}
-	g.log.Info("no stored profile fits this kernel; building one from guest memory")
+	log.Info("no stored profile fits this kernel; building one from guest memory")
 	data, err := img.Data()
 	if err != nil {
 		return nil, err
@@ -61,7 +67,7 @@ func (g *guest) profile(ctx context.Context, opt ScanOptions, regs qmp.Registers
 		}
 	}
 	if _, err := store.Save(p); err != nil {
-		g.log.Warn("could not store the profile", "err", err)
+		log.Warn("could not store the profile", "err", err)
 	}
 	return p, nil
 }

@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/kvmckpt/kvmckpt/introspect"
+	"github.com/kvmckpt/kvmckpt/ramblock"
+	"github.com/kvmckpt/kvmckpt/writer"
 )
 
 // PSOptions say which guest's tasks to list.
@@ -92,10 +94,16 @@ func (g *guest) ps(ctx context.Context, opt PSOptions) (*PSResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	tasks, err := k.Tasks(ctx, introspect.TaskOptions{Threads: opt.Threads})
+	return listTasks(ctx, k, opt.Threads)
+}
+
+// listTasks reads the tasks and their command lines.
+func listTasks(ctx context.Context, k *introspect.Kernel, threads bool) (*PSResult, error) {
+	tasks, err := k.Tasks(ctx, introspect.TaskOptions{Threads: threads})
 	if err != nil {
 		return nil, err
 	}
+	prof := k.Profile
 	res := &PSResult{Profile: prof.Name, KernelBanner: prof.Banner, Tasks: make([]Process, 0, len(tasks))}
 	for _, t := range tasks {
 		p := Process{Task: t}
@@ -104,5 +112,63 @@ func (g *guest) ps(ctx context.Context, opt PSOptions) (*PSResult, error) {
 		}
 		res.Tasks = append(res.Tasks, p)
 	}
+	return res, nil
+}
+
+// PSFile lists the tasks of the guest saved in a checkpoint file, reading
+// the file as guest memory (ramblock.Checkpoint): pages the checkpoint
+// does not hold are absent, so a task list or command line that runs
+// through one fails (or is cut short) rather than being guessed.
+// opt.QMP and opt.Domain are unused.
+func PSFile(ctx context.Context, path string, key []byte, opt PSOptions) (*PSResult, error) {
+	start := time.Now()
+	r, err := writer.OpenKey(path, key)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	defer r.Close()
+	h := r.Header()
+	if h.KernelPGD == 0 {
+		return nil, fmt.Errorf("%w: the checkpoint does not say where the guest kernel's page tables are (saved by an older kvmckpt, or of a guest whose kernel it could not read): ps of a file needs one saved by this kvmckpt", ErrNoIntrospection)
+	}
+	c, err := ramblock.OpenCheckpoint(r)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	defer c.Close()
+	regions := c.Regions()
+	backends := make([]introspect.Backend, len(regions))
+	var maps []introspect.Mapping
+	for i, reg := range regions {
+		backends[i] = reg
+		for _, m := range h.Regions[i].Mappings {
+			maps = append(maps, introspect.Mapping{GPA: introspect.PAddr(m.GPA), Backend: i, Offset: m.Offset, Size: m.Size})
+		}
+	}
+	mem, err := introspect.NewPhysMemOf(backends, maps)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	so := opt.ScanOptions
+	so.needTasks = true
+	absent := func(err error) error {
+		if cerr := c.Err(); cerr != nil {
+			return fmt.Errorf("%w (the checkpoint: %w)", err, cerr)
+		}
+		return err
+	}
+	prof, err := findProfile(mem, introspect.PAddr(h.KernelPGD), h.LA57, so, logger(opt.Log))
+	if err != nil {
+		return nil, absent(err)
+	}
+	k, err := introspect.OpenKernel(mem, h.KernelPGD, h.LA57, prof)
+	if err != nil {
+		return nil, absent(err)
+	}
+	res, err := listTasks(ctx, k, opt.Threads)
+	if err != nil {
+		return nil, absent(err)
+	}
+	res.DurationMS = time.Since(start).Milliseconds()
 	return res, nil
 }

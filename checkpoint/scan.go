@@ -206,11 +206,20 @@ func (g *guest) introspect(ctx context.Context, opt ScanOptions, regs qmp.Regist
 	if err != nil {
 		return nil, nil, err
 	}
+	g.notePGD(k, regs.LA57())
 	fp, err := k.WalkFree(ctx, introspect.WalkOptions{Timeout: opt.WalkTimeout})
 	if err != nil {
 		return nil, nil, err
 	}
 	return fp, prof, nil
+}
+
+// notePGD keeps where the kernel's page tables are, for the checkpoint's
+// header.
+func (g *guest) notePGD(k *introspect.Kernel, la57 bool) {
+	if pgd, err := k.PGD(); err == nil {
+		g.kernelPGD, g.la57 = uint64(pgd), la57
+	}
 }
 
 // fileFree turns a bitmap of free guest frames into one of free RAM file

@@ -93,6 +93,17 @@ func openKernel(mem *PhysMem, root PAddr, la57 bool, p *profiles.Profile, l *lay
 	return k, nil
 }
 
+// PGD returns the guest-physical address of the kernel's own top-level
+// page table (init_top_pgt): a root that maps the kernel for as long as it
+// runs, unlike a vCPU's CR3, which may be a process's.
+func (k *Kernel) PGD() (PAddr, error) {
+	va, err := k.Sym("init_top_pgt")
+	if err != nil {
+		return 0, err
+	}
+	return k.phys(va)
+}
+
 // Banner reads linux_banner from guest memory.
 func (k *Kernel) Banner() (string, error) {
 	va, err := k.Sym("linux_banner")

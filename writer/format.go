@@ -147,6 +147,12 @@ type Header struct {
 	// not managed by libvirt.
 	LibvirtDomain string `json:"libvirt_domain,omitempty"`
 	LibvirtXML    string `json:"libvirt_xml,omitempty"`
+	// KernelPGD is the guest-physical address of the guest kernel's own
+	// top-level page table (init_top_pgt), and LA57 whether it has five
+	// levels: where a reader of the checkpoint as guest memory finds the
+	// kernel (`kvmckpt ps FILE`). Zero when the kernel was not found.
+	KernelPGD uint64 `json:"kernel_pgd,omitempty"`
+	LA57      bool   `json:"la57,omitempty"`
 }
 
 // Forms of the device state (see [Header].DeviceStateForm).

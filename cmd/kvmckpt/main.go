@@ -4,7 +4,7 @@
 //	kvmckpt scan    (--qmp PATH | --domain NAME [--connect URI]) [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
 //	kvmckpt save    (--qmp PATH | --domain NAME [--connect URI]) -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--json]
 //	kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH] | --domain NAME [--connect URI]) [--resume] [--json]
-//	kvmckpt ps      (--qmp PATH | --domain NAME [--connect URI]) [--threads] [--json]
+//	kvmckpt ps      (--qmp PATH | --domain NAME [--connect URI] | FILE) [--threads] [--json]
 //	kvmckpt export  FILE -o OUT --format qemu|libvirt [--xml DOMAIN.xml] [--json]
 //	kvmckpt inspect FILE [--json]
 //	kvmckpt verify  FILE

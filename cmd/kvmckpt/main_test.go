@@ -191,7 +191,30 @@ func TestCLIOnGuest(t *testing.T) {
 		code, stdout, stderr = cli(t, "ps", "--qmp", g.QMPPath)
 		require.Equal(t, exitOK, code, stderr)
 		assert.Contains(t, stdout, "[kthreadd]")
-		assert.Contains(t, stderr, "tasks; guest paused")
+		assert.Contains(t, stderr, "tasks, guest paused")
+
+		// The same guest's tasks from the checkpoint saved above: the
+		// file read as guest memory. The guest is quiet: the same
+		// processes, with the same names and command lines.
+		code, stdout, stderr = cli(t, "ps", out, "--json")
+		require.Equal(t, exitOK, code, stderr)
+		var fromFile checkpoint.PSResult
+		require.NoError(t, json.Unmarshal([]byte(stdout), &fromFile))
+		code, stdout, stderr = cli(t, "ps", "--qmp", g.QMPPath, "--json")
+		require.Equal(t, exitOK, code, stderr)
+		var live checkpoint.PSResult
+		require.NoError(t, json.Unmarshal([]byte(stdout), &live))
+		procs := func(r checkpoint.PSResult) map[int32]string {
+			m := map[int32]string{}
+			for _, p := range r.Tasks {
+				if !strings.HasPrefix(p.Comm, "kworker") { // workers come and go
+					m[p.PID] = p.Comm + " " + strings.Join(p.Cmdline, " ")
+				}
+			}
+			return m
+		}
+		assert.Equal(t, procs(live), procs(fromFile))
+		assert.Greater(t, len(procs(fromFile)), 10)
 	})
 
 	t.Run("encrypted", func(t *testing.T) {

@@ -16,19 +16,42 @@ func cmdPS(ctx context.Context, e *env, args []string) error {
 	threads := fs.Bool("threads", false, "every thread, not only processes")
 	profile := fs.String("profile", "auto", "kernel profile: auto, or a profile file")
 	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
-	if _, err := e.parse(fs, verbose, args); err != nil {
-		return err
-	}
-	target, err := tf.target()
+	keyFile := keyFlag(fs)
+	pos, err := e.parse(fs, verbose, args)
 	if err != nil {
 		return err
 	}
-	res, err := checkpoint.PS(ctx, checkpoint.PSOptions{
-		ScanOptions: checkpoint.ScanOptions{QMP: target.QMP, Domain: target.Domain, Connect: target.Connect, Profile: *profile, Log: e.log},
-		Threads:     *threads,
-	})
-	if err != nil {
-		return err
+	var res *checkpoint.PSResult
+	from := "guest paused %d ms"
+	switch {
+	case len(pos) > 1:
+		return usagef("give one checkpoint file, or --qmp or --domain")
+	case len(pos) == 1:
+		if *tf.qmp != "" || *tf.domain != "" {
+			return usagef("give a checkpoint file or --qmp or --domain, not both")
+		}
+		key, err := loadKey(*keyFile)
+		if err != nil {
+			return err
+		}
+		from = "from the checkpoint"
+		res, err = checkpoint.PSFile(ctx, pos[0], key, checkpoint.PSOptions{
+			ScanOptions: checkpoint.ScanOptions{Profile: *profile, Log: e.log}, Threads: *threads})
+		if err != nil {
+			return err
+		}
+	default:
+		target, err := tf.target()
+		if err != nil {
+			return err
+		}
+		res, err = checkpoint.PS(ctx, checkpoint.PSOptions{
+			ScanOptions: checkpoint.ScanOptions{QMP: target.QMP, Domain: target.Domain, Connect: target.Connect, Profile: *profile, Log: e.log},
+			Threads:     *threads,
+		})
+		if err != nil {
+			return err
+		}
 	}
 	if *asJSON {
 		return e.printJSON(res)
@@ -65,6 +88,9 @@ func cmdPS(ctx context.Context, e *env, args []string) error {
 	if err := w.Flush(); err != nil {
 		return err
 	}
-	fmt.Fprintf(e.stderr, "%d tasks; guest paused %d ms; profile %s\n", len(res.Tasks), res.PauseMS, term.Escape(res.Profile))
+	if from != "from the checkpoint" {
+		from = fmt.Sprintf(from, res.PauseMS)
+	}
+	fmt.Fprintf(e.stderr, "%d tasks, %s; profile %s\n", len(res.Tasks), from, term.Escape(res.Profile))
 	return nil
 }
