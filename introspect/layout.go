@@ -40,24 +40,28 @@ const (
 	maxNodesLimit = 1 << 12
 )
 
+// fieldOffset returns the offset of field f of struct st in p, a field of
+// width bytes, or adds to *missing what is absent or does not fit.
+func fieldOffset(p *profiles.Profile, missing *[]string, st, f string, width uint64) uint64 {
+	s, ok := p.Structs[st]
+	if !ok {
+		*missing = append(*missing, "struct "+st)
+		return 0
+	}
+	fl, ok := s.Fields[f]
+	if !ok {
+		*missing = append(*missing, st+"."+f)
+		return 0
+	}
+	if fl.Offset+width > s.Size || s.Size > maxStructSize {
+		*missing = append(*missing, fmt.Sprintf("%s.%s (offset %d outside size %d)", st, f, fl.Offset, s.Size))
+	}
+	return fl.Offset
+}
+
 func resolveLayout(p *profiles.Profile) (*layout, error) {
 	var missing []string
-	field := func(st, f string, width uint64) uint64 {
-		s, ok := p.Structs[st]
-		if !ok {
-			missing = append(missing, "struct "+st)
-			return 0
-		}
-		fl, ok := s.Fields[f]
-		if !ok {
-			missing = append(missing, st+"."+f)
-			return 0
-		}
-		if fl.Offset+width > s.Size || s.Size > maxStructSize {
-			missing = append(missing, fmt.Sprintf("%s.%s (offset %d outside size %d)", st, f, fl.Offset, s.Size))
-		}
-		return fl.Offset
-	}
+	field := func(st, f string, width uint64) uint64 { return fieldOffset(p, &missing, st, f, width) }
 	size := func(st string) uint64 {
 		s, ok := p.Structs[st]
 		if !ok || s.Size == 0 || s.Size > maxStructSize {

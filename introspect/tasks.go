@@ -93,22 +93,7 @@ type taskLayout struct {
 
 func resolveTaskLayout(p *profiles.Profile) (*taskLayout, error) {
 	var missing []string
-	field := func(st, f string, width uint64) uint64 {
-		s, ok := p.Structs[st]
-		if !ok {
-			missing = append(missing, "struct "+st)
-			return 0
-		}
-		fl, ok := s.Fields[f]
-		if !ok {
-			missing = append(missing, st+"."+f)
-			return 0
-		}
-		if fl.Offset+width > s.Size || s.Size > maxStructSize {
-			missing = append(missing, fmt.Sprintf("%s.%s (offset %d outside size %d)", st, f, fl.Offset, s.Size))
-		}
-		return fl.Offset
-	}
+	field := func(st, f string, width uint64) uint64 { return fieldOffset(p, &missing, st, f, width) }
 	l := &taskLayout{}
 	l.tasks = field("task_struct", "tasks", 16)
 	l.pid = field("task_struct", "pid", 4)
