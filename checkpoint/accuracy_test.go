@@ -171,6 +171,7 @@ func checkTasks(t *testing.T, k *introspect.Kernel, truth *vmtest.Truth) {
 	for _, tk := range tasks {
 		got[tk.PID] = tk
 	}
+	ran := 0
 	for tid, want := range truth.Tasks {
 		tk, ok := got[tid]
 		if !assert.True(t, ok, "thread %d (%s) of the guest's /proc not found", tid, want.Comm) {
@@ -186,13 +187,23 @@ func checkTasks(t *testing.T, k *introspect.Kernel, truth *vmtest.Truth) {
 		} else {
 			assert.Equal(t, want.Comm, tk.Comm, "tid %d comm", tid)
 		}
-		if want.TGID != truth.Self {
+		switch {
+		case want.TGID == truth.Self:
 			// The workload's own threads ran as it read /proc (its Go
 			// runtime's too): their states then are not those at the
-			// pause. Every other task sleeps in a quiet guest.
+			// pause.
+		case want.State != tk.State && (want.State == "R" || tk.State == "R"):
+			// A kernel thread that ran around the listing (rcu_preempt
+			// wakes every few milliseconds on another vCPU): a few are
+			// allowed; a decoding error would show on many, and between
+			// sleeping states.
+			ran++
+			t.Logf("tid %d (%s) was %s in the listing, %s at the pause", tid, want.Comm, want.State, tk.State)
+		default:
 			assert.Equal(t, want.State, tk.State, "tid %d (%s) state", tid, want.Comm)
 		}
 	}
+	assert.LessOrEqual(t, ran, 3, "tasks running at the listing or at the pause, not both")
 	for tid, tk := range got {
 		_, ok := truth.Tasks[tid]
 		assert.True(t, ok, "kvmckpt found thread %d (%s), which the guest's /proc did not list", tid, tk.Comm)
