@@ -61,6 +61,13 @@ var wantStructs = []wantStruct{
 	{name: "cred", optional: true, depth: 1, required: []string{"uid", "euid"}},
 	{name: "mm_struct", optional: true, depth: 1, required: []string{"pgd", "map_count", "arg_start", "arg_end", "rss_stat"}},
 	{name: "percpu_counter", optional: true, required: []string{"count", "counters"}},
+	// The maple tree of an mm's VMAs (6.1+), for `kvmckpt core`.
+	{name: "maple_tree", optional: true, required: []string{"ma_root", "ma_flags"}},
+	{name: "maple_node", optional: true, depth: 1, required: []string{"parent", "slot", "mr64", "ma64"}},
+	{name: "maple_range_64", optional: true, required: []string{"parent", "pivot", "slot", "meta"}},
+	{name: "maple_arange_64", optional: true, required: []string{"parent", "pivot", "slot", "gap", "meta"}},
+	{name: "maple_metadata", optional: true, required: []string{"end", "gap"}},
+	{name: "vm_area_struct", optional: true, depth: 1, required: []string{"vm_start", "vm_end", "vm_mm", "vm_flags", "vm_pgoff", "vm_file"}},
 }
 
 // Symbols a profile must have, and symbols it records when present.
