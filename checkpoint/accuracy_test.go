@@ -209,6 +209,19 @@ func checkTasks(t *testing.T, k *introspect.Kernel, truth *vmtest.Truth) {
 		assert.True(t, ok, "kvmckpt found thread %d (%s), which the guest's /proc did not list", tid, tk.Comm)
 	}
 	self := got[truth.Self]
+	// The workload's memory areas, from its mm's maple tree, against its
+	// /proc/self/maps (which adds the vsyscall page, in no mm).
+	vmas, err := k.VMAs(self.MM)
+	require.NoError(t, err)
+	var ranges [][2]uint64
+	for _, v := range vmas {
+		ranges = append(ranges, [2]uint64{v.Start, v.End})
+	}
+	want := truth.VMAs
+	if n := len(want); n > 0 && want[n-1][0] == 0xffffffffff600000 {
+		want = want[:n-1]
+	}
+	assert.Equal(t, want, ranges, "the workload's VMAs")
 	args, truncated, err := k.Cmdline(self)
 	require.NoError(t, err)
 	assert.False(t, truncated)

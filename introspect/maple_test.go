@@ -123,7 +123,7 @@ func TestVMAs(t *testing.T) {
 	bad("map_count off", b.mm(b.leaf(0, max, testVMAs), 5), "map_count 5")
 	// A VMA whose range is not its slot's.
 	wrong := b.leaf(0, max, testVMAs)
-	vma := g.get64(g.pa((wrong&^mapleNodeMask)+l.r64Slot+8)) // slot 1: the first VMA
+	vma := g.get64(g.pa((wrong &^ mapleNodeMask) + l.r64Slot + 8)) // slot 1: the first VMA
 	g.put64(g.pa(vma+l.vmStart), 0x401000)
 	bad("VMA outside its slot", b.mm(wrong, 4), "its slot")
 	// A dead node: parent points to itself.

@@ -39,6 +39,9 @@ type Truth struct {
 	Tasks         map[int32]TruthTask
 	Self, SelfTID int32
 	Cmdline       []string
+	// VMAs are the workload's memory areas, [start, end) as
+	// /proc/self/maps listed them.
+	VMAs [][2]uint64
 }
 
 // TruthTask is a thread as the guest's /proc shows it.
@@ -120,6 +123,16 @@ func ParseTruth(serial string) (*Truth, error) {
 				tt.Comm, err = strconv.Unquote(q)
 			}
 			t.Tasks[tt.TID] = tt
+		case "VMA":
+			var a, b uint64
+			lo, hi, ok := strings.Cut(f[len(f)-1], "-")
+			if !ok || len(f) != 2 {
+				return nil, fmt.Errorf("parse truth: bad line %q", line)
+			}
+			if a, err = strconv.ParseUint(lo, 16, 64); err == nil {
+				b, err = strconv.ParseUint(hi, 16, 64)
+			}
+			t.VMAs = append(t.VMAs, [2]uint64{a, b})
 		case "TASKS":
 			kv := keyValues(f[1:])
 			t.Self, t.SelfTID = int32(kv["self"]), int32(kv["tid"])

@@ -29,6 +29,8 @@ func TestParseTruth(t *testing.T) {
 		"KW TASK 1 1 0 S \"init\"\n" +
 		"KW TASK 1 7 0 R \"init (x)\"\n" +
 		"KW TASKS self=1 tid=7\n" +
+		"KW VMA 00400000-00401000\n" +
+		"KW VMA 7ffd00000000-7ffd00021000\n" +
 		"KW CMDLINE \"/init\" \"a b\"\n" +
 		"KW TRUTH END\n"
 	tr, err := ParseTruth(serial)
@@ -37,6 +39,7 @@ func TestParseTruth(t *testing.T) {
 	assert.Len(t, tr.Tasks, 2)
 	assert.Equal(t, [2]int32{1, 7}, [2]int32{tr.Self, tr.SelfTID})
 	assert.Equal(t, []string{"/init", "a b"}, tr.Cmdline)
+	assert.Equal(t, [][2]uint64{{0x400000, 0x401000}, {0x7ffd00000000, 0x7ffd00021000}}, tr.VMAs)
 	assert.Equal(t, uint64(0xffffffffb4e00000), tr.Symbols["_text"])
 	assert.Equal(t, []Run{{0x10, 5}, {0x20, 1}, {0x40, 4}}, tr.Buddy)
 	assert.Equal(t, []Run{{0x100, 0x10}, {0x200, 2}}, tr.Frames["anon"])

@@ -423,6 +423,16 @@ func truth(out *bufio.Writer, kept *keptData) error {
 	if err := pageSnapshot(out, ""); err != nil {
 		return err
 	}
+	// Last, as the snapshot's buffer may have grown the heap's mappings.
+	maps, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(maps)), "\n") {
+		if f := strings.Fields(line); len(f) > 0 {
+			fmt.Fprintf(out, "KW VMA %s\n", f[0])
+		}
+	}
 	fmt.Fprintf(out, "KW TRUTH END\n")
 	return out.Flush()
 }
@@ -432,7 +442,8 @@ func truth(out *bufio.Writer, kept *keptData) error {
 // tid=TID" naming this process and the thread that read /proc (running
 // as it did, so its state is R here and not at a later pause), and this
 // process's command line as "KW CMDLINE" and its quoted arguments: what
-// `kvmckpt ps --threads` must find from outside.
+// kvmckpt must find from outside. (truth prints its memory areas, "KW VMA
+// start-end", last.)
 func printTasks(out *bufio.Writer) error {
 	procs, err := os.ReadDir("/proc")
 	if err != nil {
