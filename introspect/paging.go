@@ -36,6 +36,14 @@ type Translator struct {
 	// WalkLimit bounds the entries one Walk call reads; zero or less
 	// means [DefaultWalkLimit].
 	WalkLimit int
+	// ProtNone reads a process's page tables as Linux does
+	// (pte_present, pmd_present): a leaf entry without the present bit
+	// but with _PAGE_PROTNONE (bit 8, the global bit of a present entry)
+	// maps a page that is in memory: PROT_NONE, or marked by NUMA
+	// balancing to sample the next access. Swap entries never have the
+	// bit. Only for user address spaces: Translate sees it in TLB terms
+	// otherwise.
+	ProtNone bool
 }
 
 // TranslateError reports why a virtual address has no translation.
@@ -107,7 +115,7 @@ func (t *Translator) translate(va VAddr) (PAddr, uint64, error) {
 		if err != nil {
 			return 0, 0, &TranslateError{Addr: va, Level: l, Table: table, Err: err}
 		}
-		if !e.Present() {
+		if !e.Present() && !t.protNone(e, l) {
 			return 0, 0, &TranslateError{Addr: va, Level: l, Table: table, Entry: e, Err: ErrNotPresent}
 		}
 		if e.Reserved(l) {
@@ -120,6 +128,12 @@ func (t *Translator) translate(va VAddr) (PAddr, uint64, error) {
 		table = e.Address()
 	}
 	panic("unreachable: a PTE is always a leaf")
+}
+
+// protNone reports whether a non-present entry maps a PROT_NONE page (see
+// [Translator.ProtNone]): a PTE, or a PMD mapping a huge page.
+func (t *Translator) protNone(e PTE, l Level) bool {
+	return t.ProtNone && e&PTEGlobal != 0 && (l == LevelPT || (l == LevelPD && e.Large()))
 }
 
 // ReadVirt copies guest-virtual memory starting at va into p, translating

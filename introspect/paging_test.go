@@ -7,6 +7,9 @@ import (
 	"math/rand/v2"
 	"slices"
 	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // pageTables builds x86-64 page tables inside a synthetic guest RAM image.
@@ -697,4 +700,44 @@ func BenchmarkWalk(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(pages)*float64(b.N)/b.Elapsed().Seconds(), "pages/s")
+}
+
+// TestProtNone: a leaf entry with the present bit clear and _PAGE_PROTNONE
+// set (PROT_NONE, or NUMA balancing's hinting) maps a page in memory for a
+// translator of a process's tables, and nothing for one of the kernel's;
+// an upper-level entry so marked, or a swap-like entry, maps nothing.
+func TestProtNone(t *testing.T) {
+	for _, la57 := range []bool{false, true} {
+		pt := newPageTables(t, testRAM, testTablesAt, la57)
+		pt.mapPage(0x400000, 0x5000, LevelPT, 0)
+		pt.mapPage(0x600000, 0x200000, LevelPD, 0)
+		pt.mapPage(0x800000, 0x7000, LevelPT, 0)
+		// Clear P, set PROTNONE: the first two as NUMA balancing does;
+		// the third as a swap entry (no PROTNONE).
+		for _, c := range []struct {
+			va      VAddr
+			l       Level
+			protnon bool
+		}{{0x400000, LevelPT, true}, {0x600000, LevelPD, true}, {0x800000, LevelPT, false}} {
+			tab := pt.tableFor(c.va, c.l)
+			i := c.l.index(uint64(c.va))
+			e := PTE(binary.LittleEndian.Uint64(pt.ram[uint64(tab)+8*i:])) &^ PTEPresent
+			if c.protnon {
+				e |= PTEGlobal
+			}
+			pt.set(tab, i, e)
+		}
+		user := pt.translator()
+		user.ProtNone = true
+		pa, err := user.Translate(0x400123)
+		require.NoError(t, err)
+		assert.Equal(t, PAddr(0x5123), pa)
+		pa, err = user.Translate(0x612345)
+		require.NoError(t, err)
+		assert.Equal(t, PAddr(0x212345), pa)
+		_, err = user.Translate(0x800000)
+		assert.ErrorIs(t, err, ErrNotPresent, "a swap entry")
+		_, err = pt.translator().Translate(0x400123)
+		assert.ErrorIs(t, err, ErrNotPresent, "the kernel's view")
+	}
 }

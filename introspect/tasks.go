@@ -444,7 +444,7 @@ func (k *Kernel) userTranslator(l *taskLayout, mm VAddr) (*Translator, error) {
 	if root%PageSize != 0 {
 		return nil, fmt.Errorf("mm's pgd %#x is not page-aligned", pgd)
 	}
-	return &Translator{Mem: k.Mem, Root: root, LA57: k.Tr.LA57}, nil
+	return &Translator{Mem: k.Mem, Root: root, LA57: k.Tr.LA57, ProtNone: true}, nil
 }
 
 // Cmdline reads a process's command line from its memory, as
