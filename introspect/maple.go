@@ -21,6 +21,8 @@ type VMA struct {
 // VMA found where its range says, as many as map_count).
 const (
 	mapleNodeMask      = 0xff // nodes are 256-byte aligned
+	mapleRootNode      = 0x02 // MAPLE_ROOT_NODE: ma_root holds a node
+	mapleEnodeNull     = 0x04 // MAPLE_ENODE_NULL: a NULL somewhere below
 	mapleTypeShift     = 3
 	mapleTypeMask      = 0x0f
 	mapleLeaf64        = 1
@@ -111,7 +113,7 @@ func (k *Kernel) VMAs(mm VAddr) ([]VMA, error) {
 	w := &mapleWalk{k: k, l: l, buf: make([]byte, mapleNodeSize)}
 	switch {
 	case root == 0:
-	case !isMapleNode(root):
+	case root&3 != mapleRootNode || root < 4096:
 		// A tree of one entry at index 0 holds no VMA.
 		return nil, fmt.Errorf("%w: mm at %#x: maple root %#x is no node", ErrKernel, uint64(mm), root)
 	default:
@@ -125,9 +127,10 @@ func (k *Kernel) VMAs(mm VAddr) ([]VMA, error) {
 	return w.vmas, nil
 }
 
-// isMapleNode reports whether an entry is an encoded node pointer
-// (xa_is_node: internal, above 4096).
-func isMapleNode(e uint64) bool { return e&3 == 2 && e > 4096 }
+// isMapleChild reports whether a slot of an inner node can be an encoded
+// node (mt_mk_node: the node's address, its type in bits 3-6, bit 2 a
+// hint; bits 0 and 1 clear, unlike the root's).
+func isMapleChild(e uint64) bool { return e&3 == 0 && e&^mapleNodeMask != 0 && e >= 1<<63 }
 
 type mapleWalk struct {
 	k      *Kernel
@@ -205,7 +208,7 @@ func (w *mapleWalk) node(enode, min, max uint64, depth int) error {
 					return err
 				}
 			}
-		case e == 0 || !isMapleNode(e):
+		case !isMapleChild(e):
 			return fmt.Errorf("maple node at %#x: slot %d holds %#x, not a node", uint64(addr), i, e)
 		default:
 			if err := w.node(e, lo, hi, depth+1); err != nil {

@@ -62,13 +62,16 @@ func (b *mapleBuilder) node(typ uint64, _ any, slot func(int) (hi, entry uint64)
 		b.g.put64(pa+PAddr(slots)+PAddr(8*i), e)
 	}
 	b.g.ram[pa+PAddr(meta)] = byte(n - 1)
-	return b.g.directVA(pa) | typ<<mapleTypeShift | 2
+	return b.g.directVA(pa) | typ<<mapleTypeShift | mapleEnodeNull
 }
 
 // mm makes an mm_struct whose tree's root is root, with map_count n.
 func (b *mapleBuilder) mm(root uint64, n uint32) VAddr {
 	pa := b.g.alloc(b.g.p.Structs["mm_struct"].Size, 64)
 	clear(b.g.ram[pa : uint64(pa)+b.g.p.Structs["mm_struct"].Size])
+	if root != 0 {
+		root |= mapleRootNode // mte_mk_root
+	}
 	b.g.put64(pa+PAddr(b.l.mmTree+b.l.treeRoot), root)
 	b.g.put32(pa+PAddr(b.l.mmMapCount), n)
 	return VAddr(b.g.directVA(pa))
