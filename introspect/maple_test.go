@@ -77,6 +77,19 @@ func (b *mapleBuilder) mm(root uint64, n uint32) VAddr {
 	return VAddr(b.g.directVA(pa))
 }
 
+// twoLevels writes an arange_64 root over two leaves split at 1 TiB,
+// holding testVMAs, and returns the root and the left leaf.
+func (b *mapleBuilder) twoLevels() (root, left uint64) {
+	const max = ^uint64(0)
+	split := uint64(1<<40) - 1
+	left = b.leaf(0, split, testVMAs[:2])
+	right := b.leaf(split+1, max, testVMAs[2:])
+	root = b.node(mapleArange64, nil, func(i int) (uint64, uint64) {
+		return [2]uint64{split, max}[i], [2]uint64{left, right}[i]
+	}, 2)
+	return root, left
+}
+
 var testVMAs = []synthVMA{
 	{0x400000, 0x402000, 0x875}, {0x402000, 0x500000, 0x873},
 	{0x7f0000000000, 0x7f0000021000, 0x73}, {0x7ffd00000000, 0x7ffd00021000, 0x100173},
@@ -91,13 +104,7 @@ func TestVMAs(t *testing.T) {
 
 	// One leaf.
 	one := b.mm(b.leaf(0, max, testVMAs), 4)
-	// Two levels: an arange_64 root over two leaves, split at 1 TiB.
-	split := uint64(1<<40) - 1
-	left := b.leaf(0, split, testVMAs[:2])
-	right := b.leaf(split+1, max, testVMAs[2:])
-	root := b.node(mapleArange64, nil, func(i int) (uint64, uint64) {
-		return [2]uint64{split, max}[i], [2]uint64{left, right}[i]
-	}, 2)
+	root, left := b.twoLevels()
 	two := b.mm(root, 4)
 	empty := b.mm(0, 0)
 	k := g.kernel()
@@ -156,13 +163,7 @@ func FuzzVMAs(f *testing.F) {
 	}
 	b := &mapleBuilder{t: f, g: g, l: l}
 	start := g.bump
-	const max = ^uint64(0)
-	split := uint64(1<<40) - 1
-	left := b.leaf(0, split, testVMAs[:2])
-	right := b.leaf(split+1, max, testVMAs[2:])
-	root := b.node(mapleArange64, nil, func(i int) (uint64, uint64) {
-		return [2]uint64{split, max}[i], [2]uint64{left, right}[i]
-	}, 2)
+	root, _ := b.twoLevels()
 	mm := b.mm(root, 4)
 	end := g.bump
 	f.Fuzz(func(t *testing.T, off uint16, data []byte) {
