@@ -29,6 +29,14 @@ func TestLibvirtDomain(t *testing.T) {
 	d := vmtest.BootDomain(t, vmtest.Config{MemMiB: 1024,
 		Workload: vmtest.Workload{Churn: 820, Anon: 64, Tmpfs: 32, Text: 32, Interval: 1}})
 	d.WaitReady(t)
+	// Recorded once the test's environment is put back: isolateProfiles
+	// points the cache and the kernel elsewhere, and the record names
+	// the kernel by the package the shared cache says it is.
+	t.Cleanup(func() {
+		if !t.Failed() {
+			vmtest.RecordMatrix(d.Config, "libvirt domain: save, export, virsh restore, restore --domain")
+		}
+	})
 	dir := t.TempDir()
 	isolateProfiles(t, dir)
 	ctx := context.Background()
@@ -80,9 +88,6 @@ func TestLibvirtDomain(t *testing.T) {
 	t.Logf("restore --domain: %s", strings.TrimSpace(stdout))
 	assert.Equal(t, "running", d.State(t))
 	verifiedAfter(t, d, from)
-	if !t.Failed() {
-		vmtest.RecordMatrix(d.Config, "libvirt domain: save, export, virsh restore, restore --domain")
-	}
 	entries, err := os.ReadDir(dir)
 	require.NoError(t, err)
 	for _, e := range entries {
