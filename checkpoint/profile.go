@@ -77,7 +77,10 @@ func findProfile(mem *introspect.PhysMem, root introspect.PAddr, la57 bool, opt 
 func hasTasks(p *profiles.Profile) bool {
 	_, task := p.Structs["task_struct"]
 	_, init := p.Symbols["init_task"]
-	return task && init
+	// Profiles from before cores lack the stack's registers and paths.
+	_, regs := p.Structs["pt_regs"]
+	_, dentry := p.Structs["dentry"]
+	return task && init && regs && dentry
 }
 
 // readVmcoreinfo reads the kernel's vmcoreinfo text (what makedumpfile

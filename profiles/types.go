@@ -68,6 +68,21 @@ var wantStructs = []wantStruct{
 	{name: "maple_arange_64", optional: true, required: []string{"parent", "pivot", "slot", "gap", "meta"}},
 	{name: "maple_metadata", optional: true, required: []string{"end", "gap"}},
 	{name: "vm_area_struct", optional: true, depth: 1, required: []string{"vm_start", "vm_end", "vm_mm", "vm_flags", "vm_pgoff", "vm_file"}},
+	// A thread's saved user registers (at the top of its kernel stack),
+	// and the per-CPU block holding the running task in 6.2+.
+	{name: "pt_regs", optional: true, required: []string{
+		"r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx",
+		"dx", "si", "di", "orig_ax", "ip", "cs", "flags", "sp", "ss",
+	}},
+	{name: "pcpu_hot", optional: true, required: []string{"current_task"}},
+	// File paths of mappings (NT_FILE) and the vDSO image of a core.
+	{name: "file", optional: true, depth: 1, required: []string{"f_path"}},
+	{name: "path", optional: true, required: []string{"mnt", "dentry"}},
+	{name: "dentry", optional: true, depth: 1, required: []string{"d_parent", "d_name"}},
+	{name: "qstr", optional: true, required: []string{"len", "name"}},
+	{name: "mount", optional: true, depth: 1, required: []string{"mnt", "mnt_parent", "mnt_mountpoint"}},
+	{name: "vfsmount", optional: true, required: []string{"mnt_root"}},
+	{name: "vdso_image", optional: true, required: []string{"data", "size"}},
 }
 
 // Symbols a profile must have, and symbols it records when present.
@@ -85,6 +100,9 @@ var (
 		// Tasks (kvmckpt ps): the list's head, and the per-CPU pointer
 		// to the running task (current_task in 6.1, pcpu_hot in 6.2+).
 		"init_task", "current_task", "pcpu_hot",
+		// Present when the kernel enters with FRED, which pads the top
+		// of every kernel stack by 16 bytes (above a thread's pt_regs).
+		"asm_fred_entrypoint_user",
 	}
 )
 

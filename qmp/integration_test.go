@@ -180,7 +180,9 @@ func TestCPURegistersQEMU(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// CS at reset: selector F000, base FFFF0000.
 		want := Registers{CPU: cpu, RIP: 0xfff0, RFLAGS: 2, CR0: 0x60000010}
+		want.Seg[SegCS] = Segment{Selector: 0xf000, Base: 0xffff0000}
 		if r != want {
 			t.Errorf("CPU %d: %+v, want %+v", cpu, r, want)
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -25,7 +26,38 @@ type Registers struct {
 	EFER uint64
 	// CPL is the current privilege level, 0 to 3.
 	CPL int
+	// GPR are the general-purpose registers in the x86 encoding order
+	// (RAX RCX RDX RBX RSP RBP RSI RDI R8..R15), valid if HasGPR: the
+	// 64-bit dump prints them all. GPR[4] is RSP.
+	GPR    [16]uint64
+	HasGPR bool
+	// Seg are the segment registers ES CS SS DS FS GS: selector and base
+	// (the FS and GS bases are a thread's TLS pointers).
+	Seg [6]Segment
 }
+
+// Segment is a segment register as "info registers" prints it.
+type Segment struct {
+	Selector uint16
+	Base     uint64
+}
+
+// Indexes of [Registers.Seg].
+const (
+	SegES = iota
+	SegCS
+	SegSS
+	SegDS
+	SegFS
+	SegGS
+)
+
+// gprNames are the 64-bit dump's names of [Registers.GPR].
+var gprNames = [16]string{"RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
+	"R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15"}
+
+// segNames are the dump's names of [Registers.Seg].
+var segNames = [6]string{"ES", "CS", "SS", "DS", "FS", "GS"}
 
 // CPURegisters returns the registers of vCPU cpu (0 for the first), from
 // the human monitor's "info registers" (target/i386/cpu-dump.c,
@@ -114,6 +146,20 @@ func parseRegisters(r io.Reader) (Registers, error) {
 	if get(&cpl, "CPL") == nil && cpl <= 3 {
 		regs.CPL = int(cpl)
 	}
+	regs.HasGPR = true
+	for i, n := range gprNames {
+		if get(&regs.GPR[i], n) != nil {
+			regs.HasGPR, regs.GPR = false, [16]uint64{}
+			break
+		}
+	}
+	for i, n := range segNames {
+		var sel uint64
+		if get(&sel, n) == nil && sel <= 0xffff {
+			regs.Seg[i].Selector = uint16(sel)
+		}
+		_ = get(&regs.Seg[i].Base, n+"_BASE")
+	}
 	return regs, nil
 }
 
@@ -143,6 +189,16 @@ func parseRegisterLine(line string, vals map[string]uint64) {
 		}
 		if _, dup := vals[name]; !dup {
 			vals[name] = v
+		}
+		// A segment line: "FS =0000 00007f0123456000 ffffffff 00cff300":
+		// the selector, then the base.
+		if slices.Contains(segNames[:], name) && i+1 < len(fields) {
+			if base, err := parseHex(fields[i+1]); err == nil {
+				if _, dup := vals[name+"_BASE"]; !dup {
+					vals[name+"_BASE"] = base
+				}
+				i++
+			}
 		}
 	}
 }

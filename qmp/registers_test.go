@@ -11,7 +11,7 @@ import (
 // fixtureRegister finds NAME=HEX in a fixture independently of the parser.
 func fixtureRegister(tb testing.TB, text, name string) uint64 {
 	tb.Helper()
-	m := regexp.MustCompile(`(?:^|\s)` + name + `=([0-9a-f]+)`).FindStringSubmatch(text)
+	m := regexp.MustCompile(`(?:^|\s)` + name + ` ?=([0-9a-f]+)`).FindStringSubmatch(text)
 	if m == nil {
 		tb.Fatalf("fixture has no %s", name)
 	}
@@ -55,6 +55,15 @@ func TestParseRegistersFixtures(t *testing.T) {
 				EFER:   fixtureRegister(t, text, "EFER"),
 				CPL:    0,
 			}
+			if tt.longMode {
+				want.HasGPR = true
+				for i, n := range gprNames {
+					want.GPR[i] = fixtureRegister(t, text, n)
+				}
+			}
+			for i, n := range segNames {
+				want.Seg[i] = fixtureSegment(t, text, n)
+			}
 			if got != want {
 				t.Errorf("got  %+v\nwant %+v", got, want)
 			}
@@ -86,6 +95,7 @@ func TestParseRegisters(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Registers{CPU: 3, RIP: 0x1000, RFLAGS: 2, CR0: 0x80000011, CR3: 0x2000, CR4: 0x20, EFER: 0x500, CPL: 3}
+	// R8 and R9 alone are not the general-purpose registers.
 	if got != want {
 		t.Errorf("got  %+v\nwant %+v", got, want)
 	}
@@ -95,12 +105,12 @@ func TestParseRegisters(t *testing.T) {
 
 	vals := map[string]uint64{}
 	parseRegisterLine("R8 =0000000000807000 R9 =0000000000807020 R10=0000000000000000 ES =0008 0000000000000000 ffffffff 00c09300 DPL=0 DS   [-WA]", vals)
-	for name, v := range map[string]uint64{"R8": 0x807000, "R9": 0x807020, "R10": 0, "ES": 8, "DPL": 0} {
+	for name, v := range map[string]uint64{"R8": 0x807000, "R9": 0x807020, "R10": 0, "ES": 8, "ES_BASE": 0, "DPL": 0} {
 		if got, ok := vals[name]; !ok || got != v {
 			t.Errorf("%s = %#x, %v; want %#x", name, got, ok, v)
 		}
 	}
-	if len(vals) != 5 {
+	if len(vals) != 6 {
 		t.Errorf("parsed %v", vals)
 	}
 
@@ -150,4 +160,23 @@ func FuzzParseRegisters(f *testing.F) {
 			t.Fatalf("PagingLevels() = %d", l)
 		}
 	})
+}
+
+// fixtureSegment reads a segment register's selector and base from a
+// fixture's "NAME =SSSS BASE ..." line; zero if the dump has none.
+func fixtureSegment(tb testing.TB, text, name string) Segment {
+	tb.Helper()
+	for _, line := range strings.Split(text, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 3 || f[0] != name || !strings.HasPrefix(f[1], "=") {
+			continue
+		}
+		sel, err1 := strconv.ParseUint(f[1][1:], 16, 16)
+		base, err2 := strconv.ParseUint(f[2], 16, 64)
+		if err1 != nil || err2 != nil {
+			tb.Fatalf("segment %s in %q", name, line)
+		}
+		return Segment{Selector: uint16(sel), Base: base}
+	}
+	return Segment{}
 }
