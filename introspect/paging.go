@@ -41,8 +41,10 @@ type Translator struct {
 	// but with _PAGE_PROTNONE (bit 8, the global bit of a present entry)
 	// maps a page that is in memory: PROT_NONE, or marked by NUMA
 	// balancing to sample the next access. Swap entries never have the
-	// bit. Only for user address spaces: Translate sees it in TLB terms
-	// otherwise.
+	// bit. Such an entry's frame number is stored inverted (the L1TF
+	// mitigation, arch/x86/include/asm/pgtable-invert.h: every non-zero
+	// entry without the present bit), and is read back inverted. Only for
+	// user address spaces: Translate sees it in TLB terms otherwise.
 	ProtNone bool
 }
 
@@ -115,8 +117,11 @@ func (t *Translator) translate(va VAddr) (PAddr, uint64, error) {
 		if err != nil {
 			return 0, 0, &TranslateError{Addr: va, Level: l, Table: table, Err: err}
 		}
-		if !e.Present() && !t.protNone(e, l) {
-			return 0, 0, &TranslateError{Addr: va, Level: l, Table: table, Entry: e, Err: ErrNotPresent}
+		if !e.Present() {
+			if !t.protNone(e, l) {
+				return 0, 0, &TranslateError{Addr: va, Level: l, Table: table, Entry: e, Err: ErrNotPresent}
+			}
+			e = uninvert(e, l)
 		}
 		if e.Reserved(l) {
 			return 0, 0, &TranslateError{Addr: va, Level: l, Table: table, Entry: e, Err: ErrReservedBit}
@@ -134,6 +139,13 @@ func (t *Translator) translate(va VAddr) (PAddr, uint64, error) {
 // [Translator.ProtNone]): a PTE, or a PMD mapping a huge page.
 func (t *Translator) protNone(e PTE, l Level) bool {
 	return t.ProtNone && e&PTEGlobal != 0 && (l == LevelPT || (l == LevelPD && e.Large()))
+}
+
+// uninvert returns a PROT_NONE leaf entry at level l with its frame
+// number as Linux reads it (pte_pfn, pmd_pfn): the bits of the page's
+// address, and only those, are stored inverted.
+func uninvert(e PTE, l Level) PTE {
+	return e ^ (pteAddrMask &^ PTE(l.PageSize()-1))
 }
 
 // ReadVirt copies guest-virtual memory starting at va into p, translating
@@ -258,7 +270,11 @@ func (w *walker) table(tab PAddr, l Level, lo, hi VAddr) bool {
 			return false
 		}
 		e := PTE(binary.LittleEndian.Uint64(entries[l.index(uint64(va))*pteSize:]))
-		if e.Present() && !e.Reserved(l) {
+		present := e.Present()
+		if !present && w.t.protNone(e, l) {
+			e, present = uninvert(e, l), true
+		}
+		if present && !e.Reserved(l) {
 			if e.Leaf(l) {
 				pa := e.PageAddress(l) + PAddr(uint64(va)&(span-1))
 				if !w.emit(va, pa, uint64(segEnd-va)) {

@@ -722,6 +722,8 @@ func TestProtNone(t *testing.T) {
 			tab := pt.tableFor(c.va, c.l)
 			i := c.l.index(uint64(c.va))
 			e := PTE(binary.LittleEndian.Uint64(pt.ram[uint64(tab)+8*i:])) &^ PTEPresent
+			// Linux stores the frame of an entry without P inverted.
+			e ^= pteAddrMask &^ PTE(c.l.PageSize()-1)
 			if c.protnon {
 				e |= PTEGlobal
 			}
@@ -739,5 +741,18 @@ func TestProtNone(t *testing.T) {
 		assert.ErrorIs(t, err, ErrNotPresent, "a swap entry")
 		_, err = pt.translator().Translate(0x400123)
 		assert.ErrorIs(t, err, ErrNotPresent, "the kernel's view")
+		// Walk sees the same pages.
+		var got []VAddrRange
+		require.NoError(t, user.Walk(0x400000, 0xa00000, func(va VAddr, pa PAddr, size uint64) bool {
+			got = append(got, VAddrRange{va, va + VAddr(size)})
+			if va == 0x400000 {
+				assert.Equal(t, PAddr(0x5000), pa)
+			}
+			if va == 0x600000 {
+				assert.Equal(t, PAddr(0x200000), pa)
+			}
+			return true
+		}))
+		assert.Equal(t, []VAddrRange{{0x400000, 0x401000}, {0x600000, 0x800000}}, got)
 	}
 }

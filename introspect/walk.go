@@ -164,46 +164,55 @@ func (w *freeWalker) policy() error {
 }
 
 func (w *freeWalker) readCPUs() error {
-	nr, err := w.k.Sym("nr_cpu_ids")
+	cpus, err := w.k.possibleCPUs()
+	w.cpus = cpus
+	return err
+}
+
+// possibleCPUs returns the kernel's possible CPUs with their per-CPU
+// offsets (__per_cpu_offset), checked against nr_cpu_ids and NR_CPUS.
+func (k *Kernel) possibleCPUs() ([]possibleCPU, error) {
+	nr, err := k.Sym("nr_cpu_ids")
 	if err != nil {
-		return err
+		return nil, err
 	}
-	n, err := w.k.Uint32(nr)
+	n, err := k.Uint32(nr)
 	if err != nil {
-		return fmt.Errorf("read nr_cpu_ids: %w", err)
+		return nil, fmt.Errorf("read nr_cpu_ids: %w", err)
 	}
 	// The possible mask and __per_cpu_offset hold NR_CPUS entries: the
 	// size of struct cpumask in bits.
 	limit := uint64(1 << 16)
-	if cm, ok := w.k.Profile.Structs["cpumask"]; ok && cm.Size > 0 {
+	if cm, ok := k.Profile.Structs["cpumask"]; ok && cm.Size > 0 {
 		limit = min(limit, cm.Size*8)
 	}
 	if n == 0 || uint64(n) > limit {
-		return fmt.Errorf("%w: nr_cpu_ids is %d (at most %d)", ErrKernel, n, limit)
+		return nil, fmt.Errorf("%w: nr_cpu_ids is %d (at most %d)", ErrKernel, n, limit)
 	}
-	mask, err := w.k.Sym("__cpu_possible_mask")
+	mask, err := k.Sym("__cpu_possible_mask")
 	if err != nil {
-		return err
+		return nil, err
 	}
-	offs, err := w.k.Sym("__per_cpu_offset")
+	offs, err := k.Sym("__per_cpu_offset")
 	if err != nil {
-		return err
+		return nil, err
 	}
+	var cpus []possibleCPU
 	for cpu := uint64(0); cpu < uint64(n); cpu++ {
-		word, err := w.k.Uint64(mask + VAddr(cpu/64*8))
+		word, err := k.Uint64(mask + VAddr(cpu/64*8))
 		if err != nil {
-			return fmt.Errorf("read cpu_possible_mask: %w", err)
+			return nil, fmt.Errorf("read cpu_possible_mask: %w", err)
 		}
 		if word&(1<<(cpu%64)) == 0 {
 			continue
 		}
-		off, err := w.k.Uint64(offs + VAddr(cpu*8))
+		off, err := k.Uint64(offs + VAddr(cpu*8))
 		if err != nil {
-			return fmt.Errorf("read __per_cpu_offset[%d]: %w", cpu, err)
+			return nil, fmt.Errorf("read __per_cpu_offset[%d]: %w", cpu, err)
 		}
-		w.cpus = append(w.cpus, possibleCPU{id: int(cpu), off: off})
+		cpus = append(cpus, possibleCPU{id: int(cpu), off: off})
 	}
-	return nil
+	return cpus, nil
 }
 
 // distrust is a reason to leave a zone or list out.
