@@ -22,6 +22,7 @@ import (
 	"github.com/kvmckpt/kvmckpt/introspect"
 	"github.com/kvmckpt/kvmckpt/qmp"
 	"github.com/kvmckpt/kvmckpt/ramblock"
+	"github.com/kvmckpt/kvmckpt/writer"
 )
 
 var (
@@ -64,6 +65,9 @@ type guest struct {
 	// introspection found them (see writer.Header.KernelPGD).
 	kernelPGD uint64
 	la57      bool
+	// cpus are the vCPUs' registers at the pause, read once
+	// introspection found the kernel (see writer.Header.CPUs).
+	cpus []writer.CPU
 	// ramSent is what QEMU sent of each backend's RAM in the device
 	// state's stream (page records), when it was filtered.
 	ramSent map[string]uint64

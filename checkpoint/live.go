@@ -736,7 +736,7 @@ func (g *guest) header(ctx context.Context, banner, profile string) (writer.Head
 	if pid, err := g.sess.PeerPID(); err == nil {
 		h.CommandLine, _ = qmp.ProcessCmdline(pid)
 	}
-	h.KernelPGD, h.LA57 = g.kernelPGD, g.la57
+	h.KernelPGD, h.LA57, h.CPUs = g.kernelPGD, g.la57, g.cpus
 	if t := g.target; t.Domain != "" {
 		xml, err := qmp.LibvirtDomainXML(ctx, t.Connect, t.Domain)
 		if err != nil {

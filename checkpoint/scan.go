@@ -11,6 +11,7 @@ import (
 	"github.com/kvmckpt/kvmckpt/pagemap"
 	"github.com/kvmckpt/kvmckpt/profiles"
 	"github.com/kvmckpt/kvmckpt/qmp"
+	"github.com/kvmckpt/kvmckpt/writer"
 )
 
 // ScanOptions say which guest to scan and how.
@@ -207,6 +208,7 @@ func (g *guest) introspect(ctx context.Context, opt ScanOptions, regs qmp.Regist
 		return nil, nil, err
 	}
 	g.notePGD(k, regs.LA57())
+	g.noteCPUs(ctx)
 	fp, err := k.WalkFree(ctx, introspect.WalkOptions{Timeout: opt.WalkTimeout})
 	if err != nil {
 		return nil, nil, err
@@ -220,6 +222,53 @@ func (g *guest) notePGD(k *introspect.Kernel, la57 bool) {
 	if pgd, err := k.PGD(); err == nil {
 		g.kernelPGD, g.la57 = uint64(pgd), la57
 	}
+}
+
+// noteCPUs keeps the vCPUs' registers, for the checkpoint's header: a
+// core of the checkpoint takes a running thread's registers from them. A
+// failure leaves them out (the core then says it cannot have them).
+func (g *guest) noteCPUs(ctx context.Context) {
+	regs, err := g.cpuRegisters(ctx)
+	if err != nil {
+		g.log.Debug("vCPU registers not kept", "err", err)
+		return
+	}
+	g.cpus = g.cpus[:0]
+	for _, r := range regs {
+		if !r.HasGPR {
+			g.log.Debug("vCPU registers not kept: QEMU printed no general-purpose registers", "cpu", r.CPU)
+			g.cpus = nil
+			return
+		}
+		g.cpus = append(g.cpus, cpuState(r))
+	}
+}
+
+// cpuRegisters reads every vCPU's registers.
+func (g *guest) cpuRegisters(ctx context.Context) ([]qmp.Registers, error) {
+	idx, err := g.sess.CPUIndexes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]qmp.Registers, 0, len(idx))
+	for _, i := range idx {
+		r, err := g.sess.CPURegisters(ctx, i)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// cpuState is the header's record of a vCPU's registers.
+func cpuState(r qmp.Registers) writer.CPU {
+	c := writer.CPU{Index: r.CPU, CPL: r.CPL, GPR: r.GPR, RIP: r.RIP, RFLAGS: r.RFLAGS, CR3: r.CR3,
+		FSBase: r.Seg[qmp.SegFS].Base, GSBase: r.Seg[qmp.SegGS].Base}
+	for i, s := range r.Seg {
+		c.Selectors[i] = s.Selector
+	}
+	return c
 }
 
 // fileFree turns a bitmap of free guest frames into one of free RAM file

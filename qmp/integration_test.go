@@ -173,6 +173,13 @@ func TestCPURegistersQEMU(t *testing.T) {
 	s := vm.dial(t)
 	ctx := testContext(t, 20*time.Second)
 
+	idx, err := s.CPUIndexes(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(idx, []int{0, 1}) {
+		t.Errorf("CPUIndexes = %v, want [0 1]", idx)
+	}
 	// At reset every vCPU is in real mode at the reset vector (SDM Vol. 3A
 	// table 10-1).
 	for cpu := 0; cpu < 2; cpu++ {

@@ -217,3 +217,29 @@ func isRegisterName(s string) bool {
 	}
 	return true
 }
+
+// maxCPUs bounds the vCPUs a reply may list (QEMU's x86 limit is 4096
+// without the 64-bit APIC ids of x2APIC; 1<<16 leaves room).
+const maxCPUs = 1 << 16
+
+// CPUIndexes returns the index of every vCPU (query-cpus-fast), the
+// numbers [Session.CPURegisters] takes, in QEMU's order.
+func (s *Session) CPUIndexes(ctx context.Context) ([]int, error) {
+	var r []struct {
+		Index *int `json:"cpu-index"`
+	}
+	if err := s.Run(ctx, "query-cpus-fast", nil, &r); err != nil {
+		return nil, fmt.Errorf("query vCPUs: %w", err)
+	}
+	if len(r) == 0 || len(r) > maxCPUs {
+		return nil, fmt.Errorf("query vCPUs: %w: %d vCPUs", ErrMalformed, len(r))
+	}
+	out := make([]int, 0, len(r))
+	for _, c := range r {
+		if c.Index == nil || *c.Index < 0 || *c.Index >= maxCPUs {
+			return nil, fmt.Errorf("query vCPUs: %w: a vCPU without a valid cpu-index", ErrMalformed)
+		}
+		out = append(out, *c.Index)
+	}
+	return out, nil
+}

@@ -153,6 +153,27 @@ type Header struct {
 	// kernel (`kvmckpt ps FILE`). Zero when the kernel was not found.
 	KernelPGD uint64 `json:"kernel_pgd,omitempty"`
 	LA57      bool   `json:"la57,omitempty"`
+	// CPUs are the vCPUs' registers at the pause, for a core of a thread
+	// that was running (`kvmckpt core FILE`); empty when the kernel was
+	// not found.
+	CPUs []CPU `json:"cpus,omitempty"`
+}
+
+// CPU is one vCPU's registers at the pause.
+type CPU struct {
+	Index int `json:"index"`
+	// CPL is the privilege level: 3 is user mode.
+	CPL int `json:"cpl"`
+	// GPR are RAX RCX RDX RBX RSP RBP RSI RDI R8..R15.
+	GPR    [16]uint64 `json:"gpr"`
+	RIP    uint64     `json:"rip"`
+	RFLAGS uint64     `json:"rflags"`
+	CR3    uint64     `json:"cr3"`
+	// Selectors are ES CS SS DS FS GS; FSBase and GSBase the bases of FS
+	// and GS.
+	Selectors [6]uint16 `json:"selectors"`
+	FSBase    uint64    `json:"fs_base"`
+	GSBase    uint64    `json:"gs_base"`
 }
 
 // Forms of the device state (see [Header].DeviceStateForm).
@@ -273,6 +294,11 @@ func (h *Header) check() error {
 	for _, c := range []uint64{p.Saved, p.FreeBuddy, p.FreePCP, p.Zero, p.Hole} {
 		if c > total {
 			return fmt.Errorf("page count %d exceeds the total of %d", c, total)
+		}
+	}
+	for _, c := range h.CPUs {
+		if c.CPL < 0 || c.CPL > 3 || c.Index < 0 {
+			return fmt.Errorf("vCPU %d with privilege level %d", c.Index, c.CPL)
 		}
 	}
 	return nil
