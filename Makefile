@@ -32,8 +32,14 @@ build:
 $(BUILD)/workload: $(shell find internal/workload -name '*.go') go.mod
 	CGO_ENABLED=0 $(GO) build -trimpath -o $@ ./internal/workload
 
-$(BUILD)/initramfs.cpio.gz: $(BUILD)/workload internal/workload/initramfs/init scripts/initramfs.sh
-	scripts/initramfs.sh $(BUILD)/workload $@
+# The guest process the core tests read (C, static, with debug info for
+# gdb on the host).
+$(BUILD)/coretarget: internal/coretarget/coretarget.c
+	@mkdir -p $(BUILD)
+	gcc -static -pthread -g -O0 -fno-omit-frame-pointer -Wall -o $@ $<
+
+$(BUILD)/initramfs.cpio.gz: $(BUILD)/workload $(BUILD)/coretarget internal/workload/initramfs/init scripts/initramfs.sh
+	scripts/initramfs.sh $(BUILD)/workload $@ $(BUILD)/coretarget
 
 initramfs: $(BUILD)/initramfs.cpio.gz
 

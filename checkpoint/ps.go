@@ -122,18 +122,35 @@ func listTasks(ctx context.Context, k *introspect.Kernel, threads bool) (*PSResu
 // opt.QMP and opt.Domain are unused.
 func PSFile(ctx context.Context, path string, key []byte, opt PSOptions) (*PSResult, error) {
 	start := time.Now()
+	var res *PSResult
+	err := withFileKernel(path, key, opt.ScanOptions, func(k *introspect.Kernel, _ *writer.Header) error {
+		var err error
+		res, err = listTasks(ctx, k, opt.Threads)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	res.DurationMS = time.Since(start).Milliseconds()
+	return res, nil
+}
+
+// withFileKernel opens the checkpoint file at path as guest memory and
+// calls fn with the guest kernel found in it. An error names the
+// checkpoint's own fault, if it has one, beside the kernel's.
+func withFileKernel(path string, key []byte, opt ScanOptions, fn func(*introspect.Kernel, *writer.Header) error) error {
 	r, err := writer.OpenKey(path, key)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	defer r.Close()
 	h := r.Header()
 	if h.KernelPGD == 0 {
-		return nil, fmt.Errorf("%w: the checkpoint does not say where the guest kernel's page tables are (saved by an older kvmckpt, or of a guest whose kernel it could not read): ps of a file needs one saved by this kvmckpt", ErrNoIntrospection)
+		return fmt.Errorf("%w: the checkpoint does not say where the guest kernel's page tables are (saved by an older kvmckpt, or of a guest whose kernel it could not read): reading a process from a file needs one saved by this kvmckpt", ErrNoIntrospection)
 	}
 	c, err := ramblock.OpenCheckpoint(r)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	defer c.Close()
 	regions := c.Regions()
@@ -147,28 +164,22 @@ func PSFile(ctx context.Context, path string, key []byte, opt PSOptions) (*PSRes
 	}
 	mem, err := introspect.NewPhysMemOf(backends, maps)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
-	so := opt.ScanOptions
-	so.needTasks = true
+	opt.needTasks = true
 	absent := func(err error) error {
-		if cerr := c.Err(); cerr != nil {
+		if cerr := c.Err(); err != nil && cerr != nil {
 			return fmt.Errorf("%w (the checkpoint: %w)", err, cerr)
 		}
 		return err
 	}
-	prof, err := findProfile(mem, introspect.PAddr(h.KernelPGD), h.LA57, so, logger(opt.Log))
+	prof, err := findProfile(mem, introspect.PAddr(h.KernelPGD), h.LA57, opt, logger(opt.Log))
 	if err != nil {
-		return nil, absent(err)
+		return absent(err)
 	}
 	k, err := introspect.OpenKernel(mem, h.KernelPGD, h.LA57, prof)
 	if err != nil {
-		return nil, absent(err)
+		return absent(err)
 	}
-	res, err := listTasks(ctx, k, opt.Threads)
-	if err != nil {
-		return nil, absent(err)
-	}
-	res.DurationMS = time.Since(start).Milliseconds()
-	return res, nil
+	return absent(fn(k, &h))
 }

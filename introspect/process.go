@@ -282,3 +282,6 @@ func (u *UserMemory) ReadAt(p []byte, addr uint64) error {
 	}
 	return err
 }
+
+// Root is the physical address of the process's top-level page table.
+func (u *UserMemory) Root() PAddr { return u.tr.Root }

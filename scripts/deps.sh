@@ -22,6 +22,8 @@ set -euo pipefail
 
 cache=${KVMCKPT_CACHE:?KVMCKPT_CACHE is not set: run make deps}
 packages=(qemu-system-x86 busybox-static cpio
+	# the core tests: a static C program in the guest, read back by gdb
+	gcc libc6-dev gdb
 	# libvirt, for the tests of libvirt domains (--domain, export --format libvirt)
 	libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-clients-qemu python3-libvirt)
 kernels=("$@")

@@ -31,6 +31,7 @@ Usage:
   kvmckpt save    (--qmp PATH | --domain NAME [--connect URI]) -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--encrypt-key FILE] [--json]
   kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH] | --domain NAME [--connect URI]) [--resume] [--encrypt-key FILE] [--json]
   kvmckpt ps      (--qmp PATH | --domain NAME [--connect URI] | FILE) [--threads] [--json]
+  kvmckpt core    (--qmp PATH | --domain NAME [--connect URI] | FILE) --pid N -o CORE [--json]
   kvmckpt export  FILE -o OUT --format qemu|libvirt [--xml DOMAIN.xml] [--paused] [--encrypt-key FILE] [--json]
   kvmckpt inspect FILE [--encrypt-key FILE] [--json]
   kvmckpt verify  FILE [--encrypt-key FILE]
@@ -59,6 +60,7 @@ func commands() map[string]command {
 		"resume":  cmdResume,
 		"export":  cmdExport,
 		"ps":      cmdPS,
+		"core":    cmdCore,
 		"inspect": cmdInspect,
 		"verify":  cmdVerify,
 		"profile": cmdProfile,

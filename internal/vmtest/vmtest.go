@@ -56,6 +56,9 @@ type Workload struct {
 	// at Rate MiB/s and prove, every Interval, that its pages are those
 	// of one moment ("KW WRITER OK"), for live checkpoints.
 	WSet, Rate int
+	// Spin makes the core tests' process (/coretarget) keep a thread
+	// spinning in user mode, running on a vCPU whenever the guest pauses.
+	Spin bool
 }
 
 func (w Workload) args() []string {
@@ -74,6 +77,9 @@ func (w Workload) args() []string {
 	}
 	if w.WSet > 0 {
 		a = append(a, "kw.wset="+strconv.Itoa(w.WSet), "kw.rate="+strconv.Itoa(w.Rate))
+	}
+	if w.Spin {
+		a = append(a, "kw.spin=1")
 	}
 	return a
 }

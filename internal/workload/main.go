@@ -20,6 +20,8 @@
 //	                replaying the sequence up to the counter gives every
 //	                page: a checkpoint taken at one moment passes after a
 //	                restore, one torn between moments fails (see pageWriter)
+//	kw.spin=1       not the workload's: /coretarget (the core tests'
+//	                process, started by init) spins a thread in user mode
 //
 // Every line it prints starts with "KW ", so the test bed can tell them from
 // kernel messages. See internal/vmtest for the parser of this output.
@@ -184,6 +186,8 @@ func parseConfig(cmdline string) (config, error) {
 			cfg.wset = int(n)
 		case "kw.rate":
 			cfg.rate = int(n)
+		case "kw.spin":
+			// For /coretarget, which reads it itself.
 		default:
 			return cfg, fmt.Errorf("kernel command line: unknown setting %s", k)
 		}
