@@ -2,6 +2,7 @@ package checkpoint
 
 import (
 	"context"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -11,6 +12,7 @@ import (
 	"github.com/kvmckpt/kvmckpt/internal/vmtest"
 	"github.com/kvmckpt/kvmckpt/introspect"
 	"github.com/kvmckpt/kvmckpt/profiles"
+	"github.com/kvmckpt/kvmckpt/writer"
 )
 
 // TestScanAgainstGuestTruth compares what kvmckpt finds from outside with
@@ -37,7 +39,10 @@ func TestScanAgainstGuestTruth(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := c.cfg
-			cfg.Workload = vmtest.Workload{Churn: cfg.MemMiB / 2, Anon: 32, Tmpfs: 32, Truth: true}
+			cfg.Workload = vmtest.Workload{Churn: cfg.MemMiB / 2, Anon: 32, Tmpfs: 32, Truth: true,
+				// One guest keeps a thread of /coretarget running on a
+				// vCPU, for the core's registers from the vCPU.
+				Spin: c.name == "q35-3G-2cpu"}
 			g := vmtest.Boot(t, cfg)
 			truth := g.Truth(t)
 			ctx := context.Background()
@@ -108,6 +113,10 @@ func TestScanAgainstGuestTruth(t *testing.T) {
 			checkTasks(t, k, truth)
 			if !t.Failed() {
 				vmtest.RecordMatrix(cfg, "ps --threads against /proc")
+			}
+			// A core of the guest's /coretarget, loaded by gdb.
+			if checkCore(t, gst, k, cfg.Workload.Spin) {
+				vmtest.RecordMatrix(cfg, "core of a guest process in gdb")
 			}
 
 			// Completeness: nearly all of the guest's free memory is found.
@@ -229,4 +238,44 @@ func checkTasks(t *testing.T, k *introspect.Kernel, truth *vmtest.Truth) {
 	assert.False(t, self.KernelThread)
 	assert.Greater(t, self.RSSPages, uint64(16<<20/4096), "the workload keeps more than 16 MiB")
 	t.Logf("%d threads, as the guest's /proc listed them", len(tasks))
+}
+
+// checkCore writes a core of the guest's /coretarget from the paused
+// guest and checks it in gdb (vmtest.CheckCore). It reports whether the
+// core passed.
+func checkCore(t *testing.T, g *guest, k *introspect.Kernel, spin bool) bool {
+	t.Helper()
+	ctx := context.Background()
+	tasks, err := k.Tasks(ctx, introspect.TaskOptions{})
+	require.NoError(t, err)
+	var pid int32
+	for _, tk := range tasks {
+		if tk.Comm == vmtest.CoreTargetComm {
+			pid = tk.PID
+		}
+	}
+	require.NotZero(t, pid, "the guest runs no %s", vmtest.CoreTargetComm)
+	regs, err := g.cpuRegisters(ctx)
+	require.NoError(t, err)
+	cpus := map[int]writer.CPU{}
+	for _, r := range regs {
+		require.True(t, r.HasGPR)
+		cpus[r.CPU] = cpuState(r)
+	}
+	out := filepath.Join(t.TempDir(), "coretarget.core")
+	res, err := writeCore(ctx, k, cpus, CoreOptions{PID: pid, Output: out})
+	require.NoError(t, err)
+	vmtest.CheckCore(t, out, pid, spin)
+	// Most of each thread's 8 MiB stack was never touched: absent, not
+	// written as zeros.
+	assert.Greater(t, res.AbsentBytes, uint64(2*8<<20))
+	assert.Less(t, res.PresentBytes, uint64(8<<20))
+	if spin {
+		// The spinner is on a vCPU when the guest pauses (unless a
+		// kernel thread had the vCPU at that moment): its registers are
+		// the vCPU's in user mode, or its stack's if it was in the
+		// kernel. Either gives the frames CheckCore checks.
+		t.Logf("first thread %d (%s): registers from %s", res.Threads[0].TID, res.Threads[0].Comm, res.Threads[0].Registers)
+	}
+	return !t.Failed()
 }

@@ -54,8 +54,8 @@ type CoreResult struct {
 	SkippedAreas int `json:"skipped_areas"`
 	// PresentBytes is the memory written; AbsentBytes the rest of the
 	// areas, whose pages guest RAM did not hold (never touched, swapped
-	// out, not in the checkpoint): in the core without bytes, never as
-	// zeros.
+	// out, not in the checkpoint) or which are skipped: left out of the
+	// core, never written as zeros.
 	PresentBytes uint64 `json:"present_bytes"`
 	AbsentBytes  uint64 `json:"absent_bytes"`
 	Bytes        int64  `json:"bytes"`
@@ -316,38 +316,32 @@ func writeCore(ctx context.Context, k *introspect.Kernel, cpus map[int]writer.CP
 			}
 			c.Files = append(c.Files, elfcore.File{Start: v.Start, End: v.End, PgOff: v.PgOff, Path: path})
 		}
+		// Memory without bytes in the core is in no segment: a reader
+		// then says it cannot be read (or, for a file's pages, reads the
+		// file), where a segment without bytes would read as zeros.
 		size := v.End - v.Start
 		switch {
 		case v.Flags&(vmIO|vmDontDump) != 0:
 			res.SkippedAreas++
 			res.AbsentBytes += size
-			c.Segments = append(c.Segments, elfcore.Segment{Addr: v.Start, Size: size, Flags: flags})
 			continue
 		case vdso != 0 && v.Start == vdso:
 			if size != uint64(len(image)) {
 				return nil, fmt.Errorf("%w: the vDSO area is %d bytes, its image %d", introspect.ErrKernel, size, len(image))
 			}
 			res.PresentBytes += size
-			c.Segments = append(c.Segments, elfcore.Segment{Addr: v.Start, Size: size, Flags: flags, Present: true})
+			c.Segments = append(c.Segments, elfcore.Segment{Addr: v.Start, Size: size, Flags: flags})
 			continue
 		}
 		runs, err := mem.Present(v.Start, v.End)
 		if err != nil {
 			return nil, fmt.Errorf("%w: pages of [%#x, %#x): %w", introspect.ErrKernel, v.Start, v.End, err)
 		}
-		at := v.Start
+		res.AbsentBytes += size
 		for _, r := range runs {
-			if uint64(r.Start) > at {
-				c.Segments = append(c.Segments, elfcore.Segment{Addr: at, Size: uint64(r.Start) - at, Flags: flags})
-				res.AbsentBytes += uint64(r.Start) - at
-			}
-			c.Segments = append(c.Segments, elfcore.Segment{Addr: uint64(r.Start), Size: r.Length(), Flags: flags, Present: true})
+			c.Segments = append(c.Segments, elfcore.Segment{Addr: uint64(r.Start), Size: r.Length(), Flags: flags})
 			res.PresentBytes += r.Length()
-			at = uint64(r.End)
-		}
-		if at < v.End {
-			c.Segments = append(c.Segments, elfcore.Segment{Addr: at, Size: v.End - at, Flags: flags})
-			res.AbsentBytes += v.End - at
+			res.AbsentBytes -= r.Length()
 		}
 	}
 

@@ -61,21 +61,19 @@ const (
 	FlagR = 4
 )
 
-// Segment is one PT_LOAD: the range [Addr, Addr+Size) of the process's
-// memory. With Present, its bytes are in the core (read from the
-// Memory); without, the segment is in the core's table with no bytes
-// (p_filesz 0), as Linux writes areas it does not dump: a reader then says
-// the memory cannot be read, it never reads zeros.
+// Segment is one PT_LOAD: the bytes of [Addr, Addr+Size) of the process's
+// memory, read from the [Memory]. Memory a core has no bytes for is in no
+// segment: readers take the part of a segment past its file bytes for
+// zeros (gdb does), so a core says "not there" only by leaving it out.
 type Segment struct {
 	Addr, Size uint64
 	Flags      uint32
-	Present    bool
 }
 
 // Memory reads the process's memory for the present segments.
 type Memory interface {
 	// ReadAt fills p with the bytes at addr. The range lies within one
-	// present segment.
+	// segment.
 	ReadAt(p []byte, addr uint64) error
 }
 
@@ -117,8 +115,8 @@ const (
 // count holds.
 var ErrTooLarge = errors.New("elfcore: too many segments")
 
-// Write writes c as an ELF core file to w, reading present segments from
-// mem. It returns the number of bytes written.
+// Write writes c as an ELF core file to w, reading the segments' bytes
+// from mem. It returns the number of bytes written.
 func Write(w io.Writer, c *Core, mem Memory) (int64, error) {
 	if len(c.Threads) == 0 {
 		return 0, errors.New("elfcore: a core needs a thread")
@@ -163,11 +161,9 @@ func Write(w io.Writer, c *Core, mem Memory) (int64, error) {
 		b.PutUint32(ph[4:], s.Flags)
 		b.PutUint64(ph[8:], off)
 		b.PutUint64(ph[16:], s.Addr)
+		b.PutUint64(ph[32:], s.Size)
 		b.PutUint64(ph[40:], s.Size)
-		if s.Present {
-			b.PutUint64(ph[32:], s.Size)
-			off += s.Size
-		}
+		off += s.Size
 		b.PutUint64(ph[48:], pageSize)
 		bw.Write(ph)
 	}
@@ -176,9 +172,6 @@ func Write(w io.Writer, c *Core, mem Memory) (int64, error) {
 
 	buf := make([]byte, 1<<20)
 	for _, s := range c.Segments {
-		if !s.Present {
-			continue
-		}
 		for done := uint64(0); done < s.Size; {
 			n := min(uint64(len(buf)), s.Size-done)
 			if err := mem.ReadAt(buf[:n], s.Addr+done); err != nil {
