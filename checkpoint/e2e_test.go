@@ -64,12 +64,18 @@ func TestSaveRestore(t *testing.T) {
 		t.Run(gc.name, func(t *testing.T) {
 			cfg := gc.cfg
 			cfg.Workload = dirtyFree(cfg.MemMiB)
+			// A thread of /coretarget runs on a vCPU: the checkpoint's
+			// vCPU registers make its core.
+			cfg.Workload.Spin = gc.name == "q35-3G-2cpu"
 			src, out, _ := bootAndSave(t, cfg)
 			ctx := context.Background()
 			st, err := os.Stat(out)
 			require.NoError(t, err)
 			assert.Equal(t, os.FileMode(0o600), st.Mode().Perm())
 			require.NoError(t, Verify(out, nil, nil))
+			if cfg.Workload.Spin {
+				coreFromFile(t, out)
+			}
 
 			// The source keeps running and verifying.
 			_, _, err = src.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK`), len(src.Serial()), time.Minute)
@@ -443,4 +449,25 @@ func exportQEMU(t *testing.T, ckpt string) string {
 	assert.Equal(t, st.Size(), res.Bytes)
 	assert.Equal(t, os.FileMode(0o600), st.Mode().Perm())
 	return out
+}
+
+// coreFromFile writes a core of /coretarget from the checkpoint at path,
+// its spinning thread included, and checks it in gdb.
+func coreFromFile(t *testing.T, path string) {
+	t.Helper()
+	ctx := context.Background()
+	ps, err := PSFile(ctx, path, nil, PSOptions{})
+	require.NoError(t, err)
+	var pid int32
+	for _, p := range ps.Tasks {
+		if p.Comm == vmtest.CoreTargetComm {
+			pid = p.PID
+		}
+	}
+	require.NotZero(t, pid, "the checkpoint's guest runs no %s", vmtest.CoreTargetComm)
+	core := filepath.Join(t.TempDir(), "file.core")
+	res, err := CoreFile(ctx, path, nil, CoreOptions{PID: pid, Output: core})
+	require.NoError(t, err)
+	t.Logf("core from the checkpoint: first thread %d (%s), registers from %s", res.Threads[0].TID, res.Threads[0].Comm, res.Threads[0].Registers)
+	vmtest.CheckCore(t, core, pid, true)
 }

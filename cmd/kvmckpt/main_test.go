@@ -217,6 +217,54 @@ func TestCLIOnGuest(t *testing.T) {
 		assert.Greater(t, len(procs(fromFile)), 10)
 	})
 
+	t.Run("core", func(t *testing.T) {
+		code, stdout, stderr := cli(t, "ps", "--qmp", g.QMPPath, "--json")
+		require.Equal(t, exitOK, code, stderr)
+		var ps checkpoint.PSResult
+		require.NoError(t, json.Unmarshal([]byte(stdout), &ps))
+		var pid int32
+		for _, p := range ps.Tasks {
+			if p.Comm == vmtest.CoreTargetComm {
+				pid = p.PID
+			}
+		}
+		require.NotZero(t, pid, "the guest runs no %s", vmtest.CoreTargetComm)
+		arg := strconv.Itoa(int(pid))
+
+		// From the running guest, which runs on after it.
+		live := filepath.Join(dir, "live.core")
+		code, stdout, stderr = cli(t, "core", "--qmp", g.QMPPath, "--pid", arg, "-o", live, "--json")
+		require.Equal(t, exitOK, code, stderr)
+		var res checkpoint.CoreResult
+		require.NoError(t, json.Unmarshal([]byte(stdout), &res))
+		assert.Equal(t, pid, res.PID)
+		assert.Len(t, res.Threads, 4)
+		assert.Equal(t, []string{"/coretarget"}, res.Cmdline)
+		assert.True(t, g.Status(t).Running, "core puts the guest back to running")
+		vmtest.CheckCore(t, live, pid, false)
+
+		// From the checkpoint saved above: the same process.
+		fromFile := filepath.Join(dir, "file.core")
+		code, stdout, stderr = cli(t, "core", out, "--pid", arg, "-o", fromFile)
+		require.Equal(t, exitOK, code, stderr)
+		assert.Contains(t, stdout, "core of pid "+arg)
+		vmtest.CheckCore(t, fromFile, pid, false)
+
+		// Refused: a kernel thread, a pid the guest does not have, no
+		// -o. No file is left.
+		bad := filepath.Join(dir, "bad.core")
+		code, _, stderr = cli(t, "core", "--qmp", g.QMPPath, "--pid", "2", "-o", bad)
+		assert.Equal(t, exitFailed, code)
+		assert.Contains(t, stderr, "kernel thread")
+		code, _, stderr = cli(t, "core", out, "--pid", "4000000", "-o", bad)
+		assert.Equal(t, exitFailed, code)
+		assert.Contains(t, stderr, "kvmckpt ps")
+		code, _, _ = cli(t, "core", "--qmp", g.QMPPath, "--pid", arg)
+		assert.Equal(t, exitUsage, code)
+		assert.NoFileExists(t, bad)
+		assert.True(t, g.Status(t).Running)
+	})
+
 	t.Run("encrypted", func(t *testing.T) {
 		key := filepath.Join(dir, "key")
 		require.NoError(t, os.WriteFile(key, bytes.Repeat([]byte("k"), 32), 0o600))
