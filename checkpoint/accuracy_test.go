@@ -33,6 +33,9 @@ func TestScanAgainstGuestTruth(t *testing.T) {
 		// The version matrix (see guestConfigs).
 		{"pc-1G-6.12", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, Kernel: "6.12-amd64"}},
 		{"pc-1G-6.12-cloud", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, Kernel: "6.12-cloud-amd64"}},
+		// 5-level paging on 6.12 too: the tasks, VMAs and cores of user
+		// address spaces walked with five levels.
+		{"pc-1G-6.12-la57", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, CPU: "max", Kernel: "6.12-amd64"}},
 		{"pc-1G-qemu10", vmtest.Config{Machine: "pc", MemMiB: 1024, CPUs: 1, QEMU: "10.0"}},
 		{"q35-2G-2cpu-qemu10-6.12", vmtest.Config{Machine: "q35", MemMiB: 2048, CPUs: 2, QEMU: "10.0", Kernel: "6.12-amd64"}},
 	}
