@@ -86,9 +86,9 @@ func TestBuildFromKernelMemory(t *testing.T) {
 		vmcoreinfo   bool
 		wantDefaults []string
 	}{
-		{"no KASLR, boot_params", synthOpts{prefAddress: true}, false, []string{"PAGEBLOCK_ORDER", "PAGE_ALLOC_COSTLY_ORDER", "PAGE_BUDDY_MAPCOUNT_VALUE"}},
-		{"KASLR, boot_params", synthOpts{delta: delta, prefAddress: true}, false, []string{"PAGEBLOCK_ORDER", "PAGE_ALLOC_COSTLY_ORDER", "PAGE_BUDDY_MAPCOUNT_VALUE"}},
-		{"KASLR, assumed _text", synthOpts{delta: delta}, false, []string{"PAGEBLOCK_ORDER", "PAGE_ALLOC_COSTLY_ORDER", "PAGE_BUDDY_MAPCOUNT_VALUE", "_text"}},
+		{"no KASLR, boot_params", synthOpts{prefAddress: true}, false, []string{"PAGEBLOCK_ORDER", "PAGE_ALLOC_COSTLY_ORDER", "PAGE_BUDDY_MAPCOUNT_VALUE", "PAGE_OFFLINE_MAPCOUNT_VALUE"}},
+		{"KASLR, boot_params", synthOpts{delta: delta, prefAddress: true}, false, []string{"PAGEBLOCK_ORDER", "PAGE_ALLOC_COSTLY_ORDER", "PAGE_BUDDY_MAPCOUNT_VALUE", "PAGE_OFFLINE_MAPCOUNT_VALUE"}},
+		{"KASLR, assumed _text", synthOpts{delta: delta}, false, []string{"PAGEBLOCK_ORDER", "PAGE_ALLOC_COSTLY_ORDER", "PAGE_BUDDY_MAPCOUNT_VALUE", "PAGE_OFFLINE_MAPCOUNT_VALUE", "_text"}},
 		{"KASLR, vmcoreinfo", synthOpts{delta: delta}, true, []string{"PAGEBLOCK_ORDER", "PAGE_ALLOC_COSTLY_ORDER"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

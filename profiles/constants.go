@@ -117,6 +117,13 @@ func deriveConstants(p *Profile, enums enumLookup, nodes nodeCount, vi *vmcorein
 		c["PAGE_BUDDY_MAPCOUNT_VALUE"] = defaultBuddyMapcount
 		p.addDefault("PAGE_BUDDY_MAPCOUNT_VALUE")
 	}
+	// PageOffline in the encoding of PageBuddy's default (6.1: ~PG_offline,
+	// the bit above PG_buddy); vmcoreinfo states it when the profile is
+	// built from guest memory.
+	if _, ok := c["PAGE_OFFLINE_MAPCOUNT_VALUE"]; !ok && c["PAGE_BUDDY_MAPCOUNT_VALUE"] == defaultBuddyMapcount {
+		c["PAGE_OFFLINE_MAPCOUNT_VALUE"] = defaultOfflineMapcount
+		p.addDefault("PAGE_OFFLINE_MAPCOUNT_VALUE")
+	}
 
 	c["PAGE_ALLOC_COSTLY_ORDER"] = defaultCostlyOrder
 	p.addDefault("PAGE_ALLOC_COSTLY_ORDER")

@@ -66,7 +66,7 @@ func TestRealKernels(t *testing.T) {
 			require.NotZero(t, p.Symbols["kallsyms_seqs_of_names"])
 			checkLayout61(t, p)
 			require.Equal(t, int64(1024), p.Constants["MAX_NUMNODES"]) // CONFIG_NODES_SHIFT=10
-			require.Equal(t, []string{"PAGEBLOCK_ORDER", "PAGE_ALLOC_COSTLY_ORDER", "PAGE_BUDDY_MAPCOUNT_VALUE"}, p.Defaults)
+			require.Equal(t, []string{"PAGEBLOCK_ORDER", "PAGE_ALLOC_COSTLY_ORDER", "PAGE_BUDDY_MAPCOUNT_VALUE", "PAGE_OFFLINE_MAPCOUNT_VALUE"}, p.Defaults)
 			// Measured: 94105 (amd64), 87186 (cloud-amd64).
 			require.Greater(t, p.Constants["KALLSYMS_NUM_SYMS"], int64(80000))
 
@@ -203,6 +203,7 @@ func TestRealKernel612(t *testing.T) {
 	t.Run("6.1 keeps its encoding", func(t *testing.T) {
 		p := kernelProfile(t, "amd64")
 		require.Equal(t, int64(-129), p.Constants["PAGE_BUDDY_MAPCOUNT_VALUE"], "~PG_buddy")
+		require.Equal(t, int64(-257), p.Constants["PAGE_OFFLINE_MAPCOUNT_VALUE"], "~PG_offline")
 	})
 }
 

@@ -137,6 +137,8 @@ const (
 	// PAGE_BUDDY_MAPCOUNT_VALUE in 6.1 is ~PG_buddy = ~0x00000080 as a
 	// 32-bit int (include/linux/page-flags.h); vmcoreinfo states it.
 	defaultBuddyMapcount = -129
+	// PAGE_OFFLINE_MAPCOUNT_VALUE in 6.1 is ~PG_offline = ~0x00000100.
+	defaultOfflineMapcount = -257
 	// PAGE_ALLOC_COSTLY_ORDER has been 3 since 2.6.23 and is a macro, so
 	// it is in neither BTF nor vmcoreinfo.
 	defaultCostlyOrder = 3
