@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kvmckpt/kvmckpt/introspect"
+	"github.com/kvmckpt/kvmckpt/pagemap"
 	"github.com/kvmckpt/kvmckpt/qmp"
 	"github.com/kvmckpt/kvmckpt/ramblock"
 	"github.com/kvmckpt/kvmckpt/writer"
@@ -68,6 +69,11 @@ type guest struct {
 	// cpus are the vCPUs' registers at the pause, read once
 	// introspection found the kernel (see writer.Header.CPUs).
 	cpus []writer.CPU
+	// offline has a bit for every guest frame the guest gave to its
+	// balloon (PageOffline), nil when it has none; balloonPages is the
+	// balloon's size as QEMU reports it.
+	offline      *pagemap.Bitmap
+	balloonPages uint64
 	// ramSent is what QEMU sent of each backend's RAM in the device
 	// state's stream (page records), when it was filtered.
 	ramSent map[string]uint64

@@ -58,6 +58,8 @@ type SaveResult struct {
 	PagesFree        uint64 `json:"pages_free"`
 	PagesFreeBuddy   uint64 `json:"pages_free_buddy"`
 	PagesFreePCP     uint64 `json:"pages_free_pcp"`
+	PagesOffline     uint64 `json:"pages_offline"`
+	BalloonPages     uint64 `json:"balloon_pages"`
 	PagesZero        uint64 `json:"pages_zero"`
 	PagesHole        uint64 `json:"pages_hole"`
 	BytesWritten     int64  `json:"bytes_written"`
@@ -252,6 +254,8 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 		PagesFree:        scan.PagesFree,
 		PagesFreeBuddy:   scan.FreeBuddy,
 		PagesFreePCP:     scan.FreePCP,
+		PagesOffline:     scan.PagesOffline,
+		BalloonPages:     scan.BalloonPages,
 		PagesZero:        scan.PagesZero,
 		PagesHole:        scan.PagesHole,
 		BytesWritten:     st.BytesWritten,

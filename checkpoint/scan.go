@@ -61,11 +61,17 @@ type ScanStats struct {
 	PagesFree uint64 `json:"pages_free"`
 	FreeBuddy uint64 `json:"pages_free_buddy"`
 	FreePCP   uint64 `json:"pages_free_pcp"`
-	PagesZero uint64 `json:"pages_zero"`
-	PagesHole uint64 `json:"pages_hole"`
-	RAMBytes  uint64 `json:"ram_bytes"`
-	Banner    string `json:"kernel_banner"`
-	Profile   string `json:"profile"`
+	// PagesOffline are pages the guest gave to its balloon (PageOffline):
+	// neither saved nor read, like free pages, and not counted in
+	// PagesFree. BalloonPages is what the balloon holds as QEMU reports
+	// it (query-balloon), 0 without a balloon.
+	PagesOffline uint64 `json:"pages_offline"`
+	BalloonPages uint64 `json:"balloon_pages"`
+	PagesZero    uint64 `json:"pages_zero"`
+	PagesHole    uint64 `json:"pages_hole"`
+	RAMBytes     uint64 `json:"ram_bytes"`
+	Banner       string `json:"kernel_banner"`
+	Profile      string `json:"profile"`
 	// FullSave is true when the guest kernel could not be introspected:
 	// no page is called free, every non-zero page is saved, and
 	// Warnings say why.
@@ -159,6 +165,13 @@ func (g *guest) scan(ctx context.Context, opt ScanOptions) (*scanResult, error) 
 		res.Zones, res.Warnings = fp.Zones, fp.Warnings
 		res.frames = fp
 		res.free = g.fileFree(fp.Free)
+		if g.offline != nil {
+			off := g.fileFree(g.offline)
+			off.AndNot(res.free)
+			res.PagesOffline = off.Count()
+			res.free.Or(off)
+		}
+		res.BalloonPages = g.balloonPages
 	case ctx.Err() != nil:
 		return nil, err
 	case opt.RequireIntrospection:
@@ -176,7 +189,7 @@ func (g *guest) scan(ctx context.Context, opt ScanOptions) (*scanResult, error) 
 		res.Warnings = []string{w}
 		res.free = pagemap.NewBitmap(res.PagesTotal)
 	}
-	res.PagesFree = res.free.Count()
+	res.PagesFree = res.free.Count() - res.PagesOffline
 	res.save = pagemap.NewBitmap(res.PagesTotal)
 	res.save.SetRange(0, res.PagesTotal)
 	res.save.AndNot(res.free)
@@ -213,7 +226,45 @@ func (g *guest) introspect(ctx context.Context, opt ScanOptions, regs qmp.Regist
 	if err != nil {
 		return nil, nil, err
 	}
+	if err := g.findOffline(ctx, k, fp); err != nil {
+		return nil, nil, err
+	}
 	return fp, prof, nil
+}
+
+// findOffline finds the pages the guest gave to its balloon, when it has
+// one holding pages: the memory map scan costs the pause about 10 ms a
+// GiB, which a guest without ballooned pages is spared. A scan that
+// cannot be done is a warning: those pages are then saved (QEMU has
+// usually discarded them: holes, which cost nothing).
+func (g *guest) findOffline(ctx context.Context, k *introspect.Kernel, fp *introspect.FreePages) error {
+	g.offline, g.balloonPages = nil, 0
+	actual, err := g.sess.BalloonActual(ctx)
+	switch {
+	case errors.Is(err, qmp.ErrNoBalloon):
+		return nil
+	case err != nil:
+		return err
+	}
+	var ram uint64
+	for _, b := range g.backends {
+		ram += b.Size
+	}
+	if actual >= ram {
+		return nil
+	}
+	g.balloonPages = (ram - actual) / introspect.PageSize
+	off, n, err := k.OfflinePages(ctx, fp)
+	if err != nil {
+		if ctx.Err() != nil {
+			return err
+		}
+		fp.Warnings = append(fp.Warnings, fmt.Sprintf("the balloon's pages could not be told (%v); they are saved", err))
+		return nil
+	}
+	g.log.Debug("offline pages", "pages", n, "balloon_pages", g.balloonPages)
+	g.offline = off
+	return nil
 }
 
 // notePGD keeps where the kernel's page tables are, for the checkpoint's

@@ -8,7 +8,8 @@
 # Everything downloaded is cached outside git under $KVMCKPT_CACHE (the
 # Makefile sets it):
 # - kernels/FLAVOUR/vmlinuz, with the package's config and its name beside
-#   it. When the requested build has left the archive, the newest build of
+#   it, and modules.cpio.gz: the modules the test guest loads (the balloon,
+#   a virtio disk, ext4), appended to its initramfs. When the requested build has left the archive, the newest build of
 #   the same series and flavour on offer is used instead, and the script
 #   says so.
 # - qemu/VERSION/: QEMU from bookworm-backports ($QEMU_BACKPORT, default
@@ -24,6 +25,8 @@ cache=${KVMCKPT_CACHE:?KVMCKPT_CACHE is not set: run make deps}
 packages=(qemu-system-x86 busybox-static cpio
 	# the core tests: a static C program in the guest, read back by gdb
 	gcc libc6-dev gdb
+	# the guest's modules from its kernel package (scripts/guest-modules.sh)
+	kmod xz-utils
 	# libvirt, for the tests of libvirt domains (--domain, export --format libvirt)
 	libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-clients-qemu python3-libvirt)
 kernels=("$@")
@@ -33,6 +36,8 @@ fi
 qemu_series=${QEMU_BACKPORT:-10.0}
 
 log() { echo "deps: $*" >&2; }
+
+here=$(cd "$(dirname "$0")" && pwd)
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -89,10 +94,10 @@ for spec in "${kernels[@]}"; do
 	flavour=${spec%%=*}
 	pkg=${spec#*=}
 	dir=$cache/kernels/$flavour
-	if [ -f "$dir/vmlinuz" ] && [ "$(cat "$dir/package" 2>/dev/null)" = "$pkg" ]; then
+	if [ -f "$dir/vmlinuz" ] && [ -f "$dir/modules.cpio.gz" ] && [ "$(cat "$dir/package" 2>/dev/null)" = "$pkg" ]; then
 		continue
 	fi
-	if [ -f "$dir/vmlinuz" ] && [ -f "$dir/fallback-for" ] && [ "$(cat "$dir/fallback-for")" = "$pkg" ]; then
+	if [ -f "$dir/vmlinuz" ] && [ -f "$dir/modules.cpio.gz" ] && [ -f "$dir/fallback-for" ] && [ "$(cat "$dir/fallback-for")" = "$pkg" ]; then
 		log "using $(cat "$dir/package") in place of $pkg (cached fallback)"
 		continue
 	fi
@@ -114,6 +119,7 @@ for spec in "${kernels[@]}"; do
 	mkdir -p "$dir"
 	cp "$tmp"/x/boot/vmlinuz-* "$dir/vmlinuz.new"
 	cp "$tmp"/x/boot/config-* "$dir/config"
+	"$here/guest-modules.sh" "$tmp/x" "$dir/modules.cpio.gz"
 	mv "$dir/vmlinuz.new" "$dir/vmlinuz"
 	echo "$chosen" >"$dir/package"
 	if [ "$chosen" != "$pkg" ]; then echo "$pkg" >"$dir/fallback-for"; else rm -f "$dir/fallback-for"; fi

@@ -75,8 +75,12 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	if *asJSON {
 		return e.printJSON(res)
 	}
-	fmt.Fprintf(e.stdout, "saved %s: %d of %d pages (%d free, %d zero, %d hole), %s written, device state %s\n",
-		res.Output, res.PagesSaved, res.PagesTotal, res.PagesFree, res.PagesZero, res.PagesHole,
+	ballooned := ""
+	if res.PagesOffline > 0 {
+		ballooned = fmt.Sprintf(", %d ballooned", res.PagesOffline)
+	}
+	fmt.Fprintf(e.stdout, "saved %s: %d of %d pages (%d free%s, %d zero, %d hole), %s written, device state %s\n",
+		res.Output, res.PagesSaved, res.PagesTotal, res.PagesFree, ballooned, res.PagesZero, res.PagesHole,
 		mib(res.BytesWritten), mib(res.DeviceStateBytes))
 	fmt.Fprintf(e.stdout, "guest paused %d ms (scan %d, pages %d, device state %d, sync %d), total %d ms; guest is %s\n",
 		res.PauseMS, res.ScanMS, res.PagesMS, res.DeviceStateMS, res.SyncMS, res.DurationMS, res.GuestState)

@@ -43,7 +43,7 @@ func cmdScan(ctx context.Context, e *env, args []string) error {
 		n    uint64
 	}{
 		{"total", st.PagesTotal}, {"to save", st.PagesUsed}, {"free", st.PagesFree},
-		{"  buddy", st.FreeBuddy}, {"  per-CPU", st.FreePCP}, {"zero", st.PagesZero}, {"hole", st.PagesHole},
+		{"  buddy", st.FreeBuddy}, {"  per-CPU", st.FreePCP}, {"ballooned", st.PagesOffline}, {"zero", st.PagesZero}, {"hole", st.PagesHole},
 	} {
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t\n", r.name, r.n, r.n>>8, pct(r.n))
 	}

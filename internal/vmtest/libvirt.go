@@ -154,6 +154,9 @@ func BootDomain(tb testing.TB, cfg Config) *Domain {
 		d.Destroy()
 		os.RemoveAll(dir)
 	})
+	if initrd, err = withModules(kernel, initrd, dir); err != nil {
+		tb.Fatal(err)
+	}
 	for _, f := range [][2]string{{kernel, "vmlinuz"}, {initrd, "initramfs"}} {
 		if err := copyFile(f[0], filepath.Join(dir, f[1])); err != nil {
 			tb.Fatal(err)

@@ -18,6 +18,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -118,6 +119,13 @@ type Config struct {
 	Dir string
 	// ExtraArgs are appended to QEMU's command line.
 	ExtraArgs []string
+	// Balloon adds a virtio balloon (its driver is among the modules the
+	// guest loads): "on", or "reporting" for one with free page reporting.
+	// It gives pages back under OOM (deflate-on-oom).
+	Balloon string
+	// Disk attaches a raw disk image read-only as a virtio-blk disk
+	// (/dev/vda in the guest).
+	Disk string
 	// RAMDir is the directory of the RAM file: empty means /dev/shm; a
 	// hugetlbfs mount gives the guest huge-page RAM.
 	RAMDir string
@@ -196,6 +204,12 @@ func Start(ctx context.Context, cfg Config) (*Guest, error) {
 	}
 	g.QMPPath = filepath.Join(dir, "qmp.sock")
 	g.SerialPath = filepath.Join(dir, "serial.log")
+	if !cfg.NoKernel {
+		if initrd, err = withModules(kernel, initrd, dir); err != nil {
+			g.Close()
+			return nil, err
+		}
+	}
 	ramDir := cfg.RAMDir
 	if ramDir == "" {
 		ramDir = "/dev/shm"
@@ -273,6 +287,19 @@ func Start(ctx context.Context, cfg Config) (*Guest, error) {
 	}
 	if cfg.Incoming {
 		g.Args = append(g.Args, "-incoming", "defer", "-S")
+	}
+	switch cfg.Balloon {
+	case "":
+	case "on":
+		g.Args = append(g.Args, "-device", "virtio-balloon-pci,id=balloon0,deflate-on-oom=on")
+	case "reporting":
+		g.Args = append(g.Args, "-device", "virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=on")
+	default:
+		g.Close()
+		return nil, fmt.Errorf("balloon %q: want \"\", \"on\" or \"reporting\"", cfg.Balloon)
+	}
+	if cfg.Disk != "" {
+		g.Args = append(g.Args, "-drive", "file="+cfg.Disk+",if=none,id=disk0,format=raw,readonly=on", "-device", "virtio-blk-pci,drive=disk0")
 	}
 	g.Args = append(g.Args, cfg.ExtraArgs...)
 	if err := g.start(); err != nil {
@@ -478,4 +505,34 @@ func Leftovers() []string {
 		left = append(left, "RAM file "+f)
 	}
 	return left
+}
+
+// withModules returns the initramfs a guest of kernel boots with: initrd
+// followed by the kernel's modules (modules.cpio.gz beside it, from `make
+// deps`; the kernel reads concatenated archives as one), written to dir.
+// A kernel without them (a bzImage of the caller's) boots initrd alone.
+func withModules(kernel, initrd, dir string) (string, error) {
+	mods := filepath.Join(filepath.Dir(kernel), "modules.cpio.gz")
+	if _, err := os.Stat(mods); err != nil {
+		return initrd, nil
+	}
+	out := filepath.Join(dir, "initrd.cpio.gz")
+	f, err := os.Create(out)
+	if err != nil {
+		return "", err
+	}
+	for _, p := range []string{initrd, mods} {
+		in, err := os.Open(p)
+		if err != nil {
+			f.Close()
+			return "", err
+		}
+		_, err = io.Copy(f, in)
+		in.Close()
+		if err != nil {
+			f.Close()
+			return "", err
+		}
+	}
+	return out, f.Close()
 }
