@@ -180,6 +180,13 @@ func TestCPURegistersQEMU(t *testing.T) {
 	if !slices.Equal(idx, []int{0, 1}) {
 		t.Errorf("CPUIndexes = %v, want [0 1]", idx)
 	}
+	// No balloon device: a clear error, for a caller to tell from others.
+	if _, err := s.BalloonActual(ctx); !errors.Is(err, ErrNoBalloon) {
+		t.Errorf("BalloonActual without a balloon: %v, want ErrNoBalloon", err)
+	}
+	if err := s.SetBalloon(ctx, 1<<30); !errors.Is(err, ErrNoBalloon) {
+		t.Errorf("SetBalloon without a balloon: %v, want ErrNoBalloon", err)
+	}
 	// At reset every vCPU is in real mode at the reset vector (SDM Vol. 3A
 	// table 10-1).
 	for cpu := 0; cpu < 2; cpu++ {

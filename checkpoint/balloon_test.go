@@ -1,0 +1,86 @@
+package checkpoint
+
+import (
+	"context"
+	"path/filepath"
+	"regexp"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvmckpt/kvmckpt/internal/vmtest"
+	"github.com/kvmckpt/kvmckpt/qmp"
+)
+
+// inflate asks the guest at sock to give size bytes to its balloon and
+// waits until it has.
+func inflate(t *testing.T, sock string, ram, size uint64) {
+	t.Helper()
+	ctx := context.Background()
+	s, err := qmp.Dial(ctx, sock)
+	require.NoError(t, err)
+	defer s.Close()
+	require.NoError(t, s.SetBalloon(ctx, ram-size))
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		actual, err := s.BalloonActual(ctx)
+		require.NoError(t, err)
+		if actual <= ram-size {
+			return
+		}
+		require.True(t, time.Now().Before(deadline), "the balloon holds %d MiB of %d after 2 minutes", (ram-actual)>>20, size>>20)
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// TestBalloon saves a guest with an inflated balloon: the pages it gave
+// to the balloon (PageOffline) are neither saved nor read, and the
+// restored guest runs on with its balloon still inflated and its data
+// verified.
+func TestBalloon(t *testing.T) {
+	cfg := vmtest.Config{MemMiB: 1024, Balloon: "on", Workload: vmtest.Workload{Churn: 256, Anon: 64, Tmpfs: 32, Interval: 1}}
+	src := vmtest.Boot(t, cfg)
+	src.WaitReady(t)
+	const ram, size = 1024 << 20, 384 << 20
+	inflate(t, src.QMPPath, ram, size)
+
+	ctx := context.Background()
+	out := filepath.Join(t.TempDir(), "balloon.kvmckpt")
+	res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: t.TempDir()}, Output: out})
+	require.NoError(t, err)
+	t.Logf("save: %+v", *res)
+	assert.Equal(t, uint64(size/4096), res.BalloonPages)
+	// The driver marks a page offline as it takes it, and reports it to
+	// QEMU a batch (256 pages) at a time.
+	assert.InDelta(t, float64(res.BalloonPages), float64(res.PagesOffline), 512, "pages found offline vs. the balloon's size")
+	assert.LessOrEqual(t, res.PagesSaved+res.PagesOffline+res.PagesFree, res.PagesTotal)
+
+	// The restored guest's balloon is where the device state says.
+	tcfg := cfg
+	tcfg.Incoming = true
+	dst := vmtest.Boot(t, tcfg)
+	_, err = Restore(ctx, RestoreOptions{Input: out, QMP: dst.QMPPath, Resume: true})
+	require.NoError(t, err)
+	_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK round=\d+[\s\S]*KW VERIFY OK`), 0, 2*time.Minute)
+	require.NoError(t, err, "restored guest does not verify its data")
+	assert.NotRegexp(t, kernelTrouble, dst.Serial())
+	s, err := qmp.Dial(ctx, dst.QMPPath)
+	require.NoError(t, err)
+	defer s.Close()
+	actual, err := s.BalloonActual(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(ram-size), actual, "the restored guest's balloon")
+	// And it gives the pages back when asked.
+	require.NoError(t, s.SetBalloon(ctx, ram))
+	deadline := time.Now().Add(time.Minute)
+	for actual < ram && time.Now().Before(deadline) {
+		time.Sleep(200 * time.Millisecond)
+		actual, err = s.BalloonActual(ctx)
+		require.NoError(t, err)
+	}
+	assert.Equal(t, uint64(ram), actual, "the restored guest deflates its balloon")
+	_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK`), len(dst.Serial()), time.Minute)
+	require.NoError(t, err)
+}
