@@ -74,6 +74,9 @@ type guest struct {
 	// balloon's size as QEMU reports it.
 	offline      *pagemap.Bitmap
 	balloonPages uint64
+	// balloonPrior is the guest's memory before a squeeze inflated its
+	// balloon, 0 without one (see writer.Header.BalloonTarget).
+	balloonPrior uint64
 	// ramSent is what QEMU sent of each backend's RAM in the device
 	// state's stream (page records), when it was filtered.
 	ramSent map[string]uint64

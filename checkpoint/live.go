@@ -737,6 +737,7 @@ func (g *guest) header(ctx context.Context, banner, profile string) (writer.Head
 		h.CommandLine, _ = qmp.ProcessCmdline(pid)
 	}
 	h.KernelPGD, h.LA57, h.CPUs = g.kernelPGD, g.la57, g.cpus
+	h.BalloonTarget = g.balloonPrior
 	if t := g.target; t.Domain != "" {
 		xml, err := qmp.LibvirtDomainXML(ctx, t.Connect, t.Domain)
 		if err != nil {

@@ -114,6 +114,13 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 		if err := g.sess.Cont(ctx); err != nil {
 			return nil, fmt.Errorf("resume restored guest: %w", err)
 		}
+		// A save that squeezed the guest kept its balloon inflated in the
+		// device state: the running guest gets its memory back.
+		if h.BalloonTarget != 0 {
+			if err := g.sess.SetBalloon(ctx, h.BalloonTarget); err != nil {
+				g.log.Warn("the restored guest's balloon could not be put back to its size before the squeeze", "err", err, "target_bytes", h.BalloonTarget)
+			}
+		}
 	}
 	res := &RestoreResult{
 		PagesRestored:    h.Pages.Saved,

@@ -49,6 +49,11 @@ type SaveOptions struct {
 	MaxPause time.Duration
 	// NoPredict turns off the delayed copy of hot groups in a live save.
 	NoPredict bool
+	// Squeeze, if not empty, inflates the guest's balloon before the
+	// save so the guest gives up its page cache, and puts it back after:
+	// "auto" sizes it from the guest's own counters, else a size to take
+	// ("512M"; see [ParseSqueeze]).
+	Squeeze string
 }
 
 // SaveResult is what a save did. The JSON names are part of the CLI.
@@ -83,6 +88,8 @@ type SaveResult struct {
 	RAMInDeviceState map[string]uint64 `json:"ram_pages_in_device_state,omitempty"`
 	// Live is what the pre-copy rounds of a live save did.
 	Live *LiveReport `json:"live,omitempty"`
+	// Squeeze is what the balloon took before the save (--squeeze).
+	Squeeze *SqueezeReport `json:"squeeze,omitempty"`
 	// GuestState is the guest's run state when kvmckpt left it.
 	GuestState string   `json:"guest_state"`
 	Warnings   []string `json:"warnings,omitempty"`
@@ -118,6 +125,21 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 	caps, err := g.sess.MigrationCapabilities(ctx)
 	if err != nil {
 		return nil, err
+	}
+	var squeezed *SqueezeReport
+	if opt.Squeeze != "" {
+		var release func()
+		if squeezed, release, err = g.squeeze(ctx, opt); err != nil {
+			return nil, err
+		}
+		// The balloon goes back whatever happens, after the guest runs
+		// (but for a QEMU asked to quit).
+		defer func() {
+			if opt.After != AfterQuit {
+				release()
+			}
+		}()
+		g.balloonPrior = squeezed.PriorBytes
 	}
 	var live *liveSave
 	if opt.Live {
@@ -177,6 +199,7 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 		res.GuestState = st.State
 	}
 	res.DurationMS = time.Since(start).Milliseconds()
+	res.Squeeze = squeezed
 	return res, nil
 }
 

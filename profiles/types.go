@@ -129,6 +129,14 @@ var enumConstants = []enumConstant{
 	{"N_MEMORY", "node_states", "N_MEMORY", false},
 	{"NR_NODE_STATES", "node_states", "NR_NODE_STATES", false},
 	{"MIGRATE_MOVABLE", "migratetype", "MIGRATE_MOVABLE", false},
+	// The node counters a squeeze sizes the balloon by (pglist_data's
+	// vm_stat, what /proc/meminfo sums).
+	{"NR_FILE_PAGES", "node_stat_item", "NR_FILE_PAGES", false},
+	{"NR_SHMEM", "node_stat_item", "NR_SHMEM", false},
+	{"NR_FILE_DIRTY", "node_stat_item", "NR_FILE_DIRTY", false},
+	{"NR_WRITEBACK", "node_stat_item", "NR_WRITEBACK", false},
+	{"NR_ANON_MAPPED", "node_stat_item", "NR_ANON_MAPPED", false},
+	{"NR_VM_NODE_STAT_ITEMS", "node_stat_item", "NR_VM_NODE_STAT_ITEMS", false},
 }
 
 // Defaults used when a value cannot be read from the kernel. Each use is

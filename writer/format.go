@@ -157,6 +157,11 @@ type Header struct {
 	// that was running (`kvmckpt core FILE`); empty when the kernel was
 	// not found.
 	CPUs []CPU `json:"cpus,omitempty"`
+	// BalloonTarget is the guest's memory size (the balloon target, in
+	// bytes) before a squeeze inflated its balloon for the save: a
+	// restore that resumes the guest puts the balloon back there. 0 when
+	// the save did not squeeze.
+	BalloonTarget uint64 `json:"balloon_target,omitempty"`
 }
 
 // CPU is one vCPU's registers at the pause.

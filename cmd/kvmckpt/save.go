@@ -22,6 +22,8 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	live := fs.Bool("live", false, "copy pages while the guest runs, pausing it only for the last ones")
 	maxPause := fs.Duration("max-pause", checkpoint.DefaultMaxPause, "with --live: the pause to aim for")
 	noPredict := fs.Bool("no-predict", false, "with --live: copy pages that keep changing every round, not only in the last")
+	var squeeze squeezeFlag
+	fs.Var(&squeeze, "squeeze", "before the save, inflate the balloon so the guest gives up its page cache, and put it back after: --squeeze (auto) or --squeeze=SIZE (memory to take, e.g. 512M)")
 	keyFile := keyFlag(fs)
 	if _, err := e.parse(fs, verbose, args); err != nil {
 		return err
@@ -42,6 +44,11 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	if *maxPause <= 0 {
 		return usagef("--max-pause must be positive, not %v", *maxPause)
 	}
+	if squeeze != "" {
+		if _, _, err := checkpoint.ParseSqueeze(string(squeeze)); err != nil {
+			return usagef("--squeeze: %v", err)
+		}
+	}
 	if *compress != "lz4" && *compress != "none" {
 		return usagef("--compress must be lz4 or none, not %q", *compress)
 	}
@@ -58,6 +65,7 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	}
 	bar := newProgress(e.stderr, "saving")
 	res, err := checkpoint.Save(ctx, checkpoint.SaveOptions{
+		Squeeze:     string(squeeze),
 		ScanOptions: checkpoint.ScanOptions{QMP: target.QMP, Domain: target.Domain, Connect: target.Connect, Profile: *profile, RequireIntrospection: *requireIntro, Log: e.log},
 		Output:      *out,
 		After:       after,
@@ -84,6 +92,10 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 		mib(res.BytesWritten), mib(res.DeviceStateBytes))
 	fmt.Fprintf(e.stdout, "guest paused %d ms (scan %d, pages %d, device state %d, sync %d), total %d ms; guest is %s\n",
 		res.PauseMS, res.ScanMS, res.PagesMS, res.DeviceStateMS, res.SyncMS, res.DurationMS, res.GuestState)
+	if sq := res.Squeeze; sq != nil {
+		fmt.Fprintf(e.stdout, "squeeze: the balloon took %s of %s asked in %d ms before the save, and was put back\n",
+			mib(int64(sq.Taken)), mib(int64(sq.Requested)), sq.InflateMS)
+	}
 	if l := res.Live; l != nil {
 		fmt.Fprintf(e.stdout, "live: %d pre-copy rounds in %d ms (%s), %d pages deferred as hot, %d pages in the final round (%d ms)\n",
 			l.Rounds, l.RoundsMS, l.StopReason, l.PagesDeferredHot, l.FinalDirtyPages, l.FinalMS)
@@ -95,3 +107,22 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 }
 
 func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
+
+// squeezeFlag is --squeeze: alone it means auto, --squeeze=SIZE a size.
+type squeezeFlag string
+
+func (f *squeezeFlag) String() string { return string(*f) }
+
+func (f *squeezeFlag) Set(v string) error {
+	switch v {
+	case "true":
+		*f = "auto"
+	case "false":
+		*f = ""
+	default:
+		*f = squeezeFlag(v)
+	}
+	return nil
+}
+
+func (f *squeezeFlag) IsBoolFlag() bool { return true }
