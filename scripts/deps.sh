@@ -27,6 +27,8 @@ packages=(qemu-system-x86 busybox-static cpio
 	gcc libc6-dev gdb
 	# the guest's modules from its kernel package (scripts/guest-modules.sh)
 	kmod xz-utils
+	# the test disk (ext4 made on the host)
+	e2fsprogs
 	# libvirt, for the tests of libvirt domains (--domain, export --format libvirt)
 	libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-clients-qemu python3-libvirt)
 kernels=("$@")

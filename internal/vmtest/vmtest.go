@@ -57,6 +57,10 @@ type Workload struct {
 	// at Rate MiB/s and prove, every Interval, that its pages are those
 	// of one moment ("KW WRITER OK"), for live checkpoints.
 	WSet, Rate int
+	// Files makes the workload read that many MiB of files from the disk
+	// (Config.Disk, made by [MakeDisk]) into its page cache and keep
+	// checking them.
+	Files int
 	// Spin makes the core tests' process (/coretarget) keep a thread
 	// spinning in user mode, running on a vCPU whenever the guest pauses.
 	Spin bool
@@ -81,6 +85,9 @@ func (w Workload) args() []string {
 	}
 	if w.Spin {
 		a = append(a, "kw.spin=1")
+	}
+	if w.Files > 0 {
+		a = append(a, "kw.files="+strconv.Itoa(w.Files))
 	}
 	return a
 }

@@ -20,6 +20,9 @@
 //	                replaying the sequence up to the counter gives every
 //	                page: a checkpoint taken at one moment passes after a
 //	                restore, one torn between moments fails (see pageWriter)
+//	kw.files=N      mount the test bed's disk (/dev/vda, ext4, read-only),
+//	                read N MiB of its files into the page cache, and keep
+//	                checking them against the disk's SUMS ("KW FILES OK")
 //	kw.spin=1       not the workload's: /coretarget (the core tests'
 //	                process, started by init) spins a thread in user mode
 //
@@ -58,6 +61,9 @@ type config struct {
 	seed                     uint64
 	truth                    bool
 	wset, rate               int
+	// files is how many MiB of the test bed's disk to read and keep
+	// checking (kw.files).
+	files int
 }
 
 func main() {
@@ -138,6 +144,16 @@ func run(out *bufio.Writer) error {
 		// Quiescent from here on: no output, no collection.
 		idle()
 	}
+	if cfg.files > 0 {
+		start := time.Now()
+		files, err := readFiles(cfg.files)
+		if err != nil {
+			return fmt.Errorf("files: %w", err)
+		}
+		say("FILES READ n=%d ms=%d", len(files), time.Since(start).Milliseconds())
+		reportMem(say, "files")
+		go verifyFiles(say, files, cfg.interval)
+	}
 	if cfg.wset > 0 && cfg.rate > 0 {
 		w, err := newPageWriter(cfg)
 		if err != nil {
@@ -186,6 +202,8 @@ func parseConfig(cmdline string) (config, error) {
 			cfg.wset = int(n)
 		case "kw.rate":
 			cfg.rate = int(n)
+		case "kw.files":
+			cfg.files = int(n)
 		case "kw.spin":
 			// For /coretarget, which reads it itself.
 		default:

@@ -1,0 +1,62 @@
+package vmtest
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// diskFileMiB is the size of each data file on a test disk.
+const diskFileMiB = 16
+
+// MakeDisk makes a raw disk image with an ext4 file system holding
+// dataMiB of incompressible data files and SUMS (their SHA-256 digests),
+// for Config.Disk and Workload.Files. It is removed with the test.
+func MakeDisk(tb testing.TB, dataMiB int) string {
+	tb.Helper()
+	dir := tb.TempDir()
+	src := filepath.Join(dir, "root")
+	if err := os.Mkdir(src, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	rng := rand.New(rand.NewChaCha8([32]byte{'k', 'v', 'm'}))
+	buf := make([]byte, diskFileMiB<<20)
+	var sums strings.Builder
+	for i := 0; i*diskFileMiB < dataMiB; i++ {
+		for j := 0; j < len(buf); j += 8 {
+			v := rng.Uint64()
+			for k := 0; k < 8; k++ {
+				buf[j+k] = byte(v >> (8 * k))
+			}
+		}
+		name := fmt.Sprintf("data-%03d.bin", i)
+		if err := os.WriteFile(filepath.Join(src, name), buf, 0o644); err != nil {
+			tb.Fatal(err)
+		}
+		sum := sha256.Sum256(buf)
+		fmt.Fprintf(&sums, "%s %s\n", hex.EncodeToString(sum[:]), name)
+	}
+	if err := os.WriteFile(filepath.Join(src, "SUMS"), []byte(sums.String()), 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	img := filepath.Join(dir, "disk.img")
+	size := dataMiB + dataMiB/8 + 32
+	mkfs, err := exec.LookPath("mkfs.ext4")
+	if err != nil {
+		mkfs = "/usr/sbin/mkfs.ext4"
+	}
+	out, err := exec.Command(mkfs, "-q", "-F", "-L", "kwdata", "-d", src, img, fmt.Sprintf("%dM", size)).CombinedOutput()
+	if err != nil {
+		tb.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	if err := os.RemoveAll(src); err != nil {
+		tb.Fatal(err)
+	}
+	return img
+}

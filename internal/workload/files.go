@@ -1,0 +1,102 @@
+package main
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// The test bed's disk (vmtest.MakeDisk): an ext4 file system on /dev/vda
+// with data files and SUMS, a line "SHA256HEX NAME" for each.
+const (
+	diskDev   = "/dev/vda"
+	diskMount = "/mnt/disk"
+)
+
+// diskFile is a file of the disk and its expected digest.
+type diskFile struct {
+	name string
+	sum  string
+}
+
+// readFiles mounts the disk read-only and reads about mibs MiB of its
+// files (whole files, in SUMS order) into the page cache, checking each.
+func readFiles(mibs int) ([]diskFile, error) {
+	if err := os.MkdirAll(diskMount, 0o755); err != nil {
+		return nil, err
+	}
+	if err := syscall.Mount(diskDev, diskMount, "ext4", syscall.MS_RDONLY, ""); err != nil {
+		return nil, fmt.Errorf("mount %s: %w", diskDev, err)
+	}
+	f, err := os.Open(filepath.Join(diskMount, "SUMS"))
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var files []diskFile
+	var read int64
+	sc := bufio.NewScanner(f)
+	for sc.Scan() && read < int64(mibs)*mib {
+		sum, name, ok := strings.Cut(sc.Text(), " ")
+		if !ok {
+			return nil, fmt.Errorf("SUMS line %q", sc.Text())
+		}
+		df := diskFile{name: name, sum: sum}
+		n, err := df.check()
+		if err != nil {
+			return nil, err
+		}
+		read += n
+		files = append(files, df)
+	}
+	return files, sc.Err()
+}
+
+// check reads the file and compares its digest; it returns its size.
+func (d diskFile) check() (int64, error) {
+	f, err := os.Open(filepath.Join(diskMount, d.name))
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return n, fmt.Errorf("read %s: %w", d.name, err)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != d.sum {
+		return n, fmt.Errorf("%s: sha256 %s, want %s", d.name, got, d.sum)
+	}
+	return n, nil
+}
+
+// verifyFiles reads the files again and again (from the page cache, or
+// from the disk once the cache is gone), saying after each pass whether
+// every file still has its digest.
+func verifyFiles(say func(string, ...any), files []diskFile, interval time.Duration) {
+	for pass := 1; ; pass++ {
+		time.Sleep(interval)
+		start := time.Now()
+		var total int64
+		bad := ""
+		for _, d := range files {
+			n, err := d.check()
+			total += n
+			if err != nil && bad == "" {
+				bad = err.Error()
+			}
+		}
+		if bad != "" {
+			say("FILES FAIL pass=%d %s", pass, bad)
+		} else {
+			say("FILES OK pass=%d mib=%d ms=%d", pass, total/mib, time.Since(start).Milliseconds())
+		}
+	}
+}
