@@ -84,3 +84,73 @@ func TestBalloon(t *testing.T) {
 	_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW VERIFY OK`), len(dst.Serial()), time.Minute)
 	require.NoError(t, err)
 }
+
+// TestSqueeze saves a guest that read 256 MiB of files from its disk
+// twice: as it is, and with --squeeze=auto, which has the balloon take
+// the page cache first. The squeezed checkpoint is smaller by about the
+// cache; the source gets its memory back and re-reads its files from the
+// disk correctly; the restored copy does too, with its balloon put back.
+func TestSqueeze(t *testing.T) {
+	disk := vmtest.MakeDisk(t, 256)
+	cfg := vmtest.Config{MemMiB: 1024, Balloon: "on", Disk: disk,
+		Workload: vmtest.Workload{Churn: 128, Anon: 64, Tmpfs: 32, Files: 256, Interval: 2}}
+	src := vmtest.Boot(t, cfg)
+	src.WaitReady(t)
+	ctx := context.Background()
+	_, _, err := src.WaitSerial(ctx, regexp.MustCompile(`KW FILES OK pass=1 `), 0, 2*time.Minute)
+	require.NoError(t, err)
+	dir := t.TempDir()
+
+	plain, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: filepath.Join(dir, "plain.kvmckpt")})
+	require.NoError(t, err)
+	out := filepath.Join(dir, "squeezed.kvmckpt")
+	sq, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out, Squeeze: "auto"})
+	require.NoError(t, err)
+	require.NotNil(t, sq.Squeeze)
+	t.Logf("plain: %d pages, %d bytes; squeezed: %d pages, %d bytes, %+v", plain.PagesSaved, plain.BytesWritten, sq.PagesSaved, sq.BytesWritten, *sq.Squeeze)
+	assert.Greater(t, sq.Squeeze.Reclaimable, uint64(200<<20), "the guest's counters show its page cache")
+	assert.Greater(t, sq.Squeeze.Taken, uint64(200<<20))
+	assert.Less(t, sq.PagesSaved+200<<20/4096, plain.PagesSaved, "the page cache is not saved")
+	assert.Equal(t, "running", sq.GuestState)
+
+	// The source gets its memory back and reads its files from the disk.
+	s, err := qmp.Dial(ctx, src.QMPPath)
+	require.NoError(t, err)
+	defer s.Close()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		actual, err := s.BalloonActual(ctx)
+		require.NoError(t, err)
+		if actual == 1024<<20 {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "the balloon was not put back: %d MiB", actual>>20)
+		time.Sleep(200 * time.Millisecond)
+	}
+	_, _, err = src.WaitSerial(ctx, regexp.MustCompile(`KW FILES OK`), len(src.Serial()), 2*time.Minute)
+	require.NoError(t, err)
+
+	// The restored copy runs, re-reads its files, and gets its memory back.
+	tcfg := cfg
+	tcfg.Incoming = true
+	dst := vmtest.Boot(t, tcfg)
+	_, err = Restore(ctx, RestoreOptions{Input: out, QMP: dst.QMPPath, Resume: true})
+	require.NoError(t, err)
+	_, _, err = dst.WaitSerial(ctx, regexp.MustCompile(`KW FILES OK[\s\S]*KW VERIFY OK`), 0, 3*time.Minute)
+	require.NoError(t, err, "the restored guest does not read its files back")
+	assert.NotRegexp(t, kernelTrouble, dst.Serial())
+	assert.NotContains(t, dst.Serial(), "FILES FAIL")
+	ds, err := qmp.Dial(ctx, dst.QMPPath)
+	require.NoError(t, err)
+	defer ds.Close()
+	deadline = time.Now().Add(time.Minute)
+	for {
+		actual, err := ds.BalloonActual(ctx)
+		require.NoError(t, err)
+		if actual == 1024<<20 {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "the restored guest's balloon was not put back: %d MiB", actual>>20)
+		time.Sleep(200 * time.Millisecond)
+	}
+}

@@ -194,11 +194,8 @@ func TestCPURegistersQEMU(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		// CS at reset: selector F000, base FFFF0000.
-		want := Registers{CPU: cpu, RIP: 0xfff0, RFLAGS: 2, CR0: 0x60000010}
-		want.Seg[SegCS] = Segment{Selector: 0xf000, Base: 0xffff0000}
-		if r != want {
-			t.Errorf("CPU %d: %+v, want %+v", cpu, r, want)
+		if want := resetRegisters(cpu); r != want {
+			t.Errorf("CPU %d: %+v, want %+v", cpu, r, resetRegisters(cpu))
 		}
 		if r.PagingLevels() != 0 {
 			t.Errorf("CPU %d: PagingLevels() = %d", cpu, r.PagingLevels())
@@ -592,7 +589,7 @@ func TestKVMQEMU(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := (Registers{CPU: 0, RIP: 0xfff0, RFLAGS: 2, CR0: 0x60000010}); r != want {
+	if want := resetRegisters(0); r != want {
 		t.Errorf("registers at reset: %+v, want %+v", r, want)
 	}
 	maps, err := s.RAMLayout(ctx)
@@ -602,4 +599,13 @@ func TestKVMQEMU(t *testing.T) {
 	if want := []Mapping{{"mem0", 0, 0, 0xc0000}, {"mem0", 1 * mib, 1 * mib, 255 * mib}}; !slices.Equal(maps, want) {
 		t.Errorf("RAMLayout() = %v, want %v", maps, want)
 	}
+}
+
+// resetRegisters is what "info registers" shows of a vCPU at reset (SDM
+// Vol. 3A table 10-1): real mode at the reset vector, CS selector F000
+// with base FFFF0000.
+func resetRegisters(cpu int) Registers {
+	r := Registers{CPU: cpu, RIP: 0xfff0, RFLAGS: 2, CR0: 0x60000010}
+	r.Seg[SegCS] = Segment{Selector: 0xf000, Base: 0xffff0000}
+	return r
 }
