@@ -233,8 +233,8 @@ func (g *guest) introspect(ctx context.Context, opt ScanOptions, regs qmp.Regist
 }
 
 // findOffline finds the pages the guest gave to its balloon, when it has
-// one holding pages: the memory map scan costs the pause about 10 ms a
-// GiB, which a guest without ballooned pages is spared. A scan that
+// one holding pages: the memory map scan costs the pause a few ms a GiB
+// (6 ms for 1 GiB here), which a guest without ballooned pages is spared. A scan that
 // cannot be done is a warning: those pages are then saved (QEMU has
 // usually discarded them: holes, which cost nothing).
 func (g *guest) findOffline(ctx context.Context, k *introspect.Kernel, fp *introspect.FreePages) error {
