@@ -17,7 +17,7 @@ KVMCKPT_CACHE ?= $(or $(filter /%,$(XDG_CACHE_HOME)),$(HOME)/.cache)/kvmckpt
 export KVMCKPT_CACHE := $(abspath $(KVMCKPT_CACHE))
 export KVMCKPT_INITRAMFS := $(abspath $(BUILD)/initramfs.cpio.gz)
 
-.PHONY: all deps build initramfs test vet fuzz demo bench bench-live bench-sweep clean matrix
+.PHONY: all deps build initramfs test vet fuzz demo bench bench-live bench-squeeze bench-sweep clean matrix
 
 all: build
 
@@ -74,12 +74,18 @@ bench: deps build
 	$(GO) test -run '^$$' -bench . -benchmem ./pagemap ./writer ./introspect ./profiles ./checkpoint
 	$(GO) run ./internal/bench -kvmckpt $(BUILD)/kvmckpt -png bench-results/bench.png $(BENCHFLAGS)
 	$(GO) run ./internal/bench -live -kvmckpt $(BUILD)/kvmckpt $(LIVEFLAGS)
+	$(GO) run ./internal/bench -squeeze -kvmckpt $(BUILD)/kvmckpt $(SQUEEZEFLAGS)
 
 # Live saves only (guests writing memory at 0, 10, 50, 200 MiB/s);
 # LIVEFLAGS go to internal/bench, e.g. LIVEFLAGS="-reps 3".
 LIVEFLAGS ?=
 bench-live: deps build
 	$(GO) run ./internal/bench -live -kvmckpt $(BUILD)/kvmckpt $(LIVEFLAGS)
+
+# A guest with a page cache saved with and without --squeeze, and by
+# QEMU's own save; SQUEEZEFLAGS go to internal/bench.
+bench-squeeze: deps build
+	$(GO) run ./internal/bench -squeeze -kvmckpt $(BUILD)/kvmckpt $(SQUEEZEFLAGS)
 
 bench-sweep: deps build
 	$(GO) run ./internal/bench -sweep -kvmckpt $(BUILD)/kvmckpt $(BENCHFLAGS)

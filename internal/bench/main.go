@@ -93,6 +93,9 @@ type config struct {
 	// Live measures live saves of guests that keep writing memory
 	// instead (live.go).
 	Live bool `json:"live,omitempty"`
+	// Squeeze measures saves of a guest with a page cache, with and
+	// without --squeeze (squeeze.go).
+	Squeeze bool `json:"squeeze,omitempty"`
 	// Rates are the live bench's writer rates, MiB/s (0: idle).
 	Rates []int `json:"rates,omitempty"`
 	// RAM is the guest's kind of RAM (vmtest.Config.RAM): "" a shared
@@ -134,6 +137,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.Copier, "copier", copierWrite, "how QEMU's save stream reaches the file: write (read/write(2), as when QEMU writes the file itself) or splice")
 	fs.BoolVar(&c.Live, "live", false, "live saves instead: guests writing memory at 0, 10, 50 and 200 MiB/s (50 with -smoke), each saved by kvmckpt with and without --live and by QEMU's live migration")
 	fs.StringVar(&c.RAM, "ram", "", "guest RAM: empty for a shared file (memory-backend-file share=on), default for QEMU's own anonymous RAM (-m alone; no naive copy then)")
+	fs.BoolVar(&c.Squeeze, "squeeze", false, "a guest with a balloon that read half its RAM of files, saved with and without --squeeze and by QEMU's own save")
 	rates := fs.String("rates", "", "with -live: the writer rates, MiB/s, comma-separated (0: idle; default 0,10,50,200, or 50 with -smoke)")
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -175,6 +179,17 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		}
 		if !set["out"] {
 			c.Out = "bench-results/live.json"
+		}
+		if !set["reps"] {
+			c.Reps = 1
+		}
+	}
+	if c.Squeeze {
+		if c.Live || c.Sweep {
+			return c, errors.New("-squeeze excludes -live and -sweep")
+		}
+		if !set["out"] {
+			c.Out = "bench-results/squeeze.json"
 		}
 		if !set["reps"] {
 			c.Reps = 1
@@ -249,6 +264,8 @@ func run(ctx context.Context, stdout, stderr io.Writer, args []string) (*report,
 	switch {
 	case cfg.Live:
 		runErr = b.live(ctx, r)
+	case cfg.Squeeze:
+		runErr = b.squeeze(ctx, r)
 	case cfg.Sweep:
 		runErr = b.sweep(ctx, r)
 	default:

@@ -29,7 +29,9 @@ type report struct {
 	Result *pointResult   `json:"result,omitempty"`
 	Sweep  []*pointResult `json:"sweep,omitempty"`
 	Live   []*livePoint   `json:"live,omitempty"`
-	Error  string         `json:"error,omitempty"`
+	// Squeeze is the squeeze bench's result (-squeeze).
+	Squeeze *squeezeResult `json:"squeeze,omitempty"`
+	Error   string         `json:"error,omitempty"`
 }
 
 // machine describes the host.
@@ -121,6 +123,9 @@ func writeMarkdown(w io.Writer, r *report) {
 	}
 	if len(r.Live) > 0 {
 		writeLive(w, r.Live)
+	}
+	if r.Squeeze != nil {
+		writeSqueeze(w, r.Squeeze)
 	}
 	if r.Error != "" {
 		fmt.Fprintf(w, "\n**The run failed:** %s\n", r.Error)

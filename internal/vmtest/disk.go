@@ -20,11 +20,20 @@ const diskFileMiB = 16
 // for Config.Disk and Workload.Files. It is removed with the test.
 func MakeDisk(tb testing.TB, dataMiB int) string {
 	tb.Helper()
-	dir := tb.TempDir()
-	src := filepath.Join(dir, "root")
-	if err := os.Mkdir(src, 0o755); err != nil {
+	img, err := MakeDiskIn(tb.TempDir(), dataMiB)
+	if err != nil {
 		tb.Fatal(err)
 	}
+	return img
+}
+
+// MakeDiskIn makes such a disk image in dir and returns its path.
+func MakeDiskIn(dir string, dataMiB int) (string, error) {
+	src, err := os.MkdirTemp(dir, "disk-root-")
+	if err != nil {
+		return "", err
+	}
+	defer os.RemoveAll(src)
 	rng := rand.New(rand.NewChaCha8([32]byte{'k', 'v', 'm'}))
 	buf := make([]byte, diskFileMiB<<20)
 	var sums strings.Builder
@@ -37,15 +46,15 @@ func MakeDisk(tb testing.TB, dataMiB int) string {
 		}
 		name := fmt.Sprintf("data-%03d.bin", i)
 		if err := os.WriteFile(filepath.Join(src, name), buf, 0o644); err != nil {
-			tb.Fatal(err)
+			return "", err
 		}
 		sum := sha256.Sum256(buf)
 		fmt.Fprintf(&sums, "%s %s\n", hex.EncodeToString(sum[:]), name)
 	}
 	if err := os.WriteFile(filepath.Join(src, "SUMS"), []byte(sums.String()), 0o644); err != nil {
-		tb.Fatal(err)
+		return "", err
 	}
-	img := filepath.Join(dir, "disk.img")
+	img := filepath.Join(dir, fmt.Sprintf("disk-%dM.img", dataMiB))
 	size := dataMiB + dataMiB/8 + 32
 	mkfs, err := exec.LookPath("mkfs.ext4")
 	if err != nil {
@@ -53,10 +62,7 @@ func MakeDisk(tb testing.TB, dataMiB int) string {
 	}
 	out, err := exec.Command(mkfs, "-q", "-F", "-L", "kwdata", "-d", src, img, fmt.Sprintf("%dM", size)).CombinedOutput()
 	if err != nil {
-		tb.Fatalf("mkfs.ext4: %v\n%s", err, out)
+		return "", fmt.Errorf("mkfs.ext4: %v\n%s", err, out)
 	}
-	if err := os.RemoveAll(src); err != nil {
-		tb.Fatal(err)
-	}
-	return img
+	return img, nil
 }

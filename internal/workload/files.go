@@ -100,3 +100,25 @@ func verifyFiles(say func(string, ...any), files []diskFile, interval time.Durat
 		}
 	}
 }
+
+// reportMeminfo prints what /proc/meminfo says of memory the guest cannot
+// give back without swap (anonymous, shmem and tmpfs, the kernel's own)
+// beside its page cache, in KiB.
+func reportMeminfo(say func(string, ...any)) {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		say("ERROR meminfo: %v", err)
+		return
+	}
+	v := map[string]uint64{}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 {
+			var n uint64
+			fmt.Sscan(f[1], &n)
+			v[strings.TrimSuffix(f[0], ":")] = n
+		}
+	}
+	say("MEMINFO anon_kb=%d shmem_kb=%d cached_kb=%d sunreclaim_kb=%d kernelstack_kb=%d pagetables_kb=%d free_kb=%d",
+		v["AnonPages"], v["Shmem"], v["Cached"], v["SUnreclaim"], v["KernelStack"], v["PageTables"], v["MemFree"])
+}

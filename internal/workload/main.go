@@ -152,6 +152,7 @@ func run(out *bufio.Writer) error {
 		}
 		say("FILES READ n=%d ms=%d", len(files), time.Since(start).Milliseconds())
 		reportMem(say, "files")
+		reportMeminfo(say)
 		go verifyFiles(say, files, cfg.interval)
 	}
 	if cfg.wset > 0 && cfg.rate > 0 {
