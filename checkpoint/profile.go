@@ -47,7 +47,7 @@ func findProfile(mem *introspect.PhysMem, root introspect.PAddr, la57 bool, opt 
 			return nil, err
 		}
 	}
-	if p := lookupStored(store, img, log); p != nil && (!opt.needTasks || hasTasks(p)) {
+	if p := lookupStored(store, img, log); p != nil && (!opt.needTasks || hasTasks(p)) && (!opt.needCounters || hasCounters(p)) {
 		return p, nil
 	}
 	log.Info("no stored profile fits this kernel; building one from guest memory")
@@ -70,6 +70,13 @@ func findProfile(mem *introspect.PhysMem, root introspect.PAddr, la57 bool, opt 
 		log.Warn("could not store the profile", "err", err)
 	}
 	return p, nil
+}
+
+// hasCounters reports whether a profile has the node counters' enum
+// values (a profile stored before `save --squeeze` has not).
+func hasCounters(p *profiles.Profile) bool {
+	_, ok := p.Constants["NR_FILE_PAGES"]
+	return ok
 }
 
 // hasTasks reports whether a profile describes the task structures (a

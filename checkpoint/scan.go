@@ -40,8 +40,9 @@ type ScanOptions struct {
 	Log                  *slog.Logger
 
 	// needTasks passes over stored profiles built before kvmckpt read
-	// tasks: `ps` rebuilds them from guest memory.
-	needTasks bool
+	// tasks: `ps` rebuilds them from guest memory; needCounters those
+	// built before it read the memory counters (save --squeeze).
+	needTasks, needCounters bool
 }
 
 func (o ScanOptions) target() Target {

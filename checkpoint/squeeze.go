@@ -177,6 +177,7 @@ func (g *guest) counters(ctx context.Context, opt ScanOptions) (introspect.MemCo
 	if err != nil {
 		return introspect.MemCounters{}, err
 	}
+	opt.needCounters = true
 	prof, err := g.profile(ctx, opt, regs)
 	if err != nil {
 		return introspect.MemCounters{}, err
