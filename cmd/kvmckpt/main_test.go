@@ -265,6 +265,18 @@ func TestCLIOnGuest(t *testing.T) {
 		assert.True(t, g.Status(t).Running)
 	})
 
+	t.Run("squeeze without a balloon", func(t *testing.T) {
+		sq := filepath.Join(dir, "squeezed.kvmckpt")
+		code, _, stderr := cli(t, "save", "--qmp", g.QMPPath, "-o", sq, "--squeeze")
+		assert.Equal(t, exitFailed, code)
+		assert.Contains(t, stderr, "virtio-balloon-pci")
+		assert.NoFileExists(t, sq)
+		assert.True(t, g.Status(t).Running)
+		code, _, stderr = cli(t, "save", "--qmp", g.QMPPath, "-o", sq, "--squeeze=lots")
+		assert.Equal(t, exitUsage, code)
+		assert.Contains(t, stderr, "512M")
+	})
+
 	t.Run("encrypted", func(t *testing.T) {
 		key := filepath.Join(dir, "key")
 		require.NoError(t, os.WriteFile(key, bytes.Repeat([]byte("k"), 32), 0o600))
