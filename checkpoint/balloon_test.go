@@ -4,6 +4,7 @@ import (
 	"context"
 	"path/filepath"
 	"regexp"
+	"syscall"
 	"testing"
 	"time"
 
@@ -39,14 +40,31 @@ func inflate(t *testing.T, sock string, ram, size uint64) {
 // to the balloon (PageOffline) are neither saved nor read, and the
 // restored guest runs on with its balloon still inflated and its data
 // verified.
+//
+// With free page reporting on, the guest also hands free pages back (QEMU
+// punches them out of the RAM file) while they stay on its free lists:
+// the same save, restored as well.
 func TestBalloon(t *testing.T) {
-	cfg := vmtest.Config{MemMiB: 1024, Balloon: "on", Workload: vmtest.Workload{Churn: 256, Anon: 64, Tmpfs: 32, Interval: 1}}
+	for _, balloon := range []string{"on", "reporting"} {
+		t.Run(balloon, func(t *testing.T) { testBalloon(t, balloon) })
+	}
+}
+
+func testBalloon(t *testing.T, balloon string) {
+	cfg := vmtest.Config{MemMiB: 1024, Balloon: balloon, Workload: vmtest.Workload{Churn: 256, Anon: 64, Tmpfs: 32, Interval: 1}}
 	src := vmtest.Boot(t, cfg)
 	src.WaitReady(t)
 	const ram, size = 1024 << 20, 384 << 20
+	if balloon == "reporting" {
+		// Reports come about 2 s after pages are freed, 2 MiB at a time.
+		time.Sleep(4 * time.Second)
+	}
 	inflate(t, src.QMPPath, ram, size)
 
 	ctx := context.Background()
+	var st syscall.Stat_t
+	require.NoError(t, syscall.Stat(src.RAMPath, &st))
+	t.Logf("balloon %s: RAM file holds %d of %d MiB before the save", balloon, st.Blocks*512>>20, ram>>20)
 	out := filepath.Join(t.TempDir(), "balloon.kvmckpt")
 	res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: t.TempDir()}, Output: out})
 	require.NoError(t, err)

@@ -155,6 +155,11 @@ func (g *guest) squeeze(ctx context.Context, opt SaveOptions) (*SqueezeReport, f
 	}
 	rep.Taken = prior - min(prior, last)
 	rep.InflateMS = time.Since(start).Milliseconds()
+	if rep.Taken == 0 {
+		// QEMU has the device, but nothing in the guest answers it.
+		release()
+		return nil, nil, fmt.Errorf("%w: the guest's balloon did not move in %v: is its driver (virtio_balloon) loaded? Save without --squeeze", ErrSqueeze, squeezeStall)
+	}
 	g.log.Debug("squeezed", "requested", rep.Requested, "taken", rep.Taken, "ms", rep.InflateMS, "settled", rep.Settled)
 	return rep, release, nil
 }
