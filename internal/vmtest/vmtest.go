@@ -61,6 +61,9 @@ type Workload struct {
 	// (Config.Disk, made by [MakeDisk]) into its page cache and keep
 	// checking them.
 	Files int
+	// Dirty makes the workload keep that many MiB of dirty file data on
+	// the scratch disk (Config.Scratch).
+	Dirty int
 	// Spin makes the core tests' process (/coretarget) keep a thread
 	// spinning in user mode, running on a vCPU whenever the guest pauses.
 	Spin bool
@@ -88,6 +91,9 @@ func (w Workload) args() []string {
 	}
 	if w.Files > 0 {
 		a = append(a, "kw.files="+strconv.Itoa(w.Files))
+	}
+	if w.Dirty > 0 {
+		a = append(a, "kw.dirty="+strconv.Itoa(w.Dirty))
 	}
 	return a
 }
@@ -133,6 +139,11 @@ type Config struct {
 	// Disk attaches a raw disk image read-only as a virtio-blk disk
 	// (/dev/vda in the guest).
 	Disk string
+	// Scratch attaches a raw disk image read-write (/dev/vdb beside Disk,
+	// else /dev/vda): one from [MakeScratch], for Workload.Dirty. A
+	// restore target shares it with its source once the source is gone,
+	// as a restored guest shares its disk with the saved one.
+	Scratch string
 	// RAMDir is the directory of the RAM file: empty means /dev/shm; a
 	// hugetlbfs mount gives the guest huge-page RAM.
 	RAMDir string
@@ -307,6 +318,9 @@ func Start(ctx context.Context, cfg Config) (*Guest, error) {
 	}
 	if cfg.Disk != "" {
 		g.Args = append(g.Args, "-drive", "file="+cfg.Disk+",if=none,id=disk0,format=raw,readonly=on", "-device", "virtio-blk-pci,drive=disk0")
+	}
+	if cfg.Scratch != "" {
+		g.Args = append(g.Args, "-drive", "file="+cfg.Scratch+",if=none,id=disk1,format=raw", "-device", "virtio-blk-pci,drive=disk1")
 	}
 	g.Args = append(g.Args, cfg.ExtraArgs...)
 	if err := g.start(); err != nil {

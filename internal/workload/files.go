@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -119,6 +120,59 @@ func reportMeminfo(say func(string, ...any)) {
 			v[strings.TrimSuffix(f[0], ":")] = n
 		}
 	}
-	say("MEMINFO anon_kb=%d shmem_kb=%d cached_kb=%d sunreclaim_kb=%d kernelstack_kb=%d pagetables_kb=%d free_kb=%d",
-		v["AnonPages"], v["Shmem"], v["Cached"], v["SUnreclaim"], v["KernelStack"], v["PageTables"], v["MemFree"])
+	say("MEMINFO anon_kb=%d shmem_kb=%d cached_kb=%d sunreclaim_kb=%d kernelstack_kb=%d pagetables_kb=%d free_kb=%d dirty_kb=%d",
+		v["AnonPages"], v["Shmem"], v["Cached"], v["SUnreclaim"], v["KernelStack"], v["PageTables"], v["MemFree"], v["Dirty"])
+}
+
+// The test bed's scratch disk (Config.ScratchMiB): an empty ext4 file
+// system, mounted read-write; the test bed attaches it after the data
+// disk, so it is /dev/vdb beside one and /dev/vda alone.
+const scratchMount = "/mnt/scratch"
+
+func scratchDev() string {
+	if _, err := os.Stat("/dev/vdb"); err == nil {
+		return "/dev/vdb"
+	}
+	return "/dev/vda"
+}
+
+// keepDirty writes mibs MiB of data to a file on the scratch disk and
+// keeps it dirty in the page cache: writeback is put off (dirty pages
+// expire after an hour, background writeback starts at 90% of memory).
+// It returns the data, to check the file against.
+func keepDirty(mibs int, seed uint64) ([]byte, error) {
+	for path, v := range map[string]string{
+		"/proc/sys/vm/dirty_expire_centisecs":    "360000",
+		"/proc/sys/vm/dirty_writeback_centisecs": "0",
+		"/proc/sys/vm/dirty_background_ratio":    "90",
+		"/proc/sys/vm/dirty_ratio":               "90",
+	} {
+		if err := os.WriteFile(path, []byte(v), 0); err != nil {
+			return nil, err
+		}
+	}
+	if err := os.MkdirAll(scratchMount, 0o755); err != nil {
+		return nil, err
+	}
+	if err := syscall.Mount(scratchDev(), scratchMount, "ext4", 0, ""); err != nil {
+		return nil, fmt.Errorf("mount %s: %w", scratchDev(), err)
+	}
+	data := make([]byte, mibs*mib)
+	fillRandom(data, seed^0xd1e7)
+	if err := os.WriteFile(filepath.Join(scratchMount, "dirty.bin"), data, 0o644); err != nil {
+		return nil, err
+	}
+	return data, nil
+}
+
+// checkDirty reads the dirty file back and compares it with data.
+func checkDirty(data []byte) error {
+	got, err := os.ReadFile(filepath.Join(scratchMount, "dirty.bin"))
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(got, data) {
+		return fmt.Errorf("dirty.bin differs from what was written")
+	}
+	return nil
 }

@@ -23,6 +23,9 @@
 //	kw.files=N      mount the test bed's disk (/dev/vda, ext4, read-only),
 //	                read N MiB of its files into the page cache, and keep
 //	                checking them against the disk's SUMS ("KW FILES OK")
+//	kw.dirty=N      write N MiB to a file of the scratch disk (/dev/vdb,
+//	                ext4) and keep it dirty in the page cache (writeback
+//	                put off), checked with the kept data ("KW DIRTY OK")
 //	kw.spin=1       not the workload's: /coretarget (the core tests'
 //	                process, started by init) spins a thread in user mode
 //
@@ -62,8 +65,9 @@ type config struct {
 	truth                    bool
 	wset, rate               int
 	// files is how many MiB of the test bed's disk to read and keep
-	// checking (kw.files).
-	files int
+	// checking (kw.files); dirty how many MiB to keep dirty in a file
+	// of its scratch disk (kw.dirty).
+	files, dirty int
 }
 
 func main() {
@@ -155,6 +159,14 @@ func run(out *bufio.Writer) error {
 		reportMeminfo(say)
 		go verifyFiles(say, files, cfg.interval)
 	}
+	var dirty []byte
+	if cfg.dirty > 0 {
+		if dirty, err = keepDirty(cfg.dirty, cfg.seed); err != nil {
+			return fmt.Errorf("dirty: %w", err)
+		}
+		say("DIRTY WRITTEN mib=%d", cfg.dirty)
+		reportMeminfo(say)
+	}
 	if cfg.wset > 0 && cfg.rate > 0 {
 		w, err := newPageWriter(cfg)
 		if err != nil {
@@ -169,6 +181,13 @@ func run(out *bufio.Writer) error {
 			say("VERIFY FAIL round=%d %s", round, bad)
 		} else {
 			say("VERIFY OK round=%d mib=%d", round, kept.mib())
+		}
+		if dirty != nil {
+			if err := checkDirty(dirty); err != nil {
+				say("DIRTY FAIL round=%d %v", round, err)
+			} else {
+				say("DIRTY OK round=%d", round)
+			}
 		}
 	}
 }
@@ -205,6 +224,8 @@ func parseConfig(cmdline string) (config, error) {
 			cfg.rate = int(n)
 		case "kw.files":
 			cfg.files = int(n)
+		case "kw.dirty":
+			cfg.dirty = int(n)
 		case "kw.spin":
 			// For /coretarget, which reads it itself.
 		default:
