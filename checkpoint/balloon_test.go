@@ -130,15 +130,19 @@ func TestSqueeze(t *testing.T) {
 	require.NoError(t, err)
 	require.NotNil(t, sq.Squeeze)
 	t.Logf("plain: %d pages, %d bytes; squeezed: %d pages, %d bytes, %+v", plain.PagesSaved, plain.BytesWritten, sq.PagesSaved, sq.BytesWritten, *sq.Squeeze)
-	assert.Greater(t, sq.Squeeze.Reclaimable, uint64(140<<20), "the guest's counters show its page cache")
-	m := regexp.MustCompile(`KW MEMINFO .*cached_kb=(\d+) .*dirty_kb=(\d+)`).FindStringSubmatch(src.Serial())
-	require.NotNil(t, m)
+	assert.Greater(t, sq.Squeeze.Reclaimable, uint64(120<<20), "the guest's counters show its page cache")
+	// The last meminfo: after the dirty data was written.
+	all := regexp.MustCompile(`KW MEMINFO .*cached_kb=(\d+) .*dirty_kb=(\d+)`).FindAllStringSubmatch(src.Serial(), -1)
+	require.NotEmpty(t, all)
+	m := all[len(all)-1]
 	cached, _ := strconv.ParseUint(m[1], 10, 64)
 	dirty, _ := strconv.ParseUint(m[2], 10, 64)
 	assert.Greater(t, dirty, uint64(30<<10), "the guest keeps its data dirty")
 	assert.LessOrEqual(t, sq.Squeeze.Reclaimable, (cached-dirty)<<10+16<<20, "dirty data is not reclaimable")
-	assert.Greater(t, sq.Squeeze.Taken, uint64(140<<20))
-	assert.Less(t, sq.PagesSaved+140<<20/4096, plain.PagesSaved, "the page cache is not saved")
+	assert.Greater(t, sq.Squeeze.Taken, uint64(120<<20))
+	// Most of the 160 MiB of cache (the plain save holds some of it
+	// twice over: the workload's reads of it).
+	assert.Less(t, sq.PagesSaved+100<<20/4096, plain.PagesSaved, "the page cache is not saved")
 	assert.Equal(t, "running", sq.GuestState)
 
 	// The source gets its memory back and reads its files from the disk.
