@@ -76,35 +76,14 @@ func Core(ctx context.Context, opt CoreOptions) (*CoreResult, error) {
 	if opt.Output == "" {
 		return nil, errors.New("core: no output file given")
 	}
-	g, err := openGuest(ctx, opt.target(), logger(opt.Log))
+	var res *CoreResult
+	pause, err := whilePaused(ctx, opt.target(), opt.Log, func(g *guest) error {
+		var err error
+		res, err = g.core(ctx, opt)
+		return err
+	})
 	if err != nil {
 		return nil, err
-	}
-	defer g.close()
-	if g.prior.State == "inmigrate" {
-		return nil, fmt.Errorf("%w: %w", ErrGuestState, g.prior.CheckSaveable())
-	}
-	if err := g.mapRAM(ctx, false); err != nil {
-		return nil, err
-	}
-	restore, err := g.pause(ctx)
-	if err != nil {
-		return nil, err
-	}
-	paused := time.Now()
-	res, coreErr := g.core(ctx, opt)
-	pause := time.Since(paused)
-	sctx, cancel := settleContext(ctx)
-	rerr := restore(sctx)
-	cancel()
-	if coreErr != nil {
-		if rerr != nil {
-			return nil, fmt.Errorf("%w (and: %v)", coreErr, rerr)
-		}
-		return nil, coreErr
-	}
-	if rerr != nil {
-		return nil, rerr
 	}
 	res.PauseMS = pause.Milliseconds()
 	res.DurationMS = time.Since(start).Milliseconds()

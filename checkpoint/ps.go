@@ -3,6 +3,7 @@ package checkpoint
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/kvmckpt/kvmckpt/introspect"
@@ -44,39 +45,56 @@ type PSResult struct {
 // guessed list.
 func PS(ctx context.Context, opt PSOptions) (*PSResult, error) {
 	start := time.Now()
-	g, err := openGuest(ctx, opt.target(), logger(opt.Log))
+	var res *PSResult
+	pause, err := whilePaused(ctx, opt.target(), opt.Log, func(g *guest) error {
+		var err error
+		res, err = g.ps(ctx, opt)
+		return err
+	})
 	if err != nil {
 		return nil, err
+	}
+	res.PauseMS = pause.Milliseconds()
+	res.DurationMS = time.Since(start).Milliseconds()
+	return res, nil
+}
+
+// whilePaused opens the guest, maps its RAM (before the pause: finding
+// it does not need one), pauses it, runs fn, and puts the guest back in
+// the run state it had, whatever fn did and even if ctx ended. It returns
+// how long the guest was paused. A guest waiting for an incoming
+// migration is refused.
+func whilePaused(ctx context.Context, t Target, log *slog.Logger, fn func(*guest) error) (time.Duration, error) {
+	g, err := openGuest(ctx, t, logger(log))
+	if err != nil {
+		return 0, err
 	}
 	defer g.close()
 	if g.prior.State == "inmigrate" {
-		return nil, fmt.Errorf("%w: %w", ErrGuestState, g.prior.CheckSaveable())
+		return 0, fmt.Errorf("%w: %w", ErrGuestState, g.prior.CheckSaveable())
 	}
-	// Mapped before the pause: finding the RAM does not need it.
 	if err := g.mapRAM(ctx, false); err != nil {
-		return nil, err
+		return 0, err
 	}
 	restore, err := g.pause(ctx)
 	if err != nil {
-		return nil, err
+		return 0, err
 	}
 	paused := time.Now()
-	res, psErr := g.ps(ctx, opt)
+	fnErr := fn(g)
+	pause := time.Since(paused)
 	sctx, cancel := settleContext(ctx)
 	rerr := restore(sctx)
 	cancel()
-	if psErr != nil {
-		if rerr != nil {
-			return nil, fmt.Errorf("%w (and: %v)", psErr, rerr)
-		}
-		return nil, psErr
+	switch {
+	case fnErr != nil && rerr != nil:
+		return 0, fmt.Errorf("%w (and: %v)", fnErr, rerr)
+	case fnErr != nil:
+		return 0, fnErr
+	case rerr != nil:
+		return 0, rerr
 	}
-	if rerr != nil {
-		return nil, rerr
-	}
-	res.PauseMS = time.Since(paused).Milliseconds()
-	res.DurationMS = time.Since(start).Milliseconds()
-	return res, nil
+	return pause, nil
 }
 
 func (g *guest) ps(ctx context.Context, opt PSOptions) (*PSResult, error) {
