@@ -60,16 +60,21 @@ func testBalloon(t *testing.T, balloon string) {
 		// Reports come about 2 s after pages are freed, 2 MiB at a time.
 		time.Sleep(4 * time.Second)
 	}
+	// What free page reporting changes: the host's RAM file, not what
+	// kvmckpt reads (reported pages stay on the guest's free lists).
+	var st syscall.Stat_t
+	require.NoError(t, syscall.Stat(src.RAMPath, &st))
+	t.Logf("balloon %s: RAM file holds %d of %d MiB before the balloon inflates", balloon, st.Blocks*512>>20, ram>>20)
 	inflate(t, src.QMPPath, ram, size)
 
 	ctx := context.Background()
-	var st syscall.Stat_t
-	require.NoError(t, syscall.Stat(src.RAMPath, &st))
-	t.Logf("balloon %s: RAM file holds %d of %d MiB before the save", balloon, st.Blocks*512>>20, ram>>20)
 	out := filepath.Join(t.TempDir(), "balloon.kvmckpt")
 	res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: t.TempDir()}, Output: out})
 	require.NoError(t, err)
 	t.Logf("save: %+v", *res)
+	require.NoError(t, syscall.Stat(src.RAMPath, &st))
+	t.Logf("balloon %s: RAM file holds %d MiB at the save; %d free pages, %d zero, %d holes among the used, scan %d ms",
+		balloon, st.Blocks*512>>20, res.PagesFree, res.PagesZero, res.PagesHole, res.ScanMS)
 	assert.Equal(t, uint64(size/4096), res.BalloonPages)
 	// The driver marks a page offline as it takes it, and reports it to
 	// QEMU a batch (256 pages) at a time.
