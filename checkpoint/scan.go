@@ -244,8 +244,13 @@ func (g *guest) findOffline(ctx context.Context, k *introspect.Kernel, fp *intro
 	switch {
 	case errors.Is(err, qmp.ErrNoBalloon):
 		return nil
+	case ctx.Err() != nil:
+		return ctx.Err()
 	case err != nil:
-		return err
+		// Not a reason to fail the save: whatever the balloon holds is
+		// then saved (QEMU has usually discarded it: holes).
+		fp.Warnings = append(fp.Warnings, fmt.Sprintf("the balloon's size could not be read (%v); its pages, if any, are saved", err))
+		return nil
 	}
 	var ram uint64
 	for _, b := range g.backends {
