@@ -38,9 +38,9 @@ func (k *Kernel) MemCounters() (MemCounters, error) {
 		return MemCounters{}, fmt.Errorf("%w: pglist_data.vm_stat is not NR_VM_NODE_STAT_ITEMS (%d) longs", ErrProfile, items["NR_VM_NODE_STAT_ITEMS"])
 	}
 	l := k.layout
-	nodeData, err := k.Sym("node_data")
+	nodes, _, err := k.nodes()
 	if err != nil {
-		return MemCounters{}, err
+		return MemCounters{}, fmt.Errorf("%w: %w", ErrKernel, err)
 	}
 	var c MemCounters
 	add := func(dst *uint64, va VAddr) error {
@@ -53,16 +53,8 @@ func (k *Kernel) MemCounters() (MemCounters, error) {
 		}
 		return nil
 	}
-	seen := map[uint64]bool{}
-	for nid := uint64(0); nid < l.maxNumNodes; nid++ {
-		pgdat, err := k.Uint64(nodeData + VAddr(nid*8))
-		if err != nil {
-			return MemCounters{}, fmt.Errorf("%w: node_data[%d]: %w", ErrKernel, nid, err)
-		}
-		if pgdat == 0 || seen[pgdat] {
-			continue
-		}
-		seen[pgdat] = true
+	for _, n := range nodes {
+		nid, pgdat := n.id, n.pgdat
 		stat := VAddr(pgdat + f.Offset)
 		for _, x := range []struct {
 			dst  *uint64

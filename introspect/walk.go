@@ -86,27 +86,17 @@ func (k *Kernel) WalkFree(ctx context.Context, opt WalkOptions) (*FreePages, err
 	if err := w.readCPUs(); err != nil {
 		return nil, err
 	}
-	nodeData, err := k.Sym("node_data")
+	nodes, repeated, err := k.nodes()
 	if err != nil {
 		return nil, err
 	}
-	nodes := map[uint64]bool{}
-	for nid := uint64(0); nid < w.l.maxNumNodes; nid++ {
-		pgdat, err := k.Uint64(nodeData + VAddr(nid*8))
-		if err != nil {
-			return nil, fmt.Errorf("read node_data[%d]: %w", nid, err)
-		}
-		if pgdat == 0 {
-			continue
-		}
-		if nodes[pgdat] {
-			w.res.Warnings = append(w.res.Warnings, fmt.Sprintf("node_data[%d] repeats an earlier node; skipped", nid))
-			continue
-		}
-		nodes[pgdat] = true
+	for _, nid := range repeated {
+		w.res.Warnings = append(w.res.Warnings, fmt.Sprintf("node_data[%d] repeats an earlier node; skipped", nid))
+	}
+	for _, n := range nodes {
 		for z := uint64(0); z < w.l.maxNrZones; z++ {
-			zone := VAddr(pgdat + w.l.pgdatZones + z*w.l.zoneSize)
-			if err := w.zone(int(nid), zone); err != nil {
+			zone := VAddr(n.pgdat + w.l.pgdatZones + z*w.l.zoneSize)
+			if err := w.zone(n.id, zone); err != nil {
 				return nil, err
 			}
 		}
@@ -116,6 +106,37 @@ func (k *Kernel) WalkFree(ctx context.Context, opt WalkOptions) (*FreePages, err
 	}
 	w.res.Duration = time.Since(start)
 	return w.res, nil
+}
+
+// node is a NUMA node's pglist_data.
+type node struct {
+	id    int
+	pgdat uint64
+}
+
+// nodes returns the nodes of node_data, each once; repeated lists the
+// indexes whose entry repeated an earlier node (and were skipped).
+func (k *Kernel) nodes() (nodes []node, repeated []uint64, err error) {
+	nodeData, err := k.Sym("node_data")
+	if err != nil {
+		return nil, nil, err
+	}
+	seen := map[uint64]bool{}
+	for nid := uint64(0); nid < k.layout.maxNumNodes; nid++ {
+		pgdat, err := k.Uint64(nodeData + VAddr(nid*8))
+		if err != nil {
+			return nil, nil, fmt.Errorf("read node_data[%d]: %w", nid, err)
+		}
+		switch {
+		case pgdat == 0:
+		case seen[pgdat]:
+			repeated = append(repeated, nid)
+		default:
+			seen[pgdat] = true
+			nodes = append(nodes, node{id: int(nid), pgdat: pgdat})
+		}
+	}
+	return nodes, repeated, nil
 }
 
 type freeWalker struct {
