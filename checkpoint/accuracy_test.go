@@ -131,25 +131,34 @@ func TestScanAgainstGuestTruth(t *testing.T) {
 			// Safety: no page called free that the guest shows in use.
 			// Free pages on per-CPU lists carry no flag at all. The
 			// guest's snapshots were taken just before the pause and a
-			// few seconds after it: a page free at the pause is free in
-			// one of them.
+			// few seconds after it: a buddy page free at the pause is
+			// free in one of them. A per-CPU page need not be: the lists
+			// are last in, first out, so a page freed just after the
+			// first snapshot (by the very reads that took it) is the
+			// first one reused by the reads of the second. Those are few;
+			// a wrong walk of the per-CPU lists would make most of them
+			// pages in use.
 			restore(ctx)
 			truth = g.LaterTruth(t)
-			var wrong, pcpLike uint64
+			var wrong, pcpLike, pcpReused uint64
 			for pfn := range fp.Free.All() {
 				switch {
 				case vmtest.Contains(truth.Buddy, pfn):
 				case truth.FreeOrFlagless(pfn):
 					pcpLike++
+				case fp.OnPCP.Test(pfn):
+					t.Logf("pfn %#x was on a per-CPU list, the guest's kpageflags show it in use before and after (reused)", pfn)
+					pcpReused++
 				default:
 					if wrong < 10 {
-						t.Errorf("pfn %#x called free, the guest's kpageflags show it in use", pfn)
+						t.Errorf("pfn %#x called free (buddy), the guest's kpageflags show it in use", pfn)
 					}
 					wrong++
 				}
 			}
-			assert.Zero(t, wrong, "pages wrongly called free")
-			t.Logf("%d free pages were not free buddy pages in the first snapshot (per-CPU pages: %d)", pcpLike, fp.PCP)
+			assert.Zero(t, wrong, "buddy pages wrongly called free")
+			assert.LessOrEqual(t, pcpReused, fp.PCP/20+1, "per-CPU pages in use before and after the pause: more than reuse explains")
+			t.Logf("%d free pages were not free buddy pages in the first snapshot (per-CPU pages: %d, reused: %d)", pcpLike, fp.PCP, pcpReused)
 
 			// The data the workload keeps sits in pages marked used.
 			for region, runs := range truth.Frames {

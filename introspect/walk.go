@@ -39,7 +39,10 @@ type FreePages struct {
 	Free *pagemap.Bitmap
 	// Buddy and PCP count the free frames by where they were found.
 	Buddy, PCP uint64
-	Zones      []ZoneReport
+	// OnPCP has the bits of Free that came from per-CPU lists: pages the
+	// guest reuses first (the lists are last in, first out).
+	OnPCP *pagemap.Bitmap
+	Zones []ZoneReport
 	// FillByte is what the guest expects in a free page: 0, or the poison
 	// byte (0xaa) when page poisoning is on.
 	FillByte byte
@@ -79,7 +82,7 @@ func (k *Kernel) WalkFree(ctx context.Context, opt WalkOptions) (*FreePages, err
 	for _, m := range k.Mem.Mappings() {
 		maxPFN = max(maxPFN, (uint64(m.GPA)+m.Size)/PageSize)
 	}
-	w := &freeWalker{k: k, l: k.layout, ctx: ctx, opt: opt, maxPFN: maxPFN, res: &FreePages{Free: pagemap.NewBitmap(maxPFN)}, page: make([]byte, k.layout.pageSize)}
+	w := &freeWalker{k: k, l: k.layout, ctx: ctx, opt: opt, maxPFN: maxPFN, res: &FreePages{Free: pagemap.NewBitmap(maxPFN), OnPCP: pagemap.NewBitmap(maxPFN)}, page: make([]byte, k.layout.pageSize)}
 	if err := w.policy(); err != nil {
 		return nil, err
 	}
@@ -153,6 +156,8 @@ type freeWalker struct {
 	// pcpBlocks are the blocks of the per-CPU lists being walked, to take
 	// back if the CPU's lists turn out inconsistent.
 	pcpBlocks []block
+	// zonePCP are the blocks of the zone's trusted per-CPU lists.
+	zonePCP []block
 }
 
 // possibleCPU is a possible CPU and its __per_cpu_offset.
@@ -265,6 +270,7 @@ func (w *freeWalker) zone(nid int, zone VAddr) error {
 	}
 	rep.Name = w.zoneName(u64(l.zoneName))
 	var free *pagemap.Bitmap
+	w.zonePCP = w.zonePCP[:0]
 	err := w.zoneLists(zone, zb, &rep, &free)
 	var d *distrust
 	switch {
@@ -277,6 +283,9 @@ func (w *freeWalker) zone(nid int, zone VAddr) error {
 	default:
 		for start, n := range free.Runs() {
 			w.res.Free.SetRange(rep.StartPFN+start, n)
+		}
+		for _, b := range w.zonePCP {
+			w.res.OnPCP.SetRange(b.pfn, 1<<b.order)
 		}
 		w.res.Buddy += rep.BuddyPages
 		w.res.PCP += rep.PCPPages
@@ -346,7 +355,9 @@ func (w *freeWalker) zoneLists(zone VAddr, zb []byte, rep *ZoneReport, free **pa
 			// pages: leave them out, keep the rest of the zone.
 			rep.PCPSkipped++
 			w.res.Warnings = append(w.res.Warnings, fmt.Sprintf("node %d zone %s cpu %d: per-CPU lists skipped: %v", rep.Node, rep.Name, cpu.id, err))
+			continue
 		}
+		w.zonePCP = append(w.zonePCP, w.pcpBlocks...)
 	}
 	return nil
 }

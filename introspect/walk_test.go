@@ -101,6 +101,14 @@ func checkClean(t *testing.T, g *synthGuest, res *FreePages) {
 	if res.Buddy != buddy || res.PCP != pcp || res.Pages() != res.Free.Count() {
 		t.Errorf("found %d buddy + %d per-CPU pages (bitmap %d); want %d + %d", res.Buddy, res.PCP, res.Free.Count(), buddy, pcp)
 	}
+	if res.OnPCP.Count() != pcp {
+		t.Errorf("OnPCP has %d pages, want %d", res.OnPCP.Count(), pcp)
+	}
+	for pfn := range res.OnPCP.All() {
+		if !res.Free.Test(pfn) {
+			t.Fatalf("OnPCP pfn %#x not in Free", pfn)
+		}
+	}
 	if fmt.Sprint(res.Zones) != fmt.Sprint(zones) {
 		t.Errorf("zones:\n got %+v\nwant %+v", res.Zones, zones)
 	}
