@@ -343,3 +343,41 @@ func (b *Bitmap) UnmarshalBinary(data []byte) error {
 	b.words, b.n = words, n
 	return nil
 }
+
+// Rank returns the number of set pages below i; i may be up to Len().
+func (b *Bitmap) Rank(i uint64) uint64 {
+	if i > b.n {
+		panic(fmt.Sprintf("pagemap: rank %d out of range [0, %d]", i, b.n))
+	}
+	var c int
+	w := i / 64
+	for _, x := range b.words[:w] {
+		c += bits.OnesCount64(x)
+	}
+	if r := i % 64; r != 0 {
+		c += bits.OnesCount64(b.words[w] & (1<<r - 1))
+	}
+	return uint64(c)
+}
+
+// SubsetOf reports whether every page set in b is set in o; both must
+// have the same length.
+func (b *Bitmap) SubsetOf(o *Bitmap) bool {
+	b.sameLen("subset", o)
+	for i, w := range b.words {
+		if w&^o.words[i] != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// CountRange returns the number of set pages in [start, start+count).
+func (b *Bitmap) CountRange(start, count uint64) uint64 {
+	b.checkRange(start, count)
+	var c int
+	for w, mask := range rangeMasks(start, count) {
+		c += bits.OnesCount64(b.words[w] & mask)
+	}
+	return uint64(c)
+}

@@ -333,3 +333,23 @@ func BenchmarkBitmapSetRange(b *testing.B) {
 		bm.ClearRange(1, bm.Len()-2)
 	}
 }
+
+func TestRankSubset(t *testing.T) {
+	b := NewBitmap(200)
+	for _, i := range []uint64{0, 5, 63, 64, 130, 199} {
+		b.Set(i)
+	}
+	for i, want := range map[uint64]uint64{0: 0, 1: 1, 6: 2, 64: 3, 65: 4, 131: 5, 199: 5, 200: 6} {
+		if got := b.Rank(i); got != want {
+			t.Errorf("Rank(%d) = %d, want %d", i, got, want)
+		}
+	}
+	o := b.Clone()
+	if !b.SubsetOf(o) {
+		t.Error("a bitmap is not a subset of itself")
+	}
+	o.Clear(130)
+	if b.SubsetOf(o) || !o.SubsetOf(b) {
+		t.Error("subset wrong after a clear")
+	}
+}

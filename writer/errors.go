@@ -39,7 +39,8 @@ var (
 // Part names a part of a checkpoint file.
 type Part uint8
 
-// The parts of a checkpoint file, in file order.
+// The parts of a checkpoint file, in file order (but for the chain
+// section's).
 const (
 	PartHeader Part = iota + 1
 	PartBitmap
@@ -47,6 +48,10 @@ const (
 	PartIndex
 	PartDeviceState
 	PartTrailer
+	// The chain section of a version 4 file, between the device state
+	// and the trailer.
+	PartInUse
+	PartHashes
 )
 
 func (p Part) String() string {
@@ -63,6 +68,10 @@ func (p Part) String() string {
 		return "device state"
 	case PartTrailer:
 		return "trailer"
+	case PartInUse:
+		return "in-use bitmap"
+	case PartHashes:
+		return "page hashes"
 	}
 	return fmt.Sprintf("Part(%d)", uint8(p))
 }

@@ -10,10 +10,12 @@ import (
 	"io"
 	"iter"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/pierrec/lz4/v4"
 
+	"github.com/kvmckpt/kvmckpt/pagehash"
 	"github.com/kvmckpt/kvmckpt/pagemap"
 )
 
@@ -21,14 +23,23 @@ import (
 // reads and writes. It writes version 1 for a checkpoint without a key and
 // version 2, which adds encryption, for one with a key, so that readers
 // that know only version 1 go on reading the files they can.
-const FormatVersion = 3
+const FormatVersion = 4
 
 // The format versions.
 const (
-	versionPlain  = 1 // no encryption
-	versionSealed = 2 // encrypted: AES-256-GCM
-	versionPlaced = 3 // chunks placed anywhere: live checkpoints
+	versionPlain   = 1 // no encryption
+	versionSealed  = 2 // encrypted: AES-256-GCM
+	versionPlaced  = 3 // chunks placed anywhere: live checkpoints
+	versionChained = 4 // page hashes, and a parent: incremental checkpoints
 )
+
+// MaxChainDepth bounds the parents of a checkpoint: the links a restore
+// follows before it reaches a checkpoint without a parent.
+const MaxChainDepth = 64
+
+// LayoutPlaced is the [Header].Layout of a version 4 file whose chunks
+// are placed as in version 3.
+const LayoutPlaced = "placed"
 
 // placedAlign is the alignment of the chunk area, and of every chunk a
 // [Live] writer places, in a version 3 file.
@@ -162,6 +173,29 @@ type Header struct {
 	// restore that resumes the guest puts the balloon back there. 0 when
 	// the save did not squeeze.
 	BalloonTarget uint64 `json:"balloon_target,omitempty"`
+
+	// PageHash names the hash of the in-use pages' table (pagehash.Name)
+	// in a version 4 file; empty in the others. Set by the writer.
+	PageHash string `json:"page_hash,omitempty"`
+	// Layout is "" (chunks back to back, as in version 1) or
+	// [LayoutPlaced] (as in version 3) in a version 4 file.
+	Layout string `json:"layout,omitempty"`
+	// Parent, in a version 4 file, names the checkpoint this one holds
+	// the changes since: the pages it does not store come from there.
+	Parent *Parent `json:"parent,omitempty"`
+}
+
+// Parent names the parent of an incremental checkpoint.
+type Parent struct {
+	// ID is the parent's [Reader.ID]: it changes with any change to the
+	// parent's header, bitmaps, index or trailer.
+	ID string `json:"id"`
+	// Name is the parent's file name when this file was written, to look
+	// for beside this file. Informative: the ID decides.
+	Name string `json:"name"`
+	// Depth is the number of links below this one: 1 when the parent has
+	// no parent itself.
+	Depth int `json:"depth"`
 }
 
 // CPU is one vCPU's registers at the pause.
@@ -228,6 +262,9 @@ type PageCounts struct {
 	Zero uint64 `json:"zero"`
 	// Hole is pages skipped because the RAM file had no block there.
 	Hole uint64 `json:"hole"`
+	// InUse, in a version 4 file, is the number of pages in use: those
+	// the in-use bitmap holds. Set by the writer.
+	InUse uint64 `json:"in_use,omitempty"`
 }
 
 // clone returns a deep copy of h, so that a caller's later changes to its
@@ -240,6 +277,11 @@ func (h *Header) clone() Header {
 		c.Regions[i] = r
 	}
 	c.CommandLine = append([]string(nil), h.CommandLine...)
+	c.CPUs = append([]CPU(nil), h.CPUs...)
+	if h.Parent != nil {
+		p := *h.Parent
+		c.Parent = &p
+	}
 	return c
 }
 
@@ -306,6 +348,33 @@ func (h *Header) check() error {
 			return fmt.Errorf("vCPU %d with privilege level %d", c.Index, c.CPL)
 		}
 	}
+	if h.PageHash != "" && h.PageHash != pagehash.Name {
+		return fmt.Errorf("page hash %q, this kvmckpt knows %q", h.PageHash, pagehash.Name)
+	}
+	if h.Layout != "" && h.Layout != LayoutPlaced {
+		return fmt.Errorf("unknown layout %q", h.Layout)
+	}
+	if p.InUse > total {
+		return fmt.Errorf("page count %d exceeds the total of %d", p.InUse, total)
+	}
+	if h.Parent != nil {
+		if err := h.Parent.check(); err != nil {
+			return fmt.Errorf("parent: %w", err)
+		}
+	}
+	return nil
+}
+
+func (p *Parent) check() error {
+	if len(p.ID) != 2*sha256.Size || strings.Trim(p.ID, "0123456789abcdef") != "" {
+		return fmt.Errorf("id %.80q is no SHA-256 in lower-case hex", p.ID)
+	}
+	if p.Name == "" || p.Name == "." || p.Name == ".." || strings.ContainsAny(p.Name, "/\\\x00") || len(p.Name) > 255 {
+		return fmt.Errorf("name %.80q is no file name", p.Name)
+	}
+	if p.Depth < 1 || p.Depth > MaxChainDepth {
+		return fmt.Errorf("depth %d not in [1, %d]", p.Depth, MaxChainDepth)
+	}
 	return nil
 }
 
@@ -324,6 +393,9 @@ func encodeHeader(h *Header, s *sealer, salt []byte) ([]byte, error) {
 		return nil, fmt.Errorf("encode header: %w", err)
 	}
 	version, fixedLen, bodyLen := versionPlain, fixedHeaderLen, len(body)
+	if h.PageHash != "" {
+		version = versionChained
+	}
 	if s != nil {
 		version, fixedLen, bodyLen = versionSealed, sealedFixedHeaderLen, len(body)+tagLen
 	}
@@ -370,7 +442,7 @@ func parseFixedHeader(fixed []byte, avail int64) (fixedHeader, error) {
 		return fh, formatErr(PartHeader, 0, 8, ErrNewerVersion, "version %d, newest supported %d", fh.version, FormatVersion)
 	case fh.version < versionPlain:
 		return fh, formatErr(PartHeader, 0, 8, ErrCorrupt, "version %d", fh.version)
-	case fh.version == versionPlain, fh.version == versionPlaced:
+	case fh.version == versionPlain, fh.version == versionPlaced, fh.version == versionChained:
 		fh.len = fixedHeaderLen
 	case fh.version == versionSealed:
 		fh.len = sealedFixedHeaderLen

@@ -16,6 +16,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/kvmckpt/kvmckpt/pagehash"
 	"github.com/kvmckpt/kvmckpt/pagemap"
 )
 
@@ -86,6 +87,19 @@ func seedCheckpoints(tb testing.TB) map[string][]byte {
 	data, err := os.ReadFile(path)
 	require.NoError(tb, err)
 	seeds["live"] = data
+	// Version 4: a child storing one of the three pages it has in use.
+	h = testHeader(4)
+	h.CommandLine = nil
+	used = pagemap.NewBitmap(4)
+	used.SetRange(0, 3)
+	sums := pagehash.New(used)
+	for i := range sums.Sums {
+		sums.Sums[i] = pagehash.Filled(PageSize, byte(i))
+	}
+	h.Parent = &Parent{ID: strings.Repeat("ab", 32), Name: "base.kvmckpt", Depth: 1}
+	stored := pagemap.NewBitmap(4)
+	stored.Set(1)
+	write("chained", h, Options{InUse: sums}, stored, "QEVM")
 	return seeds
 }
 
@@ -164,6 +178,12 @@ func readAll(t *testing.T, data, key []byte) {
 	_, err = io.Copy(io.Discard, r.DeviceState())
 	requireFormatErrorOrNil(t, err)
 	requireFormatErrorOrNil(t, r.RestorePagesTo(discardWriterAt{}, RestoreOptions{Workers: 2}))
+	if r.HasPageSums() {
+		_, err := r.PageSums()
+		requireFormatErrorOrNil(t, err)
+	}
+	_, err = r.ID()
+	requireFormatErrorOrNil(t, err)
 	require.NoError(t, r.FillUnsavedTo(discardWriterAt{}))
 }
 
@@ -208,6 +228,15 @@ func fixChecksums(data []byte) []byte {
 	}
 	put(indexOff, indexLen, indexOff+indexLen)
 	put(devOff, devLen, devOff+devLen)
+	if le.Uint32(data[8:]) == versionChained && devOff+devLen+crcLen > devOff {
+		if n, ok := pagemap.EncodedLen(h.Pages.Total); ok {
+			inUse := devOff + devLen + crcLen
+			put(inUse, n, inUse+n)
+			if sums := inUse + n + crcLen; sums <= t-crcLen {
+				put(sums, t-crcLen-sums, t-crcLen)
+			}
+		}
+	}
 	put(0, t, t+32)
 	put(t, 36, t+36)
 	return data

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -18,6 +19,7 @@ import (
 	"github.com/pierrec/lz4/v4"
 
 	"github.com/kvmckpt/kvmckpt/internal/safefile"
+	"github.com/kvmckpt/kvmckpt/pagehash"
 	"github.com/kvmckpt/kvmckpt/pagemap"
 )
 
@@ -55,6 +57,10 @@ type Reader struct {
 	chunks    []ChunkInfo
 	tr        trailer
 	devLen    uint64 // content length of the device state
+	// In a version 4 file: the in-use bitmap, and where the page hashes
+	// start.
+	inUse   *pagemap.Bitmap
+	sumsOff int64
 }
 
 // Open opens the checkpoint at path and checks its header, bitmap, trailer
@@ -152,6 +158,9 @@ func NewReaderKey(ra io.ReaderAt, size int64, key []byte) (*Reader, error) {
 	if r.seal != nil {
 		r.seal.context = context
 	}
+	if chained := r.version == versionChained; chained != (r.h.PageHash != "") || !chained && (r.h.Parent != nil || r.h.Layout != "") {
+		return nil, formatErr(PartHeader, 0, int64(fh.len), ErrCorrupt, "version %d with page hash %q, layout %q, parent %v", r.version, r.h.PageHash, r.h.Layout, r.h.Parent != nil)
+	}
 	r.bitmapOff = int64(len(hdr))
 	if err := r.readBitmap(); err != nil {
 		return nil, err
@@ -163,6 +172,94 @@ func NewReaderKey(ra io.ReaderAt, size int64, key []byte) (*Reader, error) {
 		return nil, err
 	}
 	return r, nil
+}
+
+// Parent returns the parent the checkpoint names, or nil if it stores
+// every page it has in use.
+func (r *Reader) Parent() *Parent {
+	if r.h.Parent == nil {
+		return nil
+	}
+	p := *r.h.Parent
+	return &p
+}
+
+// InUse returns the pages in use at the checkpoint: in a version 4 file,
+// its in-use bitmap, else the bitmap of saved pages. Pages not in use
+// restore as the fill byte.
+func (r *Reader) InUse() *pagemap.Bitmap {
+	if r.inUse != nil {
+		return r.inUse.Clone()
+	}
+	return r.used.Clone()
+}
+
+// HasPageSums reports whether the checkpoint holds its pages' hashes
+// (version 4).
+func (r *Reader) HasPageSums() bool { return r.inUse != nil }
+
+// PageSums reads and checks the hashes of the pages in use, of a version
+// 4 file.
+func (r *Reader) PageSums() (*pagehash.Table, error) {
+	if r.inUse == nil {
+		return nil, fmt.Errorf("checkpoint of version %d has no page hashes", r.version)
+	}
+	// readChain checked that they fit in the file.
+	b, err := r.readSection(PartHashes, r.sumsOff, pagehash.EncodedLen(r.inUse.Count()))
+	if err != nil {
+		return nil, err
+	}
+	t, err := pagehash.DecodeSums(r.inUse.Clone(), b)
+	if err != nil {
+		return nil, formatErr(PartHashes, 0, r.sumsOff, ErrCorrupt, "%v", err)
+	}
+	return t, nil
+}
+
+// ID returns the checkpoint's identity, the lower-case hex SHA-256 of its
+// header section, the CRC of its bitmap, its index section, the CRCs of
+// its chain section and its trailer: what a child names it by. Any change
+// to the checkpoint changes a CRC or a section hashed whole, so changes
+// the ID; the chunks and device state are covered through their CRCs
+// (the index holds the chunks') and the trailer (the whole-file CRC, or
+// in version 3 and placed version 4 files, which have none, the device
+// state's CRC through the section after it).
+func (r *Reader) ID() (string, error) {
+	h := sha256.New()
+	add := func(part Part, off, n int64) error {
+		b := make([]byte, n)
+		if err := r.readAt(part, 0, b, off); err != nil {
+			return err
+		}
+		h.Write(b)
+		return nil
+	}
+	bmLen, _ := pagemap.EncodedLen(r.h.Pages.Total)
+	bmEnd := r.bitmapOff + int64(r.storedLen(bmLen)) + crcLen
+	devEnd := int64(r.tr.devOff + r.tr.devLen + crcLen)
+	trailerOff := r.size - trailerLen
+	type span struct {
+		part   Part
+		off, n int64
+	}
+	parts := []span{
+		{PartHeader, 0, r.bitmapOff},
+		{PartBitmap, bmEnd - crcLen, crcLen},
+		{PartIndex, int64(r.tr.indexOff), int64(r.tr.indexLen) + crcLen},
+		{PartDeviceState, devEnd - crcLen, crcLen},
+	}
+	if r.chained() {
+		parts = append(parts, span{PartInUse, r.sumsOff - crcLen, crcLen}, span{PartHashes, trailerOff - crcLen, crcLen})
+	}
+	for _, p := range parts {
+		if err := add(p.part, p.off, p.n); err != nil {
+			return "", err
+		}
+	}
+	if err := add(PartTrailer, trailerOff, trailerLen); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // Encrypted reports whether the checkpoint is encrypted.
@@ -237,7 +334,7 @@ func (r *Reader) readBitmap() error {
 		return formatErr(PartBitmap, 0, r.bitmapOff, ErrCorrupt, "has %d pages set, header says %d saved", c, r.h.Pages.Saved)
 	}
 	r.chunksOff = r.bitmapOff + int64(r.storedLen(n)) + crcLen
-	if r.version == versionPlaced {
+	if r.placed() {
 		// Zeros (a hole) up to the aligned chunk area; the trailer
 		// check below makes sure the file reaches that far.
 		r.chunksOff = alignUp(r.chunksOff)
@@ -247,7 +344,12 @@ func (r *Reader) readBitmap() error {
 
 // placed reports whether chunks may lie anywhere in the chunk area, with
 // gaps, in any order (version 3), rather than back to back in page order.
-func (r *Reader) placed() bool { return r.version == versionPlaced }
+func (r *Reader) placed() bool {
+	return r.version == versionPlaced || r.version == versionChained && r.h.Layout == LayoutPlaced
+}
+
+// chained reports whether the file is of version 4, with a chain section.
+func (r *Reader) chained() bool { return r.version == versionChained }
 
 func (r *Reader) readTrailer() error {
 	off := r.size - trailerLen // readBitmap made sure this is past the bitmap
@@ -286,13 +388,50 @@ func (r *Reader) readTrailer() error {
 		return formatErr(PartTrailer, 0, off, ErrCorrupt, "index at %#x before the chunks at %#x", t.indexOff, r.chunksOff)
 	case t.indexOff+t.indexLen+crcLen != t.devOff:
 		return formatErr(PartTrailer, 0, off, ErrCorrupt, "device state at %#x, index ends at %#x", t.devOff, t.indexOff+t.indexLen+crcLen)
-	case t.devOff+t.devLen+crcLen != u:
+	case !r.chained() && t.devOff+t.devLen+crcLen != u, r.chained() && t.devOff+t.devLen+crcLen > u:
 		return formatErr(PartTrailer, 0, off, ErrCorrupt, "device state ends at %#x, trailer at %#x", t.devOff+t.devLen+crcLen, u)
 	case !devOK:
 		return formatErr(PartTrailer, 0, off, ErrCorrupt, "device state of %d bytes is no sequence of sealed blocks", t.devLen)
 	}
 	r.tr = t
 	r.devLen = devLen
+	if r.chained() {
+		return r.readChain(int64(t.devOff+t.devLen+crcLen), off)
+	}
+	return nil
+}
+
+// readChain reads the in-use bitmap of a version 4 file, at off, and
+// checks that it and the page hashes after it end at the trailer, at end.
+func (r *Reader) readChain(off, end int64) error {
+	n, _ := pagemap.EncodedLen(r.h.Pages.Total)
+	if uint64(end-off) < n+crcLen {
+		return formatErr(PartInUse, 0, off, ErrTruncated, "%d-byte in-use bitmap past the trailer at %#x", n, end)
+	}
+	b, err := r.readSection(PartInUse, off, n)
+	if err != nil {
+		return err
+	}
+	inUse := new(pagemap.Bitmap)
+	if err := inUse.UnmarshalBinary(b); err != nil {
+		return formatErr(PartInUse, 0, off, ErrCorrupt, "%v", err)
+	}
+	count := inUse.Count()
+	switch {
+	case inUse.Len() != r.h.Pages.Total:
+		return formatErr(PartInUse, 0, off, ErrCorrupt, "covers %d pages, header says %d", inUse.Len(), r.h.Pages.Total)
+	case count != r.h.Pages.InUse:
+		return formatErr(PartInUse, 0, off, ErrCorrupt, "has %d pages set, header says %d in use", count, r.h.Pages.InUse)
+	case !r.used.SubsetOf(inUse):
+		return formatErr(PartInUse, 0, off, ErrCorrupt, "a stored page is not in use")
+	case r.h.Parent == nil && count != r.h.Pages.Saved:
+		return formatErr(PartInUse, 0, off, ErrCorrupt, "%d pages in use, %d stored, and no parent to hold the others", count, r.h.Pages.Saved)
+	}
+	r.sumsOff = off + int64(n) + crcLen
+	if want := pagehash.EncodedLen(count) + crcLen; uint64(end-r.sumsOff) != want {
+		return formatErr(PartHashes, 0, r.sumsOff, ErrCorrupt, "%d bytes before the trailer, %d pages in use need %d", end-r.sumsOff, count, want)
+	}
+	r.inUse = inUse
 	return nil
 }
 
@@ -528,6 +667,10 @@ type RestoreOptions struct {
 	// pages restored and the number to restore. Calls are serialized, from
 	// the workers' goroutines.
 	Progress func(done, total uint64)
+	// Only, if not nil, restricts the restore to the saved pages it
+	// holds: a chunk with none of them is not even read. It must cover
+	// the header's pages.
+	Only *pagemap.Bitmap
 }
 
 // RestorePages writes the saved pages into dst, where dst[i] is the
@@ -609,7 +752,26 @@ func (r *Reader) restore(s sink, opts RestoreOptions) error {
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
 	}
-	workers = min(workers, len(r.chunks))
+	// The chunks to restore, and how many of their pages.
+	todo := make([]int, 0, len(r.chunks))
+	total := r.h.Pages.Saved
+	if opts.Only != nil {
+		if opts.Only.Len() != r.h.Pages.Total {
+			return fmt.Errorf("restore pages: a mask of %d pages for %d", opts.Only.Len(), r.h.Pages.Total)
+		}
+		total = 0
+	}
+	for i, c := range r.chunks {
+		if opts.Only != nil {
+			n := r.onlyPages(c, opts.Only)
+			if n == 0 {
+				continue
+			}
+			total += n
+		}
+		todo = append(todo, i)
+	}
+	workers = min(workers, len(todo))
 
 	var (
 		next     atomic.Int64
@@ -624,19 +786,20 @@ func (r *Reader) restore(s sink, opts RestoreOptions) error {
 			defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 			var b chunkBuffers
 			for !failed.Load() {
-				i := int(next.Add(1) - 1)
-				if i >= len(r.chunks) {
+				k := int(next.Add(1) - 1)
+				if k >= len(todo) {
 					return
 				}
-				err := r.restoreChunk(i, s, &b)
+				i := todo[k]
+				n, err := r.restoreChunk(i, s, &b, opts.Only)
 				mu.Lock()
 				if err != nil {
 					if firstErr == nil {
 						firstErr = err
 					}
 					failed.Store(true)
-				} else if done += r.chunks[i].Pages; opts.Progress != nil {
-					opts.Progress(done, r.h.Pages.Saved)
+				} else if done += n; opts.Progress != nil {
+					opts.Progress(done, total)
 				}
 				mu.Unlock()
 			}
@@ -649,23 +812,35 @@ func (r *Reader) restore(s sink, opts RestoreOptions) error {
 	return nil
 }
 
-func (r *Reader) restoreChunk(i int, s sink, b *chunkBuffers) (err error) {
+// onlyPages returns how many of chunk c's pages only holds.
+func (r *Reader) onlyPages(c ChunkInfo, only *pagemap.Bitmap) uint64 {
+	var n uint64
+	for start, count := range chunkRuns(r.used, c.FirstPage, c.Pages) {
+		n += only.CountRange(start, count)
+	}
+	return n
+}
+
+// restoreChunk writes chunk i's pages, those in only if it is not nil,
+// and returns how many it wrote.
+func (r *Reader) restoreChunk(i int, s sink, b *chunkBuffers, only *pagemap.Bitmap) (written uint64, err error) {
 	defer catchFault(&err)
 	c := &r.chunks[i]
+	all := only == nil || r.onlyPages(*c, only) == c.Pages
 	var direct []byte
-	if contiguous(r.used, c.FirstPage, c.Pages) {
+	if all && contiguous(r.used, c.FirstPage, c.Pages) {
 		direct = s.direct(c.FirstPage, c.Pages)
 	}
 	if direct != nil && c.Encoding == EncodingRaw && r.seal == nil {
 		// Read straight into place; decodeChunk then only checks the CRC.
 		if err := r.readAt(PartChunk, i, direct, c.Offset); err != nil {
-			return err
+			return 0, err
 		}
-		return r.decodeChunk(i, direct, direct)
+		return c.Pages, r.decodeChunk(i, direct, direct)
 	}
 	b.stored = grow(b.stored, c.StoredLen)
 	if err := r.readAt(PartChunk, i, b.stored, c.Offset); err != nil {
-		return err
+		return 0, err
 	}
 	raw := direct
 	if raw == nil {
@@ -673,34 +848,69 @@ func (r *Reader) restoreChunk(i int, s sink, b *chunkBuffers) (err error) {
 		raw = b.raw
 	}
 	if err := r.decodeChunk(i, b.stored, raw); err != nil {
-		return err
+		return 0, err
 	}
 	if direct != nil {
-		return nil
+		return c.Pages, nil
 	}
 	off := uint64(0)
-	for start, count := range chunkRuns(r.used, c.FirstPage, c.Pages) {
+	put := func(start, count, at uint64) error {
 		n := count * PageSize
-		if err := s.put(start, raw[off:off+n]); err != nil {
+		if err := s.put(start, raw[at:at+n]); err != nil {
 			return fmt.Errorf("chunk %d: write pages [%d, %d): %w", i, start, start+count, err)
 		}
-		off += n
+		written += count
+		return nil
 	}
-	return nil
+	for start, count := range chunkRuns(r.used, c.FirstPage, c.Pages) {
+		if all {
+			if err := put(start, count, off); err != nil {
+				return written, err
+			}
+		} else {
+			// The runs of only inside this run.
+			for p := start; p < start+count; {
+				q, ok := only.NextSet(p)
+				if !ok || q >= start+count {
+					break
+				}
+				e, _ := only.NextClear(q)
+				e = min(e, start+count)
+				if err := put(q, e-q, off+(q-start)*PageSize); err != nil {
+					return written, err
+				}
+				p = e
+			}
+		}
+		off += count * PageSize
+	}
+	return written, nil
 }
 
 // FillUnsaved sets every byte of the pages not saved to the header's fill
 // byte, in dst as for [Reader.RestorePages]. It is the step after
 // RestorePages for targets that do not hold the fill byte already.
-func (r *Reader) FillUnsaved(dst [][]byte) (err error) {
-	sp, err := newSpace(dst, &r.h)
+func (r *Reader) FillUnsaved(dst [][]byte) error {
+	return fillRuns(dst, &r.h, r.used.ClearRuns())
+}
+
+// FillUnsavedTo is [Reader.FillUnsaved] for a target written with
+// WriteAt, as for [Reader.RestorePagesTo].
+func (r *Reader) FillUnsavedTo(dst io.WriterAt) error {
+	return fillRunsTo(dst, r.h.FillByte, r.used.ClearRuns())
+}
+
+// fillRuns sets every byte of the pages of runs to h's fill byte, in dst
+// as for [Reader.RestorePages].
+func fillRuns(dst [][]byte, h *Header, runs iter.Seq2[uint64, uint64]) (err error) {
+	sp, err := newSpace(dst, h)
 	if err != nil {
 		return fmt.Errorf("fill unsaved pages: %w", err)
 	}
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer catchFault(&err)
-	fill := r.h.FillByte
-	for start, count := range r.used.ClearRuns() {
+	fill := h.FillByte
+	for start, count := range runs {
 		for count > 0 {
 			mem, n := sp.span(start, count)
 			if fill == 0 {
@@ -717,15 +927,14 @@ func (r *Reader) FillUnsaved(dst [][]byte) (err error) {
 	return nil
 }
 
-// FillUnsavedTo is [Reader.FillUnsaved] for a target written with
-// WriteAt, as for [Reader.RestorePagesTo].
-func (r *Reader) FillUnsavedTo(dst io.WriterAt) error {
+// fillRunsTo is fillRuns for a target written with WriteAt.
+func fillRunsTo(dst io.WriterAt, fill byte, runs iter.Seq2[uint64, uint64]) error {
 	var pattern []byte
-	for start, count := range r.used.ClearRuns() {
+	for start, count := range runs {
 		if pattern == nil {
 			pattern = make([]byte, min(count*PageSize, 1<<20))
 			for k := range pattern {
-				pattern[k] = r.h.FillByte
+				pattern[k] = fill
 			}
 		}
 		off, n := start*PageSize, count*PageSize
@@ -882,6 +1091,15 @@ func (r *Reader) Verify(progress func(done, total uint64)) error {
 		return err
 	}
 	off := r.size - trailerLen
+	if r.chained() {
+		n, _ := pagemap.EncodedLen(r.h.Pages.Total)
+		if err := v.section(PartInUse, r.sumsOff-int64(n)-crcLen, int64(n)); err != nil {
+			return err
+		}
+		if err := v.section(PartHashes, r.sumsOff, off-crcLen-r.sumsOff); err != nil {
+			return err
+		}
+	}
 	tb := make([]byte, trailerLen)
 	if err := r.readAt(PartTrailer, 0, tb, off); err != nil {
 		return err

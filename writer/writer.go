@@ -17,6 +17,7 @@ import (
 	"github.com/pierrec/lz4/v4"
 	"golang.org/x/sys/unix"
 
+	"github.com/kvmckpt/kvmckpt/pagehash"
 	"github.com/kvmckpt/kvmckpt/pagemap"
 )
 
@@ -42,6 +43,12 @@ type Options struct {
 	// would make the host allocate. Its length must be the regions' page
 	// count.
 	Zeros *pagemap.Bitmap
+	// InUse, if not nil, makes the file version 4: it holds the pages in
+	// use in the guest and the hash of each as restored, written in the
+	// file's chain section so that a later checkpoint can name this one
+	// as its parent. The pages [Writer.WritePages] stores must be among
+	// them: all of them, unless the header names a parent. Not with Key.
+	InUse *pagehash.Table
 }
 
 func (o Options) withDefaults() (Options, error) {
@@ -156,6 +163,14 @@ func Create(path string, h Header, opts Options) (*Writer, error) {
 		}
 		opts.Key = nil
 	}
+	if opts.InUse != nil {
+		if seal != nil {
+			return nil, fmt.Errorf("create checkpoint: a checkpoint with page hashes (incremental) cannot be encrypted")
+		}
+		if err := opts.InUse.Check(); err != nil {
+			return nil, fmt.Errorf("create checkpoint: %w", err)
+		}
+	}
 	if h, err = newHeader(h, opts); err != nil {
 		return nil, err
 	}
@@ -188,9 +203,18 @@ func newHeader(h Header, opts Options) (Header, error) {
 		h.Created = time.Now().UTC()
 	}
 	h.Pages.Saved = 0
+	h.PageHash, h.Pages.InUse = "", 0
 	var err error
 	if h.Pages.Total, err = h.totalPages(); err != nil {
 		return h, fmt.Errorf("create checkpoint: header: %w", err)
+	}
+	if t := opts.InUse; t != nil {
+		if t.Pages.Len() != h.Pages.Total {
+			return h, fmt.Errorf("create checkpoint: in-use bitmap of %d pages, regions hold %d", t.Pages.Len(), h.Pages.Total)
+		}
+		h.PageHash, h.Pages.InUse = pagehash.Name, uint64(len(t.Sums))
+	} else if h.Parent != nil || h.Layout != "" {
+		return h, fmt.Errorf("create checkpoint: a parent or a layout needs page hashes (Options.InUse)")
 	}
 	if err := h.check(); err != nil {
 		return h, fmt.Errorf("create checkpoint: header: %w", err)
@@ -396,6 +420,14 @@ func (w *Writer) writePages(ctx context.Context, sp *space, used *pagemap.Bitmap
 		return fmt.Errorf("write pages: zero-page bitmap of %d pages, regions hold %d", z.Len(), w.h.Pages.Total)
 	}
 	w.h.Pages.Saved = used.Count()
+	if t := w.opts.InUse; t != nil {
+		switch {
+		case !used.SubsetOf(t.Pages):
+			return fmt.Errorf("write pages: a page to store is not in use")
+		case w.h.Parent == nil && w.h.Pages.Saved != w.h.Pages.InUse:
+			return fmt.Errorf("write pages: %d pages to store, %d in use: a checkpoint without a parent stores every page in use", w.h.Pages.Saved, w.h.Pages.InUse)
+		}
+	}
 	if err := w.h.check(); err != nil {
 		return fmt.Errorf("write pages: header: %w", err)
 	}
@@ -801,6 +833,14 @@ func (s *sectionWriter) close() uint64 {
 func (w *Writer) Commit() error {
 	if err := w.expect(stateDevice, "commit checkpoint"); err != nil {
 		return err
+	}
+	if t := w.opts.InUse; t != nil {
+		bm, err := t.Pages.MarshalBinary()
+		if err != nil {
+			return w.fail(fmt.Errorf("commit checkpoint: %w", err))
+		}
+		w.writeSection(PartInUse, bm)
+		w.writeSection(PartHashes, t.AppendSums(make([]byte, 0, pagehash.EncodedLen(uint64(len(t.Sums))))))
 	}
 	w.tr.fileCRC = w.fileCRC
 	w.write(w.tr.append(nil))
