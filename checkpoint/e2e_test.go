@@ -72,7 +72,7 @@ func TestSaveRestore(t *testing.T) {
 			st, err := os.Stat(out)
 			require.NoError(t, err)
 			assert.Equal(t, os.FileMode(0o600), st.Mode().Perm())
-			require.NoError(t, Verify(out, nil, nil))
+			require.NoError(t, Verify(out, nil, nil, nil))
 			if cfg.Workload.Spin {
 				coreFromFile(t, out)
 			}
@@ -192,7 +192,7 @@ func TestSaveKeepsPausedGuestPaused(t *testing.T) {
 	res, err = Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: out, After: AfterQuit})
 	require.NoError(t, err)
 	require.NoError(t, g.Wait(30*time.Second), "QEMU must end after --quit")
-	require.NoError(t, Verify(out, nil, nil))
+	require.NoError(t, Verify(out, nil, nil, nil))
 }
 
 func TestSaveIntoReadOnlyDirFailsCleanly(t *testing.T) {

@@ -83,9 +83,9 @@ func Export(ctx context.Context, opt ExportOptions) (*ExportResult, error) {
 	if opt.Output == "" {
 		return nil, fmt.Errorf("%w: no output file", ErrExport)
 	}
-	r, err := writer.OpenKey(opt.Input, opt.Key)
+	r, err := openWhole(opt.Input, opt.Key, "export")
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return nil, err
 	}
 	defer r.Close()
 	h := r.Header()

@@ -77,6 +77,8 @@ type guest struct {
 	// balloonPrior is the guest's memory before a squeeze inflated its
 	// balloon, 0 without one (see writer.Header.BalloonTarget).
 	balloonPrior uint64
+	// parent is the checkpoint an incremental save compares with.
+	parent *parent
 	// ramSent is what QEMU sent of each backend's RAM in the device
 	// state's stream (page records), when it was filtered.
 	ramSent map[string]uint64

@@ -38,11 +38,38 @@ type Info struct {
 	// DeviceStateForm is how the device state leaves the RAM out (see
 	// writer.Header).
 	DeviceStateForm string `json:"device_state_form,omitempty"`
+	// ID is the checkpoint's identity, by which a child names it.
+	ID string `json:"id"`
+	// Chain lists, for an incremental checkpoint, it and its parents, the
+	// newest first, as far as they were found; ChainError says why the
+	// chain is broken, if it is.
+	Chain      []ChainLink `json:"chain,omitempty"`
+	ChainError string      `json:"chain_error,omitempty"`
+}
+
+// ChainLink is one checkpoint of a chain, in [Info].
+type ChainLink struct {
+	Path string `json:"path"`
+	ID   string `json:"id"`
+	// Depth is the number of parents below it.
+	Depth int `json:"depth"`
+	// Created is when it was saved; PagesStored the pages the file holds,
+	// PagesInUse those in use at that moment, PagesRestored those a
+	// restore of the chain takes from it.
+	Created       time.Time `json:"created"`
+	PagesStored   uint64    `json:"pages_stored"`
+	PagesInUse    uint64    `json:"pages_in_use"`
+	PagesRestored uint64    `json:"pages_restored"`
+	FileBytes     int64     `json:"file_bytes"`
 }
 
 // Inspect reads a checkpoint's header and structure (not its pages).
 // key is the encryption key of an encrypted checkpoint, else nil.
-func Inspect(path string, key []byte) (*Info, error) {
+//
+// For an incremental checkpoint it also follows the chain of parents
+// (beside it, or among parents): a broken chain is reported in the Info,
+// not as an error, so that the file itself can still be inspected.
+func Inspect(path string, key []byte, parents []string) (*Info, error) {
 	r, err := writer.OpenKey(path, key)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
@@ -64,6 +91,32 @@ func Inspect(path string, key []byte) (*Info, error) {
 	if len(h.CommandLine) > 0 && h.LibvirtDomain == "" {
 		info.RestoreCommandLine = RestoreCommandLine(h.CommandLine)
 	}
+	if info.ID, err = r.ID(); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	if r.Parent() == nil {
+		return info, nil
+	}
+	c, err := openChain(path, key, parents)
+	if err != nil {
+		info.ChainError = err.Error()
+		return info, nil
+	}
+	defer c.Close()
+	for i, l := range c.Links {
+		lh := l.Header()
+		link := ChainLink{
+			Path: c.Paths[i], ID: c.IDs[i], Created: lh.Created,
+			PagesStored: lh.Pages.Saved, PagesInUse: l.InUse().Count(), PagesRestored: c.Provided(i),
+		}
+		if lh.Parent != nil {
+			link.Depth = lh.Parent.Depth
+		}
+		if st, err := os.Stat(c.Paths[i]); err == nil {
+			link.FileBytes = st.Size()
+		}
+		info.Chain = append(info.Chain, link)
+	}
 	return info, nil
 }
 
@@ -83,12 +136,13 @@ func RestoreCommandLine(argv []string) []string {
 	return append(out, "-incoming", "defer", "-S")
 }
 
-// Verify checks every checksum of a checkpoint; the error wraps
-// [ErrInvalid] and names the first bad part.
-func Verify(path string, key []byte, progress func(done, total uint64)) error {
-	r, err := writer.OpenKey(path, key)
+// Verify checks every checksum of a checkpoint, and of every link of its
+// chain if it is incremental; the error wraps [ErrInvalid] and names the
+// first bad part, or link.
+func Verify(path string, key []byte, parents []string, progress func(done, total uint64)) error {
+	r, err := openChain(path, key, parents)
 	if err != nil {
-		return fmt.Errorf("%w: %w", ErrInvalid, err)
+		return err
 	}
 	defer r.Close()
 	if err := r.Verify(progress); err != nil {

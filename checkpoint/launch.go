@@ -14,8 +14,6 @@ import (
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/kvmckpt/kvmckpt/writer"
 )
 
 // LaunchOptions say how to start a restore target from the command line
@@ -53,9 +51,10 @@ type Launched struct {
 // the checkpoint into it. On failure the new QEMU is killed and its files
 // are removed.
 func RestoreLaunch(ctx context.Context, opt LaunchOptions) (*Launched, error) {
-	r, err := writer.OpenKey(opt.Input, opt.Key)
+	// The whole chain is checked before a QEMU is started for it.
+	r, err := openChain(opt.Input, opt.Key, opt.Parents)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return nil, err
 	}
 	h := r.Header()
 	r.Close()

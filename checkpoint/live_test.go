@@ -66,7 +66,7 @@ func TestLiveSave(t *testing.T) {
 				assert.Positive(t, l.PagesDeferredHot, "the writer's pages change every round: prediction defers them")
 			}
 			assert.Equal(t, "running", res.GuestState)
-			require.NoError(t, Verify(out, nil, nil))
+			require.NoError(t, Verify(out, nil, nil, nil))
 			if !c.torn {
 				assert.Positive(t, l.FinalDirtyPages, "the guest wrote pages after the rounds: the final round copies them")
 			}

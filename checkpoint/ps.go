@@ -157,9 +157,9 @@ func PSFile(ctx context.Context, path string, key []byte, opt PSOptions) (*PSRes
 // calls fn with the guest kernel found in it. An error names the
 // checkpoint's own fault, if it has one, beside the kernel's.
 func withFileKernel(path string, key []byte, opt ScanOptions, fn func(*introspect.Kernel, *writer.Header) error) error {
-	r, err := writer.OpenKey(path, key)
+	r, err := openWhole(path, key, "reading processes from a file")
 	if err != nil {
-		return fmt.Errorf("%w: %w", ErrInvalid, err)
+		return err
 	}
 	defer r.Close()
 	h := r.Header()

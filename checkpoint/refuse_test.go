@@ -81,7 +81,7 @@ func TestPagePoisoning(t *testing.T) {
 	before := allocatedBlocks(t, src.RAMPath)
 	res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: src.QMPPath, ProfileDir: dir}, Output: out})
 	require.NoError(t, err)
-	info, err := Inspect(out, nil)
+	info, err := Inspect(out, nil, nil)
 	require.NoError(t, err)
 	assert.Equal(t, byte(0xaa), info.FillByte, "page poisoning must be detected")
 	assert.Greater(t, res.PagesFree, uint64(100000))

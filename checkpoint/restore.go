@@ -34,14 +34,20 @@ type RestoreOptions struct {
 	// Resume starts the guest once its state is loaded.
 	Resume bool
 	// Key decrypts an encrypted checkpoint.
-	Key      []byte
+	Key []byte
+	// Parents are files where the parents of an incremental checkpoint
+	// may be, besides beside it under the names it gives.
+	Parents  []string
 	Progress func(done, total uint64)
 	Log      *slog.Logger
 }
 
 // RestoreResult is what a restore did.
 type RestoreResult struct {
-	PagesRestored    uint64 `json:"pages_restored"`
+	PagesRestored uint64 `json:"pages_restored"`
+	// Links is the number of checkpoints the pages came from: 1, or
+	// the chain of an incremental checkpoint.
+	Links            int    `json:"links"`
 	PagesTotal       uint64 `json:"pages_total"`
 	DeviceStateBytes int64  `json:"device_state_bytes"`
 	PagesMS          int64  `json:"pages_ms"`
@@ -57,9 +63,9 @@ type RestoreResult struct {
 // before the device state's checksum has been verified.
 func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 	start := time.Now()
-	r, err := writer.OpenKey(opt.Input, opt.Key)
+	r, err := openChain(opt.Input, opt.Key, opt.Parents)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return nil, err
 	}
 	defer r.Close()
 	h := r.Header()
@@ -123,7 +129,8 @@ func Restore(ctx context.Context, opt RestoreOptions) (*RestoreResult, error) {
 		}
 	}
 	res := &RestoreResult{
-		PagesRestored:    h.Pages.Saved,
+		PagesRestored:    r.Restored(),
+		Links:            len(r.Links),
 		PagesTotal:       h.Pages.Total,
 		DeviceStateBytes: r.DeviceStateLen(),
 		PagesMS:          tPages.Milliseconds(),
@@ -202,7 +209,7 @@ func (g *guest) matches(ctx context.Context, h writer.Header) error {
 //
 // A block in QEMU's own memory gets zeros written over the pages QEMU has
 // touched; those it never touched read as zero already.
-func (g *guest) clearUnsaved(r *writer.Reader, fill byte) error {
+func (g *guest) clearUnsaved(r *writer.Chain, fill byte) error {
 	if fill != 0 {
 		var err error
 		if g.mappedAll() {

@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/kvmckpt/kvmckpt/qmp"
-	"github.com/kvmckpt/kvmckpt/writer"
 )
 
 // RestoreDomain restores a checkpoint into libvirt as domain opt.Domain
@@ -31,9 +30,9 @@ func RestoreDomain(ctx context.Context, opt RestoreOptions) (*RestoreResult, err
 	default:
 		return nil, fmt.Errorf("%w: libvirt domain %q is %s; a restore starts it: stop it first (virsh destroy %s)", ErrGuestState, opt.Domain, state, opt.Domain)
 	}
-	r, err := writer.OpenKey(opt.Input, opt.Key)
+	r, err := openWhole(opt.Input, opt.Key, "restore --domain")
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return nil, err
 	}
 	h := r.Header()
 	devLen := r.DeviceStateLen()

@@ -54,6 +54,12 @@ type SaveOptions struct {
 	// "auto" sizes it from the guest's own counters, else a size to take
 	// ("512M"; see [ParseSqueeze]).
 	Squeeze string
+	// Parent, if not empty, makes the checkpoint incremental: it stores
+	// only the pages in use whose content differs from what the parent
+	// checkpoint restores, and names the parent. Parents lists files
+	// where the parent's own parents may be, besides beside it.
+	Parent  string
+	Parents []string
 }
 
 // SaveResult is what a save did. The JSON names are part of the CLI.
@@ -90,6 +96,8 @@ type SaveResult struct {
 	Live *LiveReport `json:"live,omitempty"`
 	// Squeeze is what the balloon took before the save (--squeeze).
 	Squeeze *SqueezeReport `json:"squeeze,omitempty"`
+	// Parent is what an incremental save (--parent) compared with.
+	Parent *ParentReport `json:"parent,omitempty"`
 	// GuestState is the guest's run state when kvmckpt left it.
 	GuestState string   `json:"guest_state"`
 	Warnings   []string `json:"warnings,omitempty"`
@@ -125,6 +133,19 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 	caps, err := g.sess.MigrationCapabilities(ctx)
 	if err != nil {
 		return nil, err
+	}
+	// The parent's page hashes are read, or computed, before the pause.
+	if opt.Parent != "" {
+		switch {
+		case opt.Key != nil:
+			return nil, errors.New("an incremental checkpoint (--parent) cannot be encrypted: save it without a key, or a whole encrypted one")
+		case opt.Live:
+			return nil, errors.New("--parent with --live is not supported yet: save the child without --live")
+		}
+		if g.parent, err = openParent(ctx, opt.Parent, opt.Output, opt.Parents); err != nil {
+			return nil, err
+		}
+		defer g.parent.close()
 	}
 	var squeezed *SqueezeReport
 	if opt.Squeeze != "" {
@@ -219,10 +240,25 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 		FreeBuddy: scan.FreeBuddy, FreePCP: scan.FreePCP,
 		Zero: scan.PagesZero, Hole: scan.PagesHole,
 	}
+	wopt := writer.Options{Compression: opt.Compression, Key: opt.Key, Zeros: scan.hole}
+	store := scan.save
+	var parentRep *ParentReport
+	if p := g.parent; p != nil {
+		th := time.Now()
+		if wopt.InUse, store, err = p.changed(ctx, g, &h, scan.save, scan.hole); err != nil {
+			return nil, err
+		}
+		h.Parent = p.ref
+		parentRep = &ParentReport{
+			Path: p.path, ID: p.ref.ID, Depth: p.ref.Depth, Links: len(p.chain.Links),
+			PagesInUse: scan.save.Count(), PagesChanged: store.Count(),
+			ParentMS: p.took.Milliseconds(), HashMS: time.Since(th).Milliseconds(),
+		}
+	}
 	// With a fill byte other than zero, holes of the RAM file are saved
 	// (they must come back as zeros); the writer writes them without
 	// reading them through the mapping, which would make the host allocate.
-	w, err := writer.Create(opt.Output, h, writer.Options{Compression: opt.Compression, Key: opt.Key, Zeros: scan.hole})
+	w, err := writer.Create(opt.Output, h, wopt)
 	if err != nil {
 		return nil, err
 	}
@@ -237,9 +273,9 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 	}
 	t1 := time.Now()
 	if g.mappedAll() {
-		err = w.WritePagesContext(ctx, g.ram, scan.save, opt.Progress)
+		err = w.WritePagesContext(ctx, g.ram, store, opt.Progress)
 	} else {
-		err = w.WritePagesFrom(ctx, g.pageSpace(), scan.save, opt.Progress)
+		err = w.WritePagesFrom(ctx, g.pageSpace(), store, opt.Progress)
 	}
 	if err != nil {
 		return nil, err
@@ -293,7 +329,28 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 		Warnings:         scan.Warnings,
 		FullSave:         scan.FullSave,
 		RAMInDeviceState: g.ramSent,
+		Parent:           parentRep,
 	}, nil
+}
+
+// ParentReport is what an incremental save compared with. The JSON names
+// are part of the CLI.
+type ParentReport struct {
+	Path string `json:"path"`
+	// ID is the parent's identity, which the new checkpoint names.
+	ID string `json:"id"`
+	// Depth is the new checkpoint's: its number of parents.
+	Depth int `json:"depth"`
+	// Links is the number of checkpoints of the parent's chain.
+	Links int `json:"links"`
+	// PagesInUse are the guest's pages in use; PagesChanged those whose
+	// content differs from what the parent restores: the pages saved.
+	PagesInUse   uint64 `json:"pages_in_use"`
+	PagesChanged uint64 `json:"pages_changed"`
+	// ParentMS is what reading the parent's page hashes took, before the
+	// pause; HashMS what hashing the guest's pages took, in it.
+	ParentMS int64 `json:"parent_ms"`
+	HashMS   int64 `json:"hash_ms"`
 }
 
 // maxDeviceState bounds a device state held in memory: QEMU's small RAM

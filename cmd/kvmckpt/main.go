@@ -2,12 +2,13 @@
 // the guest: it saves only the pages the guest kernel uses.
 //
 //	kvmckpt scan    (--qmp PATH | --domain NAME [--connect URI]) [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
-//	kvmckpt save    (--qmp PATH | --domain NAME [--connect URI]) -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--compress lz4|none] [--json]
+//	kvmckpt save    (--qmp PATH | --domain NAME [--connect URI]) -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--parent FILE] [--compress lz4|none] [--json]
 //	kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH] | --domain NAME [--connect URI]) [--resume] [--json]
 //	kvmckpt ps      (--qmp PATH | --domain NAME [--connect URI] | FILE) [--threads] [--json]
 //	kvmckpt export  FILE -o OUT --format qemu|libvirt [--xml DOMAIN.xml] [--json]
-//	kvmckpt inspect FILE [--json]
-//	kvmckpt verify  FILE
+//	kvmckpt inspect FILE [--parent FILE]... [--json]
+//	kvmckpt verify  FILE [--parent FILE]...
+//	kvmckpt flatten FILE -o OUT [--parent FILE]... [--compress lz4|none] [--json]
 //	kvmckpt resume  (--qmp PATH | --domain NAME [--connect URI])
 //	kvmckpt profile build --kernel PATH [-o FILE] | list | show NAME|FILE
 //

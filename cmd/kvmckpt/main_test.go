@@ -608,7 +608,7 @@ func isolateProfiles(t *testing.T, dir string) {
 	t.Setenv("KVMCKPT_CACHE", dir)
 }
 
-func checkpointVerify(path string) error { return checkpoint.Verify(path, nil, nil) }
+func checkpointVerify(path string) error { return checkpoint.Verify(path, nil, nil, nil) }
 
 func TestProfileCommands(t *testing.T) {
 	if testing.Short() {

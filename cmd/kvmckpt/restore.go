@@ -20,6 +20,7 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 	resume := fs.Bool("resume", false, "start the guest once it is restored")
 	asJSON := fs.Bool("json", false, "print one JSON object on stdout")
 	keyFile := keyFlag(fs)
+	parents := parentsFlag(fs)
 	if _, err := e.parse(fs, verbose, args); err != nil {
 		return err
 	}
@@ -46,7 +47,7 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	bar := newProgress(e.stderr, "restoring")
-	opts := checkpoint.RestoreOptions{Input: *in, QMP: *qmpPath, Domain: *domain, Connect: *connect, Resume: *resume, Key: key, Progress: bar.update, Log: e.log}
+	opts := checkpoint.RestoreOptions{Input: *in, QMP: *qmpPath, Domain: *domain, Connect: *connect, Resume: *resume, Key: key, Parents: *parents, Progress: bar.update, Log: e.log}
 	if *launch {
 		l, err := checkpoint.RestoreLaunch(ctx, checkpoint.LaunchOptions{RestoreOptions: opts, RAMDir: *ramDir, QEMU: *qemu})
 		bar.done()
@@ -72,8 +73,12 @@ func cmdRestore(ctx context.Context, e *env, args []string) error {
 	if *asJSON {
 		return e.printJSON(res)
 	}
-	fmt.Fprintf(e.stdout, "restored %d of %d pages and %s of device state in %d ms (pages %d, device state %d); guest is %s\n",
-		res.PagesRestored, res.PagesTotal, mib(res.DeviceStateBytes), res.DurationMS, res.PagesMS, res.DeviceStateMS, res.GuestState)
+	from := ""
+	if res.Links > 1 {
+		from = fmt.Sprintf(" from a chain of %d checkpoints", res.Links)
+	}
+	fmt.Fprintf(e.stdout, "restored %d of %d pages%s and %s of device state in %d ms (pages %d, device state %d); guest is %s\n",
+		res.PagesRestored, res.PagesTotal, from, mib(res.DeviceStateBytes), res.DurationMS, res.PagesMS, res.DeviceStateMS, res.GuestState)
 	return nil
 }
 

@@ -28,13 +28,14 @@ const usage = `kvmckpt checkpoints KVM/QEMU guests by saving only the pages the 
 
 Usage:
   kvmckpt scan    (--qmp PATH | --domain NAME [--connect URI]) [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
-  kvmckpt save    (--qmp PATH | --domain NAME [--connect URI]) -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--squeeze[=auto|SIZE]] [--compress lz4|none] [--encrypt-key FILE] [--json]
-  kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH] | --domain NAME [--connect URI]) [--resume] [--encrypt-key FILE] [--json]
+  kvmckpt save    (--qmp PATH | --domain NAME [--connect URI]) -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--squeeze[=auto|SIZE]] [--parent FILE] [--compress lz4|none] [--encrypt-key FILE] [--json]
+  kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH] | --domain NAME [--connect URI]) [--resume] [--parent FILE]... [--encrypt-key FILE] [--json]
   kvmckpt ps      (--qmp PATH | --domain NAME [--connect URI] | FILE) [--threads] [--json]
   kvmckpt core    (--qmp PATH | --domain NAME [--connect URI] | FILE) --pid N -o CORE [--json]
   kvmckpt export  FILE -o OUT --format qemu|libvirt [--xml DOMAIN.xml] [--paused] [--encrypt-key FILE] [--json]
-  kvmckpt inspect FILE [--encrypt-key FILE] [--json]
-  kvmckpt verify  FILE [--encrypt-key FILE]
+  kvmckpt inspect FILE [--parent FILE]... [--encrypt-key FILE] [--json]
+  kvmckpt verify  FILE [--parent FILE]... [--encrypt-key FILE]
+  kvmckpt flatten FILE -o OUT [--parent FILE]... [--compress lz4|none] [--json]
   kvmckpt resume  (--qmp PATH | --domain NAME [--connect URI])
   kvmckpt profile build --kernel PATH [-o FILE]
   kvmckpt profile list
@@ -63,6 +64,7 @@ func commands() map[string]command {
 		"core":    cmdCore,
 		"inspect": cmdInspect,
 		"verify":  cmdVerify,
+		"flatten": cmdFlatten,
 		"profile": cmdProfile,
 	}
 }

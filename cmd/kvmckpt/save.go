@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
+	"strings"
 
 	"github.com/kvmckpt/kvmckpt/checkpoint"
 	"github.com/kvmckpt/kvmckpt/internal/term"
@@ -24,6 +26,7 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	noPredict := fs.Bool("no-predict", false, "with --live: copy pages that keep changing every round, not only in the last")
 	var squeeze squeezeFlag
 	fs.Var(&squeeze, "squeeze", "before the save, inflate the balloon so the guest gives up its page cache, and put it back after: --squeeze (auto) or --squeeze=SIZE (memory to take, e.g. 512M)")
+	parent := fs.String("parent", "", "save only what changed since this checkpoint (an incremental checkpoint; its parents are looked for beside it)")
 	keyFile := keyFlag(fs)
 	if _, err := e.parse(fs, verbose, args); err != nil {
 		return err
@@ -49,6 +52,12 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 			return usagef("--squeeze: %v", err)
 		}
 	}
+	if *parent != "" && *live {
+		return usagef("--parent and --live cannot be combined yet: save the incremental checkpoint without --live")
+	}
+	if *parent != "" && *keyFile != "" {
+		return usagef("--parent and --encrypt-key exclude each other: an incremental checkpoint is not encrypted")
+	}
 	if *compress != "lz4" && *compress != "none" {
 		return usagef("--compress must be lz4 or none, not %q", *compress)
 	}
@@ -66,6 +75,7 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 	bar := newProgress(e.stderr, "saving")
 	res, err := checkpoint.Save(ctx, checkpoint.SaveOptions{
 		Squeeze:     string(squeeze),
+		Parent:      *parent,
 		ScanOptions: checkpoint.ScanOptions{QMP: target.QMP, Domain: target.Domain, Connect: target.Connect, Profile: *profile, RequireIntrospection: *requireIntro, Log: e.log},
 		Output:      *out,
 		After:       after,
@@ -92,6 +102,10 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 		mib(res.BytesWritten), mib(res.DeviceStateBytes))
 	fmt.Fprintf(e.stdout, "guest paused %d ms (scan %d, pages %d, device state %d, sync %d), total %d ms; guest is %s\n",
 		res.PauseMS, res.ScanMS, res.PagesMS, res.DeviceStateMS, res.SyncMS, res.DurationMS, res.GuestState)
+	if p := res.Parent; p != nil {
+		fmt.Fprintf(e.stdout, "incremental: %d of %d pages in use changed since %s (%d links below, depth %d); its hashes read in %d ms, the guest's hashed in %d ms\n",
+			p.PagesChanged, p.PagesInUse, p.Path, p.Links, p.Depth, p.ParentMS, p.HashMS)
+	}
 	if sq := res.Squeeze; sq != nil {
 		fmt.Fprintf(e.stdout, "squeeze: the balloon took %s of %s asked in %d ms before the save, and was put back\n",
 			mib(int64(sq.Taken)), mib(int64(sq.Requested)), sq.InflateMS)
@@ -107,6 +121,23 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 }
 
 func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
+
+// pathsFlag is a flag that may be given more than once, each time a path.
+type pathsFlag []string
+
+func (f *pathsFlag) String() string { return strings.Join(*f, ",") }
+
+func (f *pathsFlag) Set(v string) error {
+	*f = append(*f, v)
+	return nil
+}
+
+// parentsFlag adds --parent, repeatable, to a command that reads a chain.
+func parentsFlag(fs *flag.FlagSet) *pathsFlag {
+	var p pathsFlag
+	fs.Var(&p, "parent", "a parent checkpoint of the chain that is not beside its child under the name the child gives (repeatable)")
+	return &p
+}
 
 // squeezeFlag is --squeeze: alone it means auto, --squeeze=SIZE a size.
 type squeezeFlag string
