@@ -17,7 +17,7 @@ KVMCKPT_CACHE ?= $(or $(filter /%,$(XDG_CACHE_HOME)),$(HOME)/.cache)/kvmckpt
 export KVMCKPT_CACHE := $(abspath $(KVMCKPT_CACHE))
 export KVMCKPT_INITRAMFS := $(abspath $(BUILD)/initramfs.cpio.gz)
 
-.PHONY: all deps build initramfs test vet fuzz demo bench bench-live bench-squeeze bench-sweep clean matrix
+.PHONY: all deps build initramfs test vet fuzz demo bench bench-live bench-squeeze bench-incremental bench-sweep clean matrix
 
 all: build
 
@@ -71,10 +71,11 @@ demo: deps initramfs build
 # BENCHFLAGS="-mem 4096 -reps 5".
 BENCHFLAGS ?=
 bench: deps build
-	$(GO) test -run '^$$' -bench . -benchmem ./pagemap ./writer ./introspect ./profiles ./checkpoint
+	$(GO) test -run '^$$' -bench . -benchmem ./pagemap ./pagehash ./writer ./introspect ./profiles ./checkpoint
 	$(GO) run ./internal/bench -kvmckpt $(BUILD)/kvmckpt -png bench-results/bench.png $(BENCHFLAGS)
 	$(GO) run ./internal/bench -live -kvmckpt $(BUILD)/kvmckpt $(LIVEFLAGS)
 	$(GO) run ./internal/bench -squeeze -kvmckpt $(BUILD)/kvmckpt $(SQUEEZEFLAGS)
+	$(GO) run ./internal/bench -incremental -kvmckpt $(BUILD)/kvmckpt $(INCRFLAGS)
 
 # Live saves only (guests writing memory at 0, 10, 50, 200 MiB/s);
 # LIVEFLAGS go to internal/bench, e.g. LIVEFLAGS="-reps 3".
@@ -86,6 +87,11 @@ bench-live: deps build
 # QEMU's own save; SQUEEZEFLAGS go to internal/bench.
 bench-squeeze: deps build
 	$(GO) run ./internal/bench -squeeze -kvmckpt $(BUILD)/kvmckpt $(SQUEEZEFLAGS)
+
+# Incremental saves (--parent) against whole ones, 1, 10 and 50% of the
+# pages in use rewritten; INCRFLAGS go to internal/bench.
+bench-incremental: deps build
+	$(GO) run ./internal/bench -incremental -kvmckpt $(BUILD)/kvmckpt $(INCRFLAGS)
 
 bench-sweep: deps build
 	$(GO) run ./internal/bench -sweep -kvmckpt $(BUILD)/kvmckpt $(BENCHFLAGS)

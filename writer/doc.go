@@ -157,16 +157,65 @@
 // A chunk stored raw may be rewritten in place page by page while the
 // file is written (its CRC in the index is of its final bytes): the
 // format does not see it. Everything else is as in version 1; a version
-// 3 file is never encrypted. The incremental checkpoints of the future are planned as the
-// same layout with a parent named in the header body and a second bitmap
-// (of the pages this file stores, a subset of those in use); a version 3
-// reader, finding neither, reads a whole checkpoint.
+// 3 file is never encrypted.
+//
+// # Version 4: page hashes and parents (incremental checkpoints)
+//
+// Version 4 is version 1, or version 3 if the header body has "layout":
+// "placed", with a chain section between the device state and the
+// trailer, and two header members:
+//
+//	"page_hash": "xxh3-128",    // the hash of the table below
+//	"parent": {"id": "<64 hex digits>", "name": "base.kvmckpt", "depth": 1}
+//
+// The chain section is two parts, each followed by its CRC, back to back:
+//
+//	D   in-use bitmap    as the bitmap of version 1: the pages in use
+//	    page hashes      16 bytes per page of D, in page order: XXH3-128
+//	                     of the page as restored (low 64 bits first,
+//	                     each half little endian; package pagehash)
+//	T   trailer
+//
+// so D starts at devOff+devLen+4, and the hashes end where the trailer
+// begins; pages.in_use in the header is D's population. The bitmap of
+// version 1, at the start of the file, becomes the bitmap of the pages
+// stored in this file, a subset of D; pages.saved counts it, and the
+// chunks hold those pages as in version 1.
+//
+// A page p of the guest at this checkpoint is: the fill byte if p is not
+// in D; the stored page if p is in the first bitmap; otherwise the page p
+// its parent restores (which is the fill byte if p is not in the parent's
+// D). A file without a parent stores every page of D. A restore takes
+// each page from the newest link that stores it, provided every newer
+// link has it in use, so that no page is written twice (package writer's
+// Chain).
+//
+// The parent is named by its identity, id: the SHA-256 of its header
+// section (fixed part, body and CRC, as stored), the CRC of its bitmap,
+// its index section with its CRC, the CRC of its device state, in
+// version 4 the CRCs of its two chain parts, and its trailer, in that
+// order. Every chunk's CRC is in the index, and the other parts are
+// covered by their CRCs, so any change to the parent changes its id: a
+// reader compares the id of the file it found with the one the child
+// names and refuses another. name is where the writer found the parent,
+// to look for beside the child; depth is 1 plus the parent's depth (0 for
+// a file without a parent), at most [MaxChainDepth]: a reader checks the
+// depths link by link, which also rules out cycles. All links have the
+// same regions, page size and fill byte. A version 4 file is never
+// encrypted.
+//
+// The page hashes let the next checkpoint find what changed without
+// reading this one: it stores the pages in use whose hash differs from
+// the hash its parent gives for them (or from the hash of a fill page for
+// a page the parent does not have in use). A parent of version 1, 2 or 3
+// has no hashes; they are computed from its chunks.
 //
 // # Versions
 //
-// version is 1 for a file without encryption, 2 for an encrypted one and
-// 3 for a live checkpoint; a writer writes 1 whenever it can, so that
-// version 1 readers read it. A
+// version is 1 for a file without encryption, 2 for an encrypted one, 3
+// for a live checkpoint and 4 for one with page hashes (an incremental
+// checkpoint, or a flat one made of a chain); a writer writes 1 whenever
+// it can, so that version 1 readers read it. A
 // reader rejects a higher version than it knows with an error wrapping
 // [ErrNewerVersion] before looking past the version field, as a later
 // version may change anything after it; so a version 1 reader never takes

@@ -96,6 +96,9 @@ type config struct {
 	// Squeeze measures saves of a guest with a page cache, with and
 	// without --squeeze (squeeze.go).
 	Squeeze bool `json:"squeeze,omitempty"`
+	// Incremental measures incremental saves against whole ones
+	// (incremental.go).
+	Incremental bool `json:"incremental,omitempty"`
 	// Rates are the live bench's writer rates, MiB/s (0: idle).
 	Rates []int `json:"rates,omitempty"`
 	// RAM is the guest's kind of RAM (vmtest.Config.RAM): "" a shared
@@ -138,6 +141,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.Live, "live", false, "live saves instead: guests writing memory at 0, 10, 50 and 200 MiB/s (50 with -smoke), each saved by kvmckpt with and without --live and by QEMU's live migration")
 	fs.StringVar(&c.RAM, "ram", "", "guest RAM: empty for a shared file (memory-backend-file share=on), default for QEMU's own anonymous RAM (-m alone; no naive copy then)")
 	fs.BoolVar(&c.Squeeze, "squeeze", false, "a guest with a balloon that read half its RAM of files, saved with and without --squeeze and by QEMU's own save")
+	fs.BoolVar(&c.Incremental, "incremental", false, "a quiet guest with half its RAM of data, 1, 10 and 50% of its pages in use rewritten, saved incrementally (--parent) and whole")
 	rates := fs.String("rates", "", "with -live: the writer rates, MiB/s, comma-separated (0: idle; default 0,10,50,200, or 50 with -smoke)")
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -190,6 +194,17 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		}
 		if !set["out"] {
 			c.Out = "bench-results/squeeze.json"
+		}
+		if !set["reps"] {
+			c.Reps = 1
+		}
+	}
+	if c.Incremental {
+		if c.Live || c.Sweep || c.Squeeze {
+			return c, errors.New("-incremental excludes -live, -sweep and -squeeze")
+		}
+		if !set["out"] {
+			c.Out = "bench-results/incremental.json"
 		}
 		if !set["reps"] {
 			c.Reps = 1
@@ -266,6 +281,8 @@ func run(ctx context.Context, stdout, stderr io.Writer, args []string) (*report,
 		runErr = b.live(ctx, r)
 	case cfg.Squeeze:
 		runErr = b.squeeze(ctx, r)
+	case cfg.Incremental:
+		runErr = b.incremental(ctx, r)
 	case cfg.Sweep:
 		runErr = b.sweep(ctx, r)
 	default:

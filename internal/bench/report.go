@@ -31,7 +31,9 @@ type report struct {
 	Live   []*livePoint   `json:"live,omitempty"`
 	// Squeeze is the squeeze bench's result (-squeeze).
 	Squeeze *squeezeResult `json:"squeeze,omitempty"`
-	Error   string         `json:"error,omitempty"`
+	// Incremental is the incremental bench's result (-incremental).
+	Incremental *incrementalResult `json:"incremental,omitempty"`
+	Error       string             `json:"error,omitempty"`
 }
 
 // machine describes the host.
@@ -126,6 +128,9 @@ func writeMarkdown(w io.Writer, r *report) {
 	}
 	if r.Squeeze != nil {
 		writeSqueeze(w, r.Squeeze)
+	}
+	if r.Incremental != nil {
+		writeIncremental(w, r.Incremental)
 	}
 	if r.Error != "" {
 		fmt.Fprintf(w, "\n**The run failed:** %s\n", r.Error)
