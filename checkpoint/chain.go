@@ -76,7 +76,7 @@ func openParent(ctx context.Context, path, output string, parents []string) (*pa
 		if p.ref, err = c.AsParent(); err != nil {
 			return fmt.Errorf("%w: %w", ErrInvalid, err)
 		}
-		if p.sums, err = c.Links[0].ComputePageSums(ctx, 0); err != nil {
+		if p.sums, err = c.PageSums(ctx); err != nil {
 			return fmt.Errorf("%w: parent %s: %w", ErrInvalid, path, err)
 		}
 		return nil
@@ -178,8 +178,7 @@ func Flatten(ctx context.Context, opt FlattenOptions) (*FlattenResult, error) {
 			}
 		}
 	}
-	newest := c.Links[0]
-	sums, err := newest.ComputePageSums(ctx, 0)
+	sums, err := c.PageSums(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}

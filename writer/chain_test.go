@@ -22,7 +22,7 @@ func writeChild(tb testing.TB, path, parent string, h Header, ram [][]byte, used
 	c, err := OpenChain(parent, ChainOptions{})
 	require.NoError(tb, err)
 	defer c.Close()
-	ps, err := c.Links[0].ComputePageSums(context.Background(), 0)
+	ps, err := c.PageSums(context.Background())
 	require.NoError(tb, err)
 	cur, err := PageSums(context.Background(), ram, &h, used, HashOptions{})
 	require.NoError(tb, err)
@@ -90,9 +90,23 @@ func TestChain(t *testing.T) {
 	require.Equal(t, uint64(1+5), st.PagesWritten)
 	want2 := expectedRAM(ram, used, h.FillByte)
 
-	require.Equal(t, want0, restoreChain(t, base, ChainOptions{}))
-	require.Equal(t, want1, restoreChain(t, d1, ChainOptions{}))
-	require.Equal(t, want2, restoreChain(t, d2, ChainOptions{}))
+	for _, c := range []struct {
+		path string
+		want [][]byte
+	}{{base, want0}, {d1, want1}, {d2, want2}} {
+		require.Equal(t, c.want, restoreChain(t, c.path, ChainOptions{}), c.path)
+		// The chain's hashes, put together link by link, are those of
+		// what it restores.
+		ch, err := OpenChain(c.path, ChainOptions{})
+		require.NoError(t, err)
+		got, err := ch.PageSums(context.Background())
+		require.NoError(t, err)
+		direct, err := PageSums(context.Background(), c.want, &h, ch.Links[0].InUse(), HashOptions{})
+		require.NoError(t, err)
+		require.True(t, got.Pages.Equal(direct.Pages), c.path)
+		require.Equal(t, direct.Sums, got.Sums, c.path)
+		ch.Close()
+	}
 
 	c, err := OpenChain(d2, ChainOptions{})
 	require.NoError(t, err)

@@ -171,13 +171,17 @@
 // The chain section is two parts, each followed by its CRC, back to back:
 //
 //	D   in-use bitmap    as the bitmap of version 1: the pages in use
-//	    page hashes      16 bytes per page of D, in page order: XXH3-128
-//	                     of the page as restored (low 64 bits first,
-//	                     each half little endian; package pagehash)
+//	    page hashes      16 bytes per page stored (the first bitmap's), in
+//	                     page order: XXH3-128 of the page (low 64 bits
+//	                     first, each half little endian; package pagehash)
 //	T   trailer
 //
 // so D starts at devOff+devLen+4, and the hashes end where the trailer
-// begins; pages.in_use in the header is D's population. The bitmap of
+// begins; pages.in_use in the header is D's population. The hash of a
+// page in use that the file does not store is the one its parent gives
+// for the page, or the hash of a fill page if the parent does not have
+// it in use: so a chain knows the hash of every page it restores, and a
+// child's file grows by 16 bytes per page it stores, not per page in use. The bitmap of
 // version 1, at the start of the file, becomes the bitmap of the pages
 // stored in this file, a subset of D; pages.saved counts it, and the
 // chunks hold those pages as in version 1.

@@ -139,10 +139,9 @@ func hashJob(ctx context.Context, sp *space, pages, zeros *pagemap.Bitmap, zero 
 	return nil
 }
 
-// ComputePageSums returns the hashes of the pages a whole checkpoint (one
-// without a parent) restores: from its chain section in version 4, else
-// by reading and hashing every chunk, for a parent saved before
-// checkpoints kept hashes.
+// ComputePageSums returns the hashes of the pages r stores: from its
+// chain section in version 4, else by reading and hashing every chunk,
+// for a checkpoint saved before checkpoints kept hashes.
 func (r *Reader) ComputePageSums(ctx context.Context, workers int) (*pagehash.Table, error) {
 	if r.inUse != nil {
 		return r.PageSums()
@@ -205,4 +204,49 @@ func (r *Reader) hashChunk(i int, t *pagehash.Table, b *chunkBuffers) error {
 		t.Sums[rank+k] = pagehash.Of(b.raw[k*PageSize : (k+1)*PageSize])
 	}
 	return nil
+}
+
+// PageSums returns the hashes of the pages the chain restores, those in
+// use in its newest link: each from the link that stores the page, or the
+// hash of a fill page for one that a link on the way did not have in
+// use. Hashes missing from a link of an older version are computed from
+// its chunks.
+func (c *Chain) PageSums(ctx context.Context) (*pagehash.Table, error) {
+	n := len(c.Links)
+	t, err := c.Links[n-1].ComputePageSums(ctx, 0)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", c.Paths[n-1], err)
+	}
+	fill := pagehash.Filled(PageSize, c.Links[0].h.FillByte)
+	for i := n - 2; i >= 0; i-- {
+		l := c.Links[i]
+		own, err := l.PageSums()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", c.Paths[i], err)
+		}
+		t = overlay(l.InUse(), own, t, fill)
+	}
+	return t, nil
+}
+
+// overlay returns the table over pages of a link that stores own and
+// whose parent restores base: own's hash where it has one, else base's,
+// else fill.
+func overlay(pages *pagemap.Bitmap, own, base *pagehash.Table, fill pagehash.Sum) *pagehash.Table {
+	t := pagehash.New(pages)
+	oc, bc := own.CursorAt(0), base.CursorAt(0)
+	k := 0
+	for start, count := range pages.Runs() {
+		for p := start; p < start+count; p++ {
+			if s, ok := oc.Lookup(p); ok {
+				t.Sums[k] = s
+			} else if s, ok := bc.Lookup(p); ok {
+				t.Sums[k] = s
+			} else {
+				t.Sums[k] = fill
+			}
+			k++
+		}
+	}
+	return t
 }

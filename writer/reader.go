@@ -198,18 +198,19 @@ func (r *Reader) InUse() *pagemap.Bitmap {
 // (version 4).
 func (r *Reader) HasPageSums() bool { return r.inUse != nil }
 
-// PageSums reads and checks the hashes of the pages in use, of a version
-// 4 file.
+// PageSums reads and checks the hashes of the pages the file stores, of
+// a version 4 file: for a file without a parent, every page in use. The
+// hashes of the pages a chain restores are [Chain.PageSums].
 func (r *Reader) PageSums() (*pagehash.Table, error) {
 	if r.inUse == nil {
 		return nil, fmt.Errorf("checkpoint of version %d has no page hashes", r.version)
 	}
 	// readChain checked that they fit in the file.
-	b, err := r.readSection(PartHashes, r.sumsOff, pagehash.EncodedLen(r.inUse.Count()))
+	b, err := r.readSection(PartHashes, r.sumsOff, pagehash.EncodedLen(r.h.Pages.Saved))
 	if err != nil {
 		return nil, err
 	}
-	t, err := pagehash.DecodeSums(r.inUse.Clone(), b)
+	t, err := pagehash.DecodeSums(r.used.Clone(), b)
 	if err != nil {
 		return nil, formatErr(PartHashes, 0, r.sumsOff, ErrCorrupt, "%v", err)
 	}
@@ -428,8 +429,8 @@ func (r *Reader) readChain(off, end int64) error {
 		return formatErr(PartInUse, 0, off, ErrCorrupt, "%d pages in use, %d stored, and no parent to hold the others", count, r.h.Pages.Saved)
 	}
 	r.sumsOff = off + int64(n) + crcLen
-	if want := pagehash.EncodedLen(count) + crcLen; uint64(end-r.sumsOff) != want {
-		return formatErr(PartHashes, 0, r.sumsOff, ErrCorrupt, "%d bytes before the trailer, %d pages in use need %d", end-r.sumsOff, count, want)
+	if want := pagehash.EncodedLen(r.h.Pages.Saved) + crcLen; uint64(end-r.sumsOff) != want {
+		return formatErr(PartHashes, 0, r.sumsOff, ErrCorrupt, "%d bytes before the trailer, %d pages stored need %d", end-r.sumsOff, r.h.Pages.Saved, want)
 	}
 	r.inUse = inUse
 	return nil

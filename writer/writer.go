@@ -44,9 +44,9 @@ type Options struct {
 	// count.
 	Zeros *pagemap.Bitmap
 	// InUse, if not nil, makes the file version 4: it holds the pages in
-	// use in the guest and the hash of each as restored, written in the
-	// file's chain section so that a later checkpoint can name this one
-	// as its parent. The pages [Writer.WritePages] stores must be among
+	// use in the guest and the hash of each as restored; the file's chain
+	// section keeps the bitmap and the hashes of the pages it stores, so
+	// that a later checkpoint can name this one as its parent. The pages [Writer.WritePages] stores must be among
 	// them: all of them, unless the header names a parent. Not with Key.
 	InUse *pagehash.Table
 }
@@ -131,6 +131,8 @@ type Writer struct {
 	salt  []byte
 	state writerState
 	index []byte // encoded index entries
+	// stored is the bitmap of the pages written, for the chain section.
+	stored *pagemap.Bitmap
 	tr    trailer
 	stats Stats
 	// replaced is the file the commit replaced, open (see renameOver).
@@ -420,6 +422,7 @@ func (w *Writer) writePages(ctx context.Context, sp *space, used *pagemap.Bitmap
 		return fmt.Errorf("write pages: zero-page bitmap of %d pages, regions hold %d", z.Len(), w.h.Pages.Total)
 	}
 	w.h.Pages.Saved = used.Count()
+	w.stored = used
 	if t := w.opts.InUse; t != nil {
 		switch {
 		case !used.SubsetOf(t.Pages):
@@ -840,7 +843,19 @@ func (w *Writer) Commit() error {
 			return w.fail(fmt.Errorf("commit checkpoint: %w", err))
 		}
 		w.writeSection(PartInUse, bm)
-		w.writeSection(PartHashes, t.AppendSums(make([]byte, 0, pagehash.EncodedLen(uint64(len(t.Sums))))))
+		// The hashes of the pages stored; a restore of the chain gives
+		// the others, whose hashes the parent has.
+		sums := make([]byte, 0, pagehash.EncodedLen(w.h.Pages.Saved))
+		k := 0
+		for start, count := range t.Pages.Runs() {
+			for p := start; p < start+count; p++ {
+				if w.stored.Test(p) {
+					sums = append(sums, t.Sums[k][:]...)
+				}
+				k++
+			}
+		}
+		w.writeSection(PartHashes, sums)
 	}
 	w.tr.fileCRC = w.fileCRC
 	w.write(w.tr.append(nil))

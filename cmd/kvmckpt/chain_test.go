@@ -46,7 +46,7 @@ func writeChainFiles(t *testing.T, dir string) (base, d1 string) {
 	c, err := writer.OpenChain(base, writer.ChainOptions{})
 	require.NoError(t, err)
 	defer c.Close()
-	ps, err := c.Links[0].ComputePageSums(context.Background(), 0)
+	ps, err := c.PageSums(context.Background())
 	require.NoError(t, err)
 	cur, err := writer.PageSums(context.Background(), [][]byte{ram}, &h, used, writer.HashOptions{})
 	require.NoError(t, err)
