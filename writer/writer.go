@@ -133,8 +133,8 @@ type Writer struct {
 	index []byte // encoded index entries
 	// stored is the bitmap of the pages written, for the chain section.
 	stored *pagemap.Bitmap
-	tr    trailer
-	stats Stats
+	tr     trailer
+	stats  Stats
 	// replaced is the file the commit replaced, open (see renameOver).
 	replaced *os.File
 }
