@@ -59,23 +59,36 @@ func TestIncrementalChain(t *testing.T) {
 	src.WaitReady(t)
 	waitWriterOK(t, src, 1)
 	dir := t.TempDir()
-	save := func(g *vmtest.Guest, name, parent string) (*SaveResult, uint64) {
+	saveAs := func(g *vmtest.Guest, name, parent string, live bool) (*SaveResult, uint64) {
 		t.Helper()
 		// The generation of the save's moment is at least the last one
-		// the writer proved before it.
+		// the writer proved before it (a live save's moment is later).
 		gens := writerGens(g.Serial())
-		res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: filepath.Join(dir, name), Parent: parent})
+		res, err := Save(ctx, SaveOptions{ScanOptions: ScanOptions{QMP: g.QMPPath, ProfileDir: dir}, Output: filepath.Join(dir, name), Parent: parent, Live: live})
 		require.NoError(t, err)
 		assert.Equal(t, "running", res.GuestState)
 		t.Logf("%s: %d pages saved of %d, %s, pause %d ms; parent %+v", name, res.PagesSaved, res.PagesTotal, fmtMiB(res.BytesWritten), res.PauseMS, res.Parent)
 		return res, gens[len(gens)-1]
+	}
+	save := func(g *vmtest.Guest, name, parent string) (*SaveResult, uint64) {
+		t.Helper()
+		return saveAs(g, name, parent, false)
 	}
 	base, _ := save(src, "base.kvmckpt", "")
 	waitWriterOK(t, src, 3)
 	d1, a1 := save(src, "d1.kvmckpt", filepath.Join(dir, "base.kvmckpt"))
 	waitWriterOK(t, src, 4)
 	d2, a2 := save(src, "d2.kvmckpt", filepath.Join(dir, "d1.kvmckpt"))
+	// A live child of d2: pre-copy rounds while the writer writes, then
+	// only the pages that differ from what d2 restores.
+	waitWriterOK(t, src, 2)
+	dl, al := saveAs(src, "dlive.kvmckpt", filepath.Join(dir, "d2.kvmckpt"), true)
 	src.Close()
+	require.NotNil(t, dl.Live)
+	require.NotNil(t, dl.Parent)
+	assert.Equal(t, 3, dl.Parent.Depth)
+	assert.Less(t, dl.PagesSaved, base.PagesSaved/2, "a live child stores what changed, not what is in use")
+	assert.Equal(t, dl.PagesSaved, dl.Parent.PagesChanged)
 
 	for _, d := range []*SaveResult{d1, d2} {
 		require.NotNil(t, d.Parent)
@@ -120,6 +133,7 @@ func TestIncrementalChain(t *testing.T) {
 	dst2.Close()
 	restoreAt("d1.kvmckpt", a1, a2).Close()
 	restoreAt("d3.kvmckpt", a3, 0).Close()
+	restoreAt("dlive.kvmckpt", al, 0).Close()
 
 	// Flat: the same pages and device state as the chain, standalone.
 	flat := filepath.Join(dir, "flat.kvmckpt")

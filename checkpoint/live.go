@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/kvmckpt/kvmckpt/introspect"
+	"github.com/kvmckpt/kvmckpt/pagehash"
 	"github.com/kvmckpt/kvmckpt/pagemap"
 	"github.com/kvmckpt/kvmckpt/profiles"
 	"github.com/kvmckpt/kvmckpt/qmp"
@@ -126,14 +127,70 @@ type liveSave struct {
 	predict bool
 	report  LiveReport
 	workers int
+	// With a parent (save --live --parent): parent gives the hashes of
+	// the pages the parent restores; keyed[p] is the keyed hash of page
+	// p when it was last compared with the parent's (0: never) and
+	// same[p] the answer; sums[p] is the page hash (pagehash) of a page's
+	// copy in a chunk.
+	parent     *pagehash.Index
+	parentFill pagehash.Sum
+	keyed      []uint64
+	same       []bool
+	sums       []pagehash.Sum
 }
 
 // zeroMark is the hash of a used page read as zero: it is in no chunk.
-// Page hashes are odd (liveSave.pageHash).
-const zeroMark = 2
+// parentMark is that of a page whose content is what the parent restores
+// there: in no chunk either. Page hashes are odd (liveSave.pageHash).
+const (
+	zeroMark   = 2
+	parentMark = 4
+)
 
 // stored reports whether a page hash is of a page in a chunk.
-func stored(h uint64) bool { return h != 0 && h != zeroMark }
+func stored(h uint64) bool { return h != 0 && h != zeroMark && h != parentMark }
+
+// sameAsParent reports whether page p, whose content b has the keyed hash
+// h, holds what the parent restores there: as last time if its keyed hash
+// is the one it had when last compared, else by its page hash. b must not
+// change under the call (a copy, or the paused guest's memory).
+func (ls *liveSave) sameAsParent(p, h uint64, b []byte) bool {
+	if ls.keyed[p] == h {
+		return ls.same[p]
+	}
+	want, ok := ls.parent.Get(p)
+	if !ok {
+		want = ls.parentFill
+	}
+	ls.keyed[p], ls.same[p] = h, pagehash.Of(b) == want
+	return ls.same[p]
+}
+
+// inUse returns the pages in use at the end of a live save with a parent
+// and the hash of each: of its copy in a chunk, or the parent's.
+func (ls *liveSave) inUse() *pagehash.Table {
+	pages := pagemap.NewBitmap(uint64(len(ls.hashes)))
+	for p, h := range ls.hashes {
+		if stored(h) || h == parentMark {
+			pages.Set(uint64(p))
+		}
+	}
+	t := pagehash.New(pages)
+	k := 0
+	for p := range pages.All() {
+		if ls.hashes[p] == parentMark {
+			want, ok := ls.parent.Get(p)
+			if !ok {
+				want = ls.parentFill
+			}
+			t.Sums[k] = want
+		} else {
+			t.Sums[k] = ls.sums[p]
+		}
+		k++
+	}
+	return t
+}
 
 // holeBatch is the groups a round's worker takes at a time, and finds
 // the RAM files' holes of: 4 MiB, a whole number of bitmap words, so
@@ -173,6 +230,13 @@ func newLiveSave(g *guest, w *writer.Live, k *introspect.Kernel, prof *profiles.
 	}
 	ls.zeroHash = ls.pageHash(make([]byte, introspect.PageSize))
 	ls.report.Predict = predict
+	if p := g.parent; p != nil {
+		ls.parent = p.sums.Index()
+		ls.parentFill = pagehash.Filled(introspect.PageSize, 0)
+		ls.keyed = make([]uint64, total)
+		ls.same = make([]bool, total)
+		ls.sums = make([]pagehash.Sum, total)
+	}
 	return ls
 }
 
@@ -214,6 +278,16 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 	h, err := g.header(ctx, prof.Banner, prof.Name)
 	if err != nil {
 		return nil, err
+	}
+	if p := g.parent; p != nil {
+		ph := p.chain.Header()
+		if err := sameRegions(&h, &ph); err != nil {
+			return nil, fmt.Errorf("%w: parent %s is of another guest: %w", ErrInvalid, p.path, err)
+		}
+		if ph.FillByte != 0 {
+			return nil, fmt.Errorf("%w: parent %s was saved from a guest that poisons free pages; save it without --live", ErrLive, p.path)
+		}
+		h.Parent = p.ref
 	}
 	if fp, err := k.WalkFree(ctx, introspect.WalkOptions{Timeout: opt.WalkTimeout}); err == nil && fp.FillByte != 0 {
 		// Holes would then have to be saved as zeros, and are not read.
@@ -435,6 +509,13 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 			// Each worker stores the groups it finds changed: the
 			// writer takes distinct keys in parallel.
 			buf := make([]byte, 0, liveGroupPages*introspect.PageSize)
+			// A page compared with the parent's while the guest runs
+			// is copied first, so that both its hashes are of the same
+			// bytes.
+			var pbuf []byte
+			if ls.parent != nil && kind != roundFinal {
+				pbuf = make([]byte, introspect.PageSize)
+			}
 			look := func(gi uint64) {
 				first, last := gi*liveGroupPages, min((gi+1)*liveGroupPages, total)
 				n := int(last - first)
@@ -445,12 +526,19 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 					cur[i] = 0
 					if !free.Test(p) && !hole.Test(p) {
 						b := page(p)
+						if pbuf != nil {
+							copy(pbuf, b)
+							b = pbuf
+						}
 						local.readPages++
-						if h := ls.pageHash(b); h != ls.zeroHash || !isZeroPage(b) {
-							cur[i] = h
-						} else {
+						switch h := ls.pageHash(b); {
+						case h == ls.zeroHash && isZeroPage(b):
 							cur[i] = zeroMark
 							local.zeroPages++
+						case ls.parent != nil && ls.sameAsParent(p, h, b):
+							cur[i] = parentMark
+						default:
+							cur[i] = h
 						}
 					}
 					switch {
@@ -518,6 +606,9 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 						// The guest runs: the hash must be of the
 						// bytes copied.
 						h = ls.pageHash(wk.data[off:])
+					}
+					if ls.parent != nil {
+						ls.sums[p] = pagehash.Of(wk.data[off:])
 					}
 					if h != ls.hashes[p] {
 						wk.changed = append(wk.changed, len(wk.pages))
@@ -671,6 +762,18 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 	ls.report.FinalDirtyPages = st.pages
 	ls.report.BytesPerRound = append(ls.report.BytesPerRound, st.bytes)
 	ls.report.PagesPerRound = append(ls.report.PagesPerRound, st.pages)
+	var parentRep *ParentReport
+	if p := g.parent; p != nil {
+		th := time.Now()
+		t := ls.inUse()
+		if err := ls.w.SetInUse(t); err != nil {
+			return nil, err
+		}
+		parentRep = &ParentReport{
+			Path: p.path, ID: p.ref.ID, Depth: p.ref.Depth, Links: len(p.chain.Links),
+			PagesInUse: t.Pages.Count(), ParentMS: p.took.Milliseconds(), HashMS: time.Since(th).Milliseconds(),
+		}
+	}
 	t2 := time.Now()
 	var devBytes int64
 	if devBytes, err = g.saveDevice(ctx, ls.w.WriteDeviceState, caps); err != nil {
@@ -703,6 +806,10 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 		FullSave:         fp == nil,
 		RAMInDeviceState: g.ramSent,
 		Live:             &ls.report,
+		Parent:           parentRep,
+	}
+	if parentRep != nil {
+		parentRep.PagesChanged = ws.PagesWritten
 	}
 	if fp != nil {
 		res.PagesFreeBuddy, res.PagesFreePCP = fp.Buddy, fp.PCP

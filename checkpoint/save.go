@@ -139,8 +139,6 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 		switch {
 		case opt.Key != nil:
 			return nil, errors.New("an incremental checkpoint (--parent) cannot be encrypted: save it without a key, or a whole encrypted one")
-		case opt.Live:
-			return nil, errors.New("--parent with --live is not supported yet: save the child without --live")
 		}
 		if g.parent, err = openParent(ctx, opt.Parent, opt.Output, opt.Parents); err != nil {
 			return nil, err

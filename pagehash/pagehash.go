@@ -157,3 +157,21 @@ func Changed(cur, base *Table, fill Sum) (*pagemap.Bitmap, error) {
 	}
 	return out, nil
 }
+
+// Index looks up a table's hashes by page in constant time, from any
+// number of goroutines; the table must not change afterwards.
+type Index struct {
+	t  *Table
+	ri *pagemap.RankIndex
+}
+
+// Index returns an index of t.
+func (t *Table) Index() *Index { return &Index{t: t, ri: t.Pages.RankIndex()} }
+
+// Get returns the hash of page p and whether the table has it.
+func (x *Index) Get(p uint64) (Sum, bool) {
+	if p >= x.t.Pages.Len() || !x.t.Pages.Test(p) {
+		return Sum{}, false
+	}
+	return x.t.Sums[x.ri.Rank(p)], true
+}

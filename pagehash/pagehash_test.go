@@ -73,6 +73,17 @@ func TestCursor(t *testing.T) {
 	for i := range tb.Sums {
 		tb.Sums[i][0] = byte(i + 1)
 	}
+	x := tb.Index()
+	for _, q := range []struct {
+		p    uint64
+		want byte
+		ok   bool
+	}{{3, 1, true}, {10, 0, false}, {65, 3, true}, {999, 5, true}, {1000, 0, false}} {
+		s, ok := x.Get(q.p)
+		if ok != q.ok || s[0] != q.want {
+			t.Errorf("Get(%d) = %d, %v; want %d, %v", q.p, s[0], ok, q.want, q.ok)
+		}
+	}
 	c := tb.CursorAt(4)
 	for _, q := range []struct {
 		p    uint64

@@ -381,3 +381,32 @@ func (b *Bitmap) CountRange(start, count uint64) uint64 {
 	}
 	return uint64(c)
 }
+
+// RankIndex answers [Bitmap.Rank] in constant time, for a bitmap that no
+// longer changes: 8 bytes per 64 pages.
+type RankIndex struct {
+	b   *Bitmap
+	cum []uint64 // cum[w] is the number of set pages in words [0, w)
+}
+
+// RankIndex indexes b, which must not change afterwards.
+func (b *Bitmap) RankIndex() *RankIndex {
+	ri := &RankIndex{b: b, cum: make([]uint64, len(b.words)+1)}
+	for w, x := range b.words {
+		ri.cum[w+1] = ri.cum[w] + uint64(bits.OnesCount64(x))
+	}
+	return ri
+}
+
+// Rank is [Bitmap.Rank].
+func (ri *RankIndex) Rank(i uint64) uint64 {
+	if i > ri.b.n {
+		panic(fmt.Sprintf("pagemap: rank %d out of range [0, %d]", i, ri.b.n))
+	}
+	w, r := i/64, i%64
+	c := ri.cum[w]
+	if r != 0 {
+		c += uint64(bits.OnesCount64(ri.b.words[w] & (1<<r - 1)))
+	}
+	return c
+}

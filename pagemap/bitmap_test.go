@@ -344,6 +344,12 @@ func TestRankSubset(t *testing.T) {
 			t.Errorf("Rank(%d) = %d, want %d", i, got, want)
 		}
 	}
+	ri := b.RankIndex()
+	for i := uint64(0); i <= 200; i++ {
+		if ri.Rank(i) != b.Rank(i) {
+			t.Errorf("RankIndex.Rank(%d) = %d, Rank %d", i, ri.Rank(i), b.Rank(i))
+		}
+	}
 	o := b.Clone()
 	if !b.SubsetOf(o) {
 		t.Error("a bitmap is not a subset of itself")

@@ -295,3 +295,70 @@ func TestChainedFormat(t *testing.T) {
 	_, err = Create(filepath.Join(dir, "y.kvmckpt"), h, Options{InUse: cur, Key: testKey})
 	require.ErrorContains(t, err, "cannot be encrypted")
 }
+
+// TestLiveChild: a live checkpoint with a parent (placed chunks, version
+// 4) restores through its chain like any other child.
+func TestLiveChild(t *testing.T) {
+	dir := t.TempDir()
+	h := testHeader(32)
+	ram := newRAM(&h, mixed)
+	used := pagemap.NewBitmap(32)
+	used.SetRange(0, 24)
+	base := filepath.Join(dir, "base.kvmckpt")
+	writeFile(t, base, h, Options{}, ram, used, []byte("dev"))
+
+	// Pages 2 and 17 change, 30 comes into use; the chunks are put in
+	// any order, one replaced.
+	ram[0][2*PageSize] ^= 1
+	ram[0][17*PageSize] ^= 1
+	used.Set(30)
+	c, err := OpenChain(base, ChainOptions{})
+	require.NoError(t, err)
+	hc := h
+	hc.Parent, err = c.AsParent()
+	require.NoError(t, err)
+	ps, err := c.PageSums(context.Background())
+	require.NoError(t, err)
+	c.Close()
+	cur, err := PageSums(context.Background(), ram, &h, used, HashOptions{})
+	require.NoError(t, err)
+	changed, err := pagehash.Changed(cur, ps, pagehash.Filled(PageSize, 0))
+	require.NoError(t, err)
+	require.Equal(t, uint64(3), changed.Count())
+
+	path := filepath.Join(dir, "live.kvmckpt")
+	l, err := CreateLive(path, hc, Options{ChunkPages: 4})
+	require.NoError(t, err)
+	defer l.Abort()
+	pg := func(p uint64) []byte { return ram[0][p*PageSize : (p+1)*PageSize] }
+	require.NoError(t, l.Put(7, []uint64{30}, pg(30)))
+	require.NoError(t, l.Put(0, []uint64{2, 3}, append(bytes.Clone(pg(2)), pg(3)...)))
+	require.NoError(t, l.Put(0, []uint64{2}, pg(2)))
+	require.NoError(t, l.Put(4, []uint64{17}, pg(17)))
+	_, err = l.WriteDeviceState(bytes.NewReader([]byte("dev live")))
+	require.ErrorContains(t, err, "SetInUse", "a child needs its pages in use")
+
+	l, err = CreateLive(path, hc, Options{ChunkPages: 4})
+	require.NoError(t, err)
+	defer l.Abort()
+	require.NoError(t, l.Put(7, []uint64{30}, pg(30)))
+	require.NoError(t, l.Put(0, []uint64{2}, pg(2)))
+	require.NoError(t, l.Put(4, []uint64{17}, pg(17)))
+	require.NoError(t, l.SetInUse(cur))
+	_, err = l.WriteDeviceState(bytes.NewReader([]byte("dev live")))
+	require.NoError(t, err)
+	require.NoError(t, l.Commit())
+
+	r, err := Open(path)
+	require.NoError(t, err)
+	require.Equal(t, LayoutPlaced, r.Header().Layout)
+	require.NotNil(t, r.Parent())
+	r.Close()
+	require.Equal(t, expectedRAM(ram, used, 0), restoreChain(t, path, ChainOptions{}))
+	ch, err := OpenChain(path, ChainOptions{})
+	require.NoError(t, err)
+	defer ch.Close()
+	got, err := ch.PageSums(context.Background())
+	require.NoError(t, err)
+	require.Equal(t, cur.Sums, got.Sums)
+}

@@ -206,7 +206,9 @@
 // a file without a parent), at most [MaxChainDepth]: a reader checks the
 // depths link by link, which also rules out cycles. All links have the
 // same regions, page size and fill byte. A version 4 file is never
-// encrypted.
+// encrypted. A live checkpoint with a parent is a version 4 file with
+// "layout": "placed": its chunks are placed as in version 3, and its
+// chain section follows the device state as here ([Live.SetInUse]).
 //
 // The page hashes let the next checkpoint find what changed without
 // reading this one: it stores the pages in use whose hash differs from

@@ -15,6 +15,7 @@ import (
 	"github.com/pierrec/lz4/v4"
 	"golang.org/x/sys/unix"
 
+	"github.com/kvmckpt/kvmckpt/pagehash"
 	"github.com/kvmckpt/kvmckpt/pagemap"
 )
 
@@ -65,6 +66,10 @@ type Live struct {
 	lz4      sync.Pool // of *liveLZ4
 	stats    LiveStats
 	replaced *os.File // see renameOver
+	stored   *pagemap.Bitmap
+	// inUse, for a checkpoint with a parent (version 4), is the pages in
+	// use and their hashes, given by SetInUse before the device state.
+	inUse *pagehash.Table
 	// wb takes the ranges written since [Live.WriteBehind] to the
 	// goroutine that starts their write-back; wbDone is closed when it
 	// has stopped.
@@ -113,7 +118,10 @@ func CreateLive(path string, h Header, opts Options) (*Live, error) {
 	if opts.Key != nil {
 		return nil, fmt.Errorf("create checkpoint: a live checkpoint cannot be encrypted")
 	}
-	if h, err = newHeader(h, opts); err != nil {
+	if opts.InUse != nil {
+		return nil, fmt.Errorf("create checkpoint: a live checkpoint takes its pages in use at the end (Live.SetInUse)")
+	}
+	if h, err = newHeader(h, opts, true); err != nil {
 		return nil, err
 	}
 	body, err := json.Marshal(&h)
@@ -445,11 +453,35 @@ func (l *Live) Sync() error {
 	return nil
 }
 
+// SetInUse gives a checkpoint whose header names a parent the pages in
+// use at its moment and the hash of each, as [Options].InUse does for a
+// [Writer]: the pages its chunks hold must be among them, and the others
+// are what the parent restores. Call it before [Live.WriteDeviceState].
+func (l *Live) SetInUse(t *pagehash.Table) error {
+	if err := l.expect(stateOpen, "set pages in use"); err != nil {
+		return err
+	}
+	if l.h.Parent == nil {
+		return fmt.Errorf("set pages in use: the checkpoint has no parent")
+	}
+	if err := t.Check(); err != nil {
+		return fmt.Errorf("set pages in use: %w", err)
+	}
+	if t.Pages.Len() != l.h.Pages.Total {
+		return fmt.Errorf("set pages in use: bitmap of %d pages, regions hold %d", t.Pages.Len(), l.h.Pages.Total)
+	}
+	l.inUse = t
+	return nil
+}
+
 // WriteDeviceState writes the index of the chunks put so far, then QEMU's
 // device state, read from r until EOF; no chunk can be put after it.
 func (l *Live) WriteDeviceState(r io.Reader) (int64, error) {
 	if err := l.expect(stateOpen, "write device state"); err != nil {
 		return 0, err
+	}
+	if l.h.Parent != nil && l.inUse == nil {
+		return 0, l.fail(fmt.Errorf("write device state: a checkpoint with a parent needs its pages in use (SetInUse)"))
 	}
 	ps := make([]*placed, 0, len(l.chunks))
 	for _, p := range l.chunks {
@@ -477,6 +509,13 @@ func (l *Live) WriteDeviceState(r io.Reader) (int64, error) {
 		}
 	}
 	l.h.Pages.Saved = l.stats.PagesWritten
+	if l.inUse != nil {
+		if !used.SubsetOf(l.inUse.Pages) {
+			return 0, l.fail(fmt.Errorf("write device state: a page stored is not in use"))
+		}
+		l.h.Pages.InUse = uint64(len(l.inUse.Sums))
+		l.stored = used
+	}
 	idx := make([]byte, 0, len(l.index)*indexEntryLen+crcLen)
 	for i := range l.index {
 		idx = l.index[i].append(idx)
@@ -509,7 +548,11 @@ func (l *Live) WriteDeviceState(r io.Reader) (int64, error) {
 	}
 	head := make([]byte, 0, fixedHeaderLen+l.reserve+crcLen)
 	head = append(head, magic[:]...)
-	head = binary.LittleEndian.AppendUint32(head, versionPlaced)
+	version := uint32(versionPlaced)
+	if l.inUse != nil {
+		version = versionChained
+	}
+	head = binary.LittleEndian.AppendUint32(head, version)
 	head = binary.LittleEndian.AppendUint32(head, uint32(l.reserve))
 	head = append(head, body...)
 	for len(head) < fixedHeaderLen+l.reserve {
@@ -572,6 +615,21 @@ func (l *Live) Commit() error {
 		devLen:   l.devLen,
 	}
 	end := l.devOff + int64(l.devLen) + crcLen
+	if t := l.inUse; t != nil {
+		// The chain section, as [Writer.Commit] writes it.
+		bm, err := t.Pages.MarshalBinary()
+		if err != nil {
+			return l.fail(fmt.Errorf("commit checkpoint: %w", err))
+		}
+		sec := binary.LittleEndian.AppendUint32(bm, crc(bm))
+		sums := storedSums(t, l.stored)
+		sec = append(sec, sums...)
+		sec = binary.LittleEndian.AppendUint32(sec, crc(sums))
+		if _, err := l.f.WriteAt(sec, end); err != nil {
+			return l.fail(fmt.Errorf("commit checkpoint: %w", err))
+		}
+		end += int64(len(sec))
+	}
 	if _, err := l.f.WriteAt(tr.append(nil), end); err != nil {
 		return l.fail(fmt.Errorf("commit checkpoint: %w", err))
 	}

@@ -173,7 +173,7 @@ func Create(path string, h Header, opts Options) (*Writer, error) {
 			return nil, fmt.Errorf("create checkpoint: %w", err)
 		}
 	}
-	if h, err = newHeader(h, opts); err != nil {
+	if h, err = newHeader(h, opts, false); err != nil {
 		return nil, err
 	}
 	dir, f, tmp, err := createBeside(path)
@@ -193,8 +193,9 @@ func Create(path string, h Header, opts Options) (*Writer, error) {
 }
 
 // newHeader is h as a writer with opts writes it: the fields the writer
-// sets, set, and checked.
-func newHeader(h Header, opts Options) (Header, error) {
+// sets, set, and checked. A live writer (live) takes the page hashes of a
+// file with a parent at its end, not in opts.
+func newHeader(h Header, opts Options, live bool) (Header, error) {
 	h = h.clone()
 	if h.PageSize == 0 {
 		h.PageSize = PageSize
@@ -215,6 +216,8 @@ func newHeader(h Header, opts Options) (Header, error) {
 			return h, fmt.Errorf("create checkpoint: in-use bitmap of %d pages, regions hold %d", t.Pages.Len(), h.Pages.Total)
 		}
 		h.PageHash, h.Pages.InUse = pagehash.Name, uint64(len(t.Sums))
+	} else if live && h.Parent != nil {
+		h.PageHash, h.Layout = pagehash.Name, LayoutPlaced
 	} else if h.Parent != nil || h.Layout != "" {
 		return h, fmt.Errorf("create checkpoint: a parent or a layout needs page hashes (Options.InUse)")
 	}
@@ -843,19 +846,7 @@ func (w *Writer) Commit() error {
 			return w.fail(fmt.Errorf("commit checkpoint: %w", err))
 		}
 		w.writeSection(PartInUse, bm)
-		// The hashes of the pages stored; a restore of the chain gives
-		// the others, whose hashes the parent has.
-		sums := make([]byte, 0, pagehash.EncodedLen(w.h.Pages.Saved))
-		k := 0
-		for start, count := range t.Pages.Runs() {
-			for p := start; p < start+count; p++ {
-				if w.stored.Test(p) {
-					sums = append(sums, t.Sums[k][:]...)
-				}
-				k++
-			}
-		}
-		w.writeSection(PartHashes, sums)
+		w.writeSection(PartHashes, storedSums(t, w.stored))
 	}
 	w.tr.fileCRC = w.fileCRC
 	w.write(w.tr.append(nil))
@@ -875,4 +866,21 @@ func (w *Writer) Commit() error {
 	w.state = stateCommitted
 	w.stats.BytesWritten = w.off
 	return err
+}
+
+// storedSums returns the hashes of t of the pages in stored: what the
+// chain section keeps. A restore of the chain gives the others, whose
+// hashes the parent has.
+func storedSums(t *pagehash.Table, stored *pagemap.Bitmap) []byte {
+	sums := make([]byte, 0, pagehash.EncodedLen(stored.Count()))
+	k := 0
+	for start, count := range t.Pages.Runs() {
+		for p := start; p < start+count; p++ {
+			if stored.Test(p) {
+				sums = append(sums, t.Sums[k][:]...)
+			}
+			k++
+		}
+	}
+	return sums
 }

@@ -135,7 +135,7 @@ func TestChainCommands(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"save", "--qmp", "x", "-o", "y", "--parent", d1, "--live"}, "cannot be combined"},
+		{[]string{"save", "--qmp", "x", "-o", "y", "--parent", d1, "--encrypt-key", "k"}, "exclude each other"},
 		{[]string{"flatten", d1}, "--o is required"},
 		{[]string{"flatten"}, "one checkpoint file"},
 	} {

@@ -52,9 +52,6 @@ func cmdSave(ctx context.Context, e *env, args []string) error {
 			return usagef("--squeeze: %v", err)
 		}
 	}
-	if *parent != "" && *live {
-		return usagef("--parent and --live cannot be combined yet: save the incremental checkpoint without --live")
-	}
 	if *parent != "" && *keyFile != "" {
 		return usagef("--parent and --encrypt-key exclude each other: an incremental checkpoint is not encrypted")
 	}
