@@ -127,11 +127,11 @@ type liveSave struct {
 	predict bool
 	report  LiveReport
 	workers int
-	// With a parent (save --live --parent): parent gives the hashes of
+	// With a parent (save --live --parent), parent gives the hashes of
 	// the pages the parent restores; keyed[p] is the keyed hash of page
 	// p when it was last compared with the parent's (0: never) and
-	// same[p] the answer; sums[p] is the page hash (pagehash) of a page's
-	// copy in a chunk.
+	// same[p] the answer. sums[p], in every live save, is the page hash
+	// (pagehash) of a page's copy in a chunk: the file keeps them.
 	parent     *pagehash.Index
 	parentFill pagehash.Sum
 	keyed      []uint64
@@ -230,12 +230,12 @@ func newLiveSave(g *guest, w *writer.Live, k *introspect.Kernel, prof *profiles.
 	}
 	ls.zeroHash = ls.pageHash(make([]byte, introspect.PageSize))
 	ls.report.Predict = predict
+	ls.sums = make([]pagehash.Sum, total)
 	if p := g.parent; p != nil {
 		ls.parent = p.sums.Index()
 		ls.parentFill = pagehash.Filled(introspect.PageSize, 0)
 		ls.keyed = make([]uint64, total)
 		ls.same = make([]bool, total)
-		ls.sums = make([]pagehash.Sum, total)
 	}
 	return ls
 }
@@ -297,7 +297,7 @@ func (g *guest) precopy(ctx context.Context, opt SaveOptions) (_ *liveSave, err 
 	if maxPause <= 0 {
 		maxPause = DefaultMaxPause
 	}
-	w, err := writer.CreateLive(opt.Output, h, writer.Options{Compression: opt.Compression, ChunkPages: liveGroupPages})
+	w, err := writer.CreateLive(opt.Output, h, writer.Options{Compression: opt.Compression, ChunkPages: liveGroupPages, PageHashes: true})
 	if err != nil {
 		return nil, err
 	}
@@ -607,9 +607,7 @@ func (ls *liveSave) round(ctx context.Context, free *pagemap.Bitmap, kind roundK
 						// bytes copied.
 						h = ls.pageHash(wk.data[off:])
 					}
-					if ls.parent != nil {
-						ls.sums[p] = pagehash.Of(wk.data[off:])
-					}
+					ls.sums[p] = pagehash.Of(wk.data[off:])
 					if h != ls.hashes[p] {
 						wk.changed = append(wk.changed, len(wk.pages))
 					}
@@ -763,12 +761,13 @@ func (g *guest) finishLive(ctx context.Context, ls *liveSave, opt SaveOptions, c
 	ls.report.BytesPerRound = append(ls.report.BytesPerRound, st.bytes)
 	ls.report.PagesPerRound = append(ls.report.PagesPerRound, st.pages)
 	var parentRep *ParentReport
+	th := time.Now()
+	inUse := ls.inUse()
+	if err := ls.w.SetInUse(inUse); err != nil {
+		return nil, err
+	}
 	if p := g.parent; p != nil {
-		th := time.Now()
-		t := ls.inUse()
-		if err := ls.w.SetInUse(t); err != nil {
-			return nil, err
-		}
+		t := inUse
 		parentRep = &ParentReport{
 			Path: p.path, ID: p.ref.ID, Depth: p.ref.Depth, Links: len(p.chain.Links),
 			PagesInUse: t.Pages.Count(), ParentMS: p.took.Milliseconds(), HashMS: time.Since(th).Milliseconds(),

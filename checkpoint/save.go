@@ -238,7 +238,9 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 		FreeBuddy: scan.FreeBuddy, FreePCP: scan.FreePCP,
 		Zero: scan.PagesZero, Hole: scan.PagesHole,
 	}
-	wopt := writer.Options{Compression: opt.Compression, Key: opt.Key, Zeros: scan.hole}
+	// Page hashes, so that the checkpoint can be a parent without being
+	// read again: hashed as the pages are written (not encrypted files).
+	wopt := writer.Options{Compression: opt.Compression, Key: opt.Key, Zeros: scan.hole, PageHashes: opt.Key == nil}
 	store := scan.save
 	var parentRep *ParentReport
 	if p := g.parent; p != nil {

@@ -240,7 +240,7 @@ func TestChainedFormat(t *testing.T) {
 	cur, err := PageSums(context.Background(), ram, &h, used, HashOptions{})
 	require.NoError(t, err)
 	path := filepath.Join(dir, "full.kvmckpt")
-	writeFile(t, path, h, Options{InUse: cur}, ram, used, []byte("dev"))
+	writeFile(t, path, h, Options{InUse: cur, ChunkPages: 3}, ram, used, []byte("dev"))
 	data, err := os.ReadFile(path)
 	require.NoError(t, err)
 	require.Equal(t, uint32(4), uint32(data[8]))
@@ -253,6 +253,14 @@ func TestChainedFormat(t *testing.T) {
 	require.NoError(t, r.Verify(nil))
 	id, err := r.ID()
 	require.NoError(t, err)
+	// Hashed by the writer as it writes: the same, and the same file.
+	hashed := filepath.Join(dir, "hashed.kvmckpt")
+	writeFile(t, hashed, h, Options{PageHashes: true, ChunkPages: 3, Workers: 3}, ram, used, []byte("dev"))
+	hd, err := os.ReadFile(hashed)
+	require.NoError(t, err)
+	require.Equal(t, data, hd)
+	_, err = Create(filepath.Join(dir, "z.kvmckpt"), h, Options{PageHashes: true, Key: testKey})
+	require.ErrorContains(t, err, "cannot be encrypted")
 	// Computed from the chunks, the hashes are the same.
 	v1 := filepath.Join(dir, "v1.kvmckpt")
 	writeFile(t, v1, h, Options{}, ram, used, []byte("dev"))

@@ -213,15 +213,17 @@
 // The page hashes let the next checkpoint find what changed without
 // reading this one: it stores the pages in use whose hash differs from
 // the hash its parent gives for them (or from the hash of a fill page for
-// a page the parent does not have in use). A parent of version 1, 2 or 3
-// has no hashes; they are computed from its chunks.
+// a page the parent does not have in use). A file without a parent may be
+// of version 4 too, to keep its hashes. A parent of version 1, 2 or 3
+// has none; they are computed from its chunks.
 //
 // # Versions
 //
 // version is 1 for a file without encryption, 2 for an encrypted one, 3
 // for a live checkpoint and 4 for one with page hashes (an incremental
-// checkpoint, or a flat one made of a chain); a writer writes 1 whenever
-// it can, so that version 1 readers read it. A
+// checkpoint, or any checkpoint kvmckpt saves without a key, so that it
+// can be a parent); a [Writer] writes 1 unless told otherwise
+// ([Options].PageHashes, InUse), so that version 1 readers read it. A
 // reader rejects a higher version than it knows with an error wrapping
 // [ErrNewerVersion] before looking past the version field, as a later
 // version may change anything after it; so a version 1 reader never takes

@@ -453,16 +453,17 @@ func (l *Live) Sync() error {
 	return nil
 }
 
-// SetInUse gives a checkpoint whose header names a parent the pages in
-// use at its moment and the hash of each, as [Options].InUse does for a
+// SetInUse gives a checkpoint whose header names a parent, or one created
+// with [Options].PageHashes, the pages in use at its moment and the hash
+// of each, as [Options].InUse does for a
 // [Writer]: the pages its chunks hold must be among them, and the others
 // are what the parent restores. Call it before [Live.WriteDeviceState].
 func (l *Live) SetInUse(t *pagehash.Table) error {
 	if err := l.expect(stateOpen, "set pages in use"); err != nil {
 		return err
 	}
-	if l.h.Parent == nil {
-		return fmt.Errorf("set pages in use: the checkpoint has no parent")
+	if l.h.PageHash == "" {
+		return fmt.Errorf("set pages in use: the checkpoint keeps no page hashes (no parent, no Options.PageHashes)")
 	}
 	if err := t.Check(); err != nil {
 		return fmt.Errorf("set pages in use: %w", err)
@@ -480,8 +481,8 @@ func (l *Live) WriteDeviceState(r io.Reader) (int64, error) {
 	if err := l.expect(stateOpen, "write device state"); err != nil {
 		return 0, err
 	}
-	if l.h.Parent != nil && l.inUse == nil {
-		return 0, l.fail(fmt.Errorf("write device state: a checkpoint with a parent needs its pages in use (SetInUse)"))
+	if l.h.PageHash != "" && l.inUse == nil {
+		return 0, l.fail(fmt.Errorf("write device state: a checkpoint with a parent or page hashes needs its pages in use (SetInUse)"))
 	}
 	ps := make([]*placed, 0, len(l.chunks))
 	for _, p := range l.chunks {
@@ -512,6 +513,9 @@ func (l *Live) WriteDeviceState(r io.Reader) (int64, error) {
 	if l.inUse != nil {
 		if !used.SubsetOf(l.inUse.Pages) {
 			return 0, l.fail(fmt.Errorf("write device state: a page stored is not in use"))
+		}
+		if l.h.Parent == nil && !used.Equal(l.inUse.Pages) {
+			return 0, l.fail(fmt.Errorf("write device state: a checkpoint without a parent stores every page in use"))
 		}
 		l.h.Pages.InUse = uint64(len(l.inUse.Sums))
 		l.stored = used

@@ -49,6 +49,11 @@ type Options struct {
 	// that a later checkpoint can name this one as its parent. The pages [Writer.WritePages] stores must be among
 	// them: all of them, unless the header names a parent. Not with Key.
 	InUse *pagehash.Table
+	// PageHashes makes a file without a parent version 4 too: the
+	// writer hashes every page it writes, as it writes it, so that the
+	// file can be a parent without being read again. Not with Key; for a
+	// [Live] writer, the hashes come from [Live.SetInUse].
+	PageHashes bool
 }
 
 func (o Options) withDefaults() (Options, error) {
@@ -131,10 +136,12 @@ type Writer struct {
 	salt  []byte
 	state writerState
 	index []byte // encoded index entries
-	// stored is the bitmap of the pages written, for the chain section.
-	stored *pagemap.Bitmap
-	tr     trailer
-	stats  Stats
+	// stored is the bitmap of the pages written, for the chain section;
+	// hashing says the compressors fill in opts.InUse's hashes.
+	stored  *pagemap.Bitmap
+	hashing bool
+	tr      trailer
+	stats   Stats
 	// replaced is the file the commit replaced, open (see renameOver).
 	replaced *os.File
 }
@@ -164,6 +171,9 @@ func Create(path string, h Header, opts Options) (*Writer, error) {
 			return nil, fmt.Errorf("create checkpoint: %w", err)
 		}
 		opts.Key = nil
+	}
+	if opts.PageHashes && seal != nil {
+		return nil, fmt.Errorf("create checkpoint: a checkpoint with page hashes cannot be encrypted")
 	}
 	if opts.InUse != nil {
 		if seal != nil {
@@ -216,8 +226,10 @@ func newHeader(h Header, opts Options, live bool) (Header, error) {
 			return h, fmt.Errorf("create checkpoint: in-use bitmap of %d pages, regions hold %d", t.Pages.Len(), h.Pages.Total)
 		}
 		h.PageHash, h.Pages.InUse = pagehash.Name, uint64(len(t.Sums))
-	} else if live && h.Parent != nil {
+	} else if live && (h.Parent != nil || opts.PageHashes) {
 		h.PageHash, h.Layout = pagehash.Name, LayoutPlaced
+	} else if opts.PageHashes && h.Parent == nil && h.Layout == "" {
+		h.PageHash = pagehash.Name
 	} else if h.Parent != nil || h.Layout != "" {
 		return h, fmt.Errorf("create checkpoint: a parent or a layout needs page hashes (Options.InUse)")
 	}
@@ -426,6 +438,13 @@ func (w *Writer) writePages(ctx context.Context, sp *space, used *pagemap.Bitmap
 	}
 	w.h.Pages.Saved = used.Count()
 	w.stored = used
+	if w.opts.PageHashes && w.opts.InUse == nil {
+		// Hashed by the compressors as they gather the pages: the
+		// hashes of chunk i start at i*chunk_pages.
+		w.opts.InUse = &pagehash.Table{Pages: used, Sums: make([]pagehash.Sum, w.h.Pages.Saved)}
+		w.hashing = true
+		w.h.Pages.InUse = w.h.Pages.Saved
+	}
 	if t := w.opts.InUse; t != nil {
 		switch {
 		case !used.SubsetOf(t.Pages):
@@ -498,6 +517,10 @@ func (w *Writer) writeChunks(ctx context.Context, sp *space, used *pagemap.Bitma
 			// an error rather than a crash.
 			defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 			c := compressor{lz4: w.h.Compression == CompressionLZ4, seal: w.seal, zeros: w.opts.Zeros}
+			if w.hashing {
+				c.sums = w.opts.InUse.Sums
+				c.chunkPages = uint64(w.h.ChunkPages)
+			}
 			for j := range work {
 				c.do(j, sp, used)
 				j.done <- struct{}{}
@@ -576,11 +599,15 @@ func (w *Writer) writeChunk(j *chunkJob) error {
 // compressor is a worker's state: its LZ4 tables and a scratch buffer for
 // gathering scattered pages.
 type compressor struct {
-	lz4   bool
-	seal  *sealer         // nil without encryption
-	zeros *pagemap.Bitmap // pages not to read, see [Options.Zeros]; may be nil
-	c     lz4.Compressor
-	raw   []byte
+	// sums, if not nil, gets the hash of every page gathered: chunk i's
+	// from i*chunkPages on.
+	sums       []pagehash.Sum
+	chunkPages uint64
+	lz4        bool
+	seal       *sealer         // nil without encryption
+	zeros      *pagemap.Bitmap // pages not to read, see [Options.Zeros]; may be nil
+	c          lz4.Compressor
+	raw        []byte
 }
 
 // do gathers the pages of j and stores them compressed or raw in j.buf,
@@ -654,6 +681,12 @@ func (c *compressor) do(j *chunkJob, sp *space, used *pagemap.Bitmap) {
 		src = dst
 	}
 
+	if c.sums != nil {
+		base := j.index * c.chunkPages
+		for k := range j.pages {
+			c.sums[base+k] = pagehash.Of(src[k*PageSize : (k+1)*PageSize])
+		}
+	}
 	j.enc = EncodingRaw
 	if c.lz4 {
 		// Offer LZ4 only 15/16 of the raw size, so it gives up early on
