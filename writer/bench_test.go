@@ -47,14 +47,17 @@ func benchGuest(tb testing.TB) (Header, [][]byte, *pagemap.Bitmap) {
 // benchModes are the ways to store pages that benchmarks compare: each
 // compression, without and with encryption.
 var benchModes = []struct {
-	name string
-	comp Compression
-	key  []byte
+	name   string
+	comp   Compression
+	key    []byte
+	hashes bool
 }{
-	{"lz4", CompressionLZ4, nil},
-	{"none", CompressionNone, nil},
-	{"lz4+aes", CompressionLZ4, testKey},
-	{"none+aes", CompressionNone, testKey},
+	{"lz4", CompressionLZ4, nil, false},
+	{"lz4+hashes", CompressionLZ4, nil, true},
+	{"none", CompressionNone, nil, false},
+	{"none+hashes", CompressionNone, nil, true},
+	{"lz4+aes", CompressionLZ4, testKey, false},
+	{"none+aes", CompressionNone, testKey, false},
 }
 
 func BenchmarkWritePages(b *testing.B) {
@@ -66,7 +69,7 @@ func BenchmarkWritePages(b *testing.B) {
 			var stats Stats
 			for b.Loop() {
 				b.StopTimer()
-				w, err := Create(filepath.Join(dir, "ckpt"), h, Options{Compression: m.comp, Key: m.key})
+				w, err := Create(filepath.Join(dir, "ckpt"), h, Options{Compression: m.comp, Key: m.key, PageHashes: m.hashes})
 				require.NoError(b, err)
 				b.StartTimer()
 				require.NoError(b, w.WritePages(ram, used, nil))
