@@ -66,12 +66,8 @@ func openParent(ctx context.Context, path, output string, parents []string) (*pa
 	}
 	p := &parent{path: path, chain: c}
 	if err := func() error {
-		if oi, err := os.Stat(output); err == nil {
-			for _, l := range c.Paths {
-				if li, err := os.Stat(l); err == nil && os.SameFile(oi, li) {
-					return fmt.Errorf("the output %s is %s, a link of the parent's chain: write the new checkpoint to another file", output, l)
-				}
-			}
+		if err := notALink(output, c); err != nil {
+			return err
 		}
 		if p.ref, err = c.AsParent(); err != nil {
 			return fmt.Errorf("%w: %w", ErrInvalid, err)
@@ -86,6 +82,21 @@ func openParent(ctx context.Context, path, output string, parents []string) (*pa
 	}
 	p.took = time.Since(t)
 	return p, nil
+}
+
+// notALink refuses an output that is a file of the chain c: writing it
+// would replace a link that the chain, or the output itself, needs.
+func notALink(output string, c *writer.Chain) error {
+	oi, err := os.Stat(output)
+	if err != nil {
+		return nil
+	}
+	for _, l := range c.Paths {
+		if li, err := os.Stat(l); err == nil && os.SameFile(oi, li) {
+			return fmt.Errorf("the output %s is %s, a link of the chain: write to another file", output, l)
+		}
+	}
+	return nil
 }
 
 func (p *parent) close() {
@@ -171,12 +182,8 @@ func Flatten(ctx context.Context, opt FlattenOptions) (*FlattenResult, error) {
 		return nil, err
 	}
 	defer c.Close()
-	if oi, err := os.Stat(opt.Output); err == nil {
-		for _, l := range c.Paths {
-			if li, err := os.Stat(l); err == nil && os.SameFile(oi, li) {
-				return nil, fmt.Errorf("the output %s is %s, a link of the chain: write the flat checkpoint to another file", opt.Output, l)
-			}
-		}
+	if err := notALink(opt.Output, c); err != nil {
+		return nil, err
 	}
 	sums, err := c.PageSums(ctx)
 	if err != nil {
