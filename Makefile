@@ -51,7 +51,7 @@ vet:
 test: deps initramfs vet
 	@FUZZTIME=$(FUZZTIME) GO=$(GO) scripts/fuzz.sh
 	@rm -f $(BUILD)/test-matrix.jsonl
-	$(GO) test -count=1 -timeout 25m $(TESTFLAGS) ./...
+	$(GO) test -count=1 -timeout 45m $(TESTFLAGS) ./...
 	@scripts/leftovers.sh
 	@$(GO) run ./internal/matrix 2>/dev/null || true
 
