@@ -101,37 +101,6 @@ func DecodeSums(pages *pagemap.Bitmap, data []byte) (*Table, error) {
 	return t, nil
 }
 
-// Cursor looks up the hashes of a table for pages in ascending order, as
-// a walk over the pages of another table does, in constant time per step.
-type Cursor struct {
-	t    *Table
-	page uint64 // the next page the cursor may be asked for
-	rank uint64 // the number of t's pages below page
-}
-
-// CursorAt returns a cursor for pages from first on.
-func (t *Table) CursorAt(first uint64) *Cursor {
-	first = min(first, t.Pages.Len())
-	return &Cursor{t: t, page: first, rank: t.Pages.Rank(first)}
-}
-
-// Lookup returns the hash of page p and whether t has it. Successive
-// calls must ask for ascending pages.
-func (c *Cursor) Lookup(p uint64) (Sum, bool) {
-	if p < c.page {
-		panic(fmt.Sprintf("pagehash: cursor at page %d asked for page %d", c.page, p))
-	}
-	if p >= c.t.Pages.Len() {
-		return Sum{}, false
-	}
-	c.rank += c.t.Pages.CountRange(c.page, p-c.page)
-	c.page = p
-	if !c.t.Pages.Test(p) {
-		return Sum{}, false
-	}
-	return c.t.Sums[c.rank], true
-}
-
 // Changed returns the pages of cur whose hash differs from base's: from
 // the hash base has for the page, or fill for a page base does not hold
 // (the hash of the page a restore of base writes there). Both tables must
@@ -141,11 +110,11 @@ func Changed(cur, base *Table, fill Sum) (*pagemap.Bitmap, error) {
 		return nil, fmt.Errorf("%w: tables of %d and %d pages", ErrTable, cur.Pages.Len(), base.Pages.Len())
 	}
 	out := pagemap.NewBitmap(cur.Pages.Len())
-	c := base.CursorAt(0)
+	x := base.Index()
 	k := 0
 	for start, count := range cur.Pages.Runs() {
 		for p := start; p < start+count; p++ {
-			b, ok := c.Lookup(p)
+			b, ok := x.Get(p)
 			if !ok {
 				b = fill
 			}

@@ -152,6 +152,7 @@ func (r *Reader) ComputePageSums(ctx context.Context, workers int) (*pagehash.Ta
 	t := pagehash.New(r.used.Clone())
 	// Chunk i's pages are the saved pages from its first page on: their
 	// hashes go from the rank of that page on.
+	ranks := t.Pages.RankIndex()
 	var (
 		next     atomic.Int64
 		mu       sync.Mutex
@@ -168,7 +169,7 @@ func (r *Reader) ComputePageSums(ctx context.Context, workers int) (*pagehash.Ta
 				}
 				err := ctx.Err()
 				if err == nil {
-					err = r.hashChunk(i, t, &b)
+					err = r.hashChunk(i, t, ranks, &b)
 				}
 				if err != nil {
 					mu.Lock()
@@ -189,7 +190,7 @@ func (r *Reader) ComputePageSums(ctx context.Context, workers int) (*pagehash.Ta
 	return t, nil
 }
 
-func (r *Reader) hashChunk(i int, t *pagehash.Table, b *chunkBuffers) error {
+func (r *Reader) hashChunk(i int, t *pagehash.Table, ranks *pagemap.RankIndex, b *chunkBuffers) error {
 	c := r.chunks[i]
 	b.stored = grow(b.stored, c.StoredLen)
 	if err := r.readAt(PartChunk, i, b.stored, c.Offset); err != nil {
@@ -199,7 +200,7 @@ func (r *Reader) hashChunk(i int, t *pagehash.Table, b *chunkBuffers) error {
 	if err := r.decodeChunk(i, b.stored, b.raw); err != nil {
 		return err
 	}
-	rank := r.used.Rank(c.FirstPage)
+	rank := ranks.Rank(c.FirstPage)
 	for k := range c.Pages {
 		t.Sums[rank+k] = pagehash.Of(b.raw[k*PageSize : (k+1)*PageSize])
 	}
@@ -234,13 +235,13 @@ func (c *Chain) PageSums(ctx context.Context) (*pagehash.Table, error) {
 // else fill.
 func overlay(pages *pagemap.Bitmap, own, base *pagehash.Table, fill pagehash.Sum) *pagehash.Table {
 	t := pagehash.New(pages)
-	oc, bc := own.CursorAt(0), base.CursorAt(0)
+	oc, bc := own.Index(), base.Index()
 	k := 0
 	for start, count := range pages.Runs() {
 		for p := start; p < start+count; p++ {
-			if s, ok := oc.Lookup(p); ok {
+			if s, ok := oc.Get(p); ok {
 				t.Sums[k] = s
-			} else if s, ok := bc.Lookup(p); ok {
+			} else if s, ok := bc.Get(p); ok {
 				t.Sums[k] = s
 			} else {
 				t.Sums[k] = fill
