@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"slices"
 	"time"
 
@@ -35,7 +36,9 @@ type SaveOptions struct {
 	// any failure.
 	Output string
 	After  After
-	// Compression is "lz4" (default) or "none".
+	// Compression is "auto" (default: LZ4 as far as it shortens the
+	// pages' writing on this disk, see [writer.CompressionAuto]), "lz4"
+	// (the smallest file) or "none".
 	Compression writer.Compression
 	// Key, if not nil, encrypts the checkpoint (32 bytes, AES-256-GCM).
 	Key []byte
@@ -81,9 +84,11 @@ type SaveResult struct {
 	PagesMS          int64  `json:"pages_ms"`
 	DeviceStateMS    int64  `json:"device_state_ms"`
 	SyncMS           int64  `json:"sync_ms"`
-	Output           string `json:"output"`
-	Profile          string `json:"profile"`
-	KernelBanner     string `json:"kernel_banner"`
+	// PagesStages is where pages_ms went (not for a live save).
+	PagesStages  *PagesStages `json:"pages_stages,omitempty"`
+	Output       string       `json:"output"`
+	Profile      string       `json:"profile"`
+	KernelBanner string       `json:"kernel_banner"`
 	// FullSave is true when the guest kernel could not be introspected
 	// and every non-zero page was saved (Warnings say why).
 	FullSave bool `json:"full_save"`
@@ -240,7 +245,11 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 	}
 	// Page hashes, so that the checkpoint can be a parent without being
 	// read again: hashed as the pages are written (not encrypted files).
-	wopt := writer.Options{Compression: opt.Compression, Key: opt.Key, Zeros: scan.hole, PageHashes: opt.Key == nil}
+	comp := opt.Compression
+	if comp == "" {
+		comp = writer.CompressionAuto
+	}
+	wopt := writer.Options{Compression: comp, Key: opt.Key, Zeros: scan.hole, PageHashes: opt.Key == nil}
 	store := scan.save
 	var parentRep *ParentReport
 	if p := g.parent; p != nil {
@@ -307,6 +316,8 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 		return nil, err
 	}
 	st := w.Stats()
+	stages := newPagesStages(st, tPages)
+	g.log.Debug("pages written", "pages_ms", tPages.Milliseconds(), "stages", stages)
 	return &SaveResult{
 		PagesTotal:       scan.PagesTotal,
 		PagesSaved:       st.PagesWritten,
@@ -321,6 +332,7 @@ func (g *guest) save(ctx context.Context, opt SaveOptions, caps map[string]bool)
 		DeviceStateBytes: devBytes,
 		ScanMS:           tScan.Milliseconds(),
 		PagesMS:          tPages.Milliseconds(),
+		PagesStages:      stages,
 		DeviceStateMS:    tDev.Milliseconds(),
 		SyncMS:           time.Since(t3).Milliseconds(),
 		Output:           opt.Output,
@@ -500,4 +512,55 @@ func (g *guest) checkStreamBlocks(blocks []migstream.Block) error {
 		}
 	}
 	return nil
+}
+
+// PagesStages is where a stop-and-copy save's pages phase went, from the
+// writer's pipeline: workers read the pages in use (mapping them in),
+// hash, compress and checksum them; one goroutine writes them in order;
+// the disk writes. The workers' times are summed over the workers.
+// The JSON names are part of the CLI.
+type PagesStages struct {
+	Workers int `json:"workers"`
+	// The workers' time: reading pages (and copying them into chunk
+	// buffers), hashing, LZ4, encrypting, CRCs, and waiting for work.
+	ReadMS     float64 `json:"read_ms"`
+	HashMS     float64 `json:"hash_ms"`
+	CompressMS float64 `json:"compress_ms"`
+	SealMS     float64 `json:"seal_ms,omitempty"`
+	ChecksumMS float64 `json:"checksum_ms"`
+	IdleMS     float64 `json:"idle_ms"`
+	// The writing goroutine's time waiting for the next chunk (the
+	// workers are behind) and for a buffer (the disk is behind).
+	WaitChunkMS float64 `json:"wait_chunk_ms"`
+	WaitDiskMS  float64 `json:"wait_disk_ms"`
+	// DiskMS is the time the disk's writes took.
+	DiskMS float64 `json:"disk_ms"`
+	// Chunks by how they were stored; raw_by_choice are those --compress
+	// auto stored raw because the disk would have waited for LZ4.
+	ChunksLZ4         int `json:"chunks_lz4"`
+	ChunksRaw         int `json:"chunks_raw"`
+	ChunksRawByChoice int `json:"chunks_raw_by_choice"`
+	// RawMBps is the pages' raw bytes over pages_ms, StoredMBps what
+	// reached the file, both in MB/s (10^6 bytes).
+	RawMBps    float64 `json:"raw_mb_per_s"`
+	StoredMBps float64 `json:"stored_mb_per_s"`
+}
+
+func newPagesStages(st writer.Stats, took time.Duration) *PagesStages {
+	ms := func(d time.Duration) float64 { return math.Round(float64(d)/1e4) / 100 }
+	rate := func(n int64) float64 {
+		if took <= 0 {
+			return 0
+		}
+		return math.Round(float64(n)/took.Seconds()/1e4) / 100
+	}
+	s := st.Stages
+	return &PagesStages{
+		Workers: s.Workers,
+		ReadMS:  ms(s.Read), HashMS: ms(s.Hash), CompressMS: ms(s.Compress), SealMS: ms(s.Seal),
+		ChecksumMS: ms(s.Checksum), IdleMS: ms(s.Idle),
+		WaitChunkMS: ms(s.WaitChunk), WaitDiskMS: ms(s.WaitDisk), DiskMS: ms(s.Disk),
+		ChunksLZ4: st.ChunksLZ4, ChunksRaw: st.ChunksRaw, ChunksRawByChoice: s.RawChunks,
+		RawMBps: rate(st.PageBytes), StoredMBps: rate(st.StoredBytes),
+	}
 }

@@ -77,3 +77,11 @@ func crcCombinePages(crcs []uint32) uint32 {
 	}
 	return c
 }
+
+// crcCombine returns the CRC of A || B from crc(A), crc(B) and len(B).
+func crcCombine(crcA, crcB uint32, lenB int) uint32 {
+	if lenB == 0 {
+		return crcA
+	}
+	return gfMul(crcA, xPow8n(lenB)) ^ crcB
+}

@@ -3,6 +3,8 @@ package writer
 import (
 	"errors"
 	"os"
+	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -17,28 +19,84 @@ const directBlock = 4 << 20
 const directAlign = 4096
 
 // fileWriter writes the checkpoint file sequentially. Where the file system
-// allows, it writes with O_DIRECT, in aligned blocks from an aligned buffer:
+// allows, it writes with O_DIRECT, in aligned blocks from aligned buffers:
 // the data goes from kvmckpt's buffer to the disk without first filling the
 // page cache, whose write-back throttles a large writer to well under the
 // disk's speed on some hosts (see BENCHMARKS.md). The last, partial block
 // is written after O_DIRECT is turned off again. Where O_DIRECT is refused
 // (tmpfs, some network file systems), it is an ordinary buffered writer.
 //
-// Not safe for concurrent use.
+// Full blocks are written by a goroutine of their own while Write fills
+// the next one, so that the disk never waits for the copying: a direct
+// write returns only when the device has the data, and a writer that
+// copied and wrote in turn would leave the disk idle for every copy.
+// Write blocks only when every block is queued for the disk: that is the
+// backpressure on a disk slower than its producers. An I/O error is
+// returned by a later Write or by Flush.
+//
+// Not safe for concurrent use, except Rate.
 type fileWriter struct {
 	f      *os.File
-	buf    []byte // directBlock bytes, directAlign-aligned
-	n      int    // bytes in buf
-	off    int64  // file offset of buf[0]
-	direct bool
+	cur    []byte // the block being filled, directBlock bytes, aligned
+	n      int    // bytes in cur
+	off    int64  // file offset of cur[0]
+	direct bool   // the I/O goroutine's; Flush's after it ended
+
+	free   chan []byte      // blocks to fill
+	full   chan queuedBlock // blocks for the I/O goroutine
+	ended  chan struct{}    // closed when the I/O goroutine returns
+	closed bool
+
+	written atomic.Int64 // bytes it wrote
+	busy    atomic.Int64 // nanoseconds it spent in write calls
+	err     error        // the I/O goroutine's first error; read after ended, or through errSeen
+	errSeen atomic.Bool
+}
+
+// fileBlocks is the number of blocks of a fileWriter: one being filled,
+// the others queued or being written.
+const fileBlocks = 4
+
+type queuedBlock struct {
+	b   []byte
+	off int64
 }
 
 func newFileWriter(f *os.File) *fileWriter {
-	raw := make([]byte, directBlock+directAlign)
+	raw := make([]byte, fileBlocks*directBlock+directAlign)
 	skip := int(-uintptr(unsafe.Pointer(&raw[0])) & (directAlign - 1))
-	fw := &fileWriter{f: f, buf: raw[skip : skip+directBlock]}
+	fw := &fileWriter{
+		f:     f,
+		free:  make(chan []byte, fileBlocks),
+		full:  make(chan queuedBlock, fileBlocks),
+		ended: make(chan struct{}),
+	}
+	for i := range fileBlocks {
+		fw.free <- raw[skip+i*directBlock : skip+(i+1)*directBlock : skip+(i+1)*directBlock]
+	}
+	fw.cur = <-fw.free
 	fw.direct = setDirect(f, true) == nil
+	go fw.io()
 	return fw
+}
+
+// io writes the queued blocks in order. After an error it writes no more
+// but still returns the blocks, so that Write never waits forever.
+func (fw *fileWriter) io() {
+	defer close(fw.ended)
+	for q := range fw.full {
+		if fw.err == nil {
+			t := time.Now()
+			fw.err = fw.writeBlock(q.b, q.off)
+			fw.busy.Add(int64(time.Since(t)))
+			if fw.err != nil {
+				fw.errSeen.Store(true)
+			} else {
+				fw.written.Add(int64(len(q.b)))
+			}
+		}
+		fw.free <- q.b
+	}
 }
 
 // setDirect turns O_DIRECT on or off for f.
@@ -58,40 +116,77 @@ func setDirect(f *os.File, on bool) error {
 }
 
 func (fw *fileWriter) Write(p []byte) (int, error) {
+	if fw.closed {
+		return 0, errors.New("write after flush")
+	}
 	written := 0
 	for len(p) > 0 {
-		c := copy(fw.buf[fw.n:], p)
+		c := copy(fw.cur[fw.n:], p)
 		fw.n += c
 		p = p[c:]
-		if fw.n == len(fw.buf) {
-			if err := fw.writeBlock(fw.buf); err != nil {
-				return written, err
+		written += c
+		if fw.n == len(fw.cur) {
+			if fw.errSeen.Load() {
+				return written, fw.stop()
 			}
+			fw.full <- queuedBlock{fw.cur, fw.off}
 			fw.off += int64(fw.n)
 			fw.n = 0
+			fw.cur = <-fw.free
 		}
-		written += c
 	}
 	return written, nil
 }
 
-// writeBlock writes b at fw.off. A file system that takes the O_DIRECT
-// flag but then refuses direct writes gets buffered ones from then on.
-func (fw *fileWriter) writeBlock(b []byte) error {
-	_, err := fw.f.WriteAt(b, fw.off)
+// stop ends the I/O goroutine after the blocks queued and returns its
+// error. It may be called more than once.
+func (fw *fileWriter) stop() error {
+	if !fw.closed {
+		fw.closed = true
+		close(fw.full)
+	}
+	<-fw.ended
+	return fw.err
+}
+
+// Close stops the I/O goroutine without writing what is not yet queued:
+// for a writer given up.
+func (fw *fileWriter) Close() { fw.stop() }
+
+// Rate is the disk's write speed so far, bytes per second of write calls;
+// 0 before the first block is written.
+func (fw *fileWriter) Rate() float64 {
+	busy := fw.busy.Load()
+	if busy == 0 {
+		return 0
+	}
+	return float64(fw.written.Load()) / (float64(busy) / 1e9)
+}
+
+// writeBlock writes b at off. A file system that takes the O_DIRECT flag
+// but then refuses direct writes gets buffered ones from then on.
+func (fw *fileWriter) writeBlock(b []byte, off int64) error {
+	_, err := fw.f.WriteAt(b, off)
 	if err != nil && fw.direct && errors.Is(err, unix.EINVAL) {
 		fw.direct = false
 		if serr := setDirect(fw.f, false); serr != nil {
 			return err
 		}
-		_, err = fw.f.WriteAt(b, fw.off)
+		_, err = fw.f.WriteAt(b, off)
 	}
 	return err
 }
 
-// Flush writes what is buffered. It may be called once, at the end: the
-// partial block it writes leaves the file unaligned for direct writes.
+// Flush writes what is buffered and waits for every write. It may be
+// called once, at the end: the partial block it writes leaves the file
+// unaligned for direct writes.
 func (fw *fileWriter) Flush() error {
+	if fw.closed {
+		return errors.New("flush after flush")
+	}
+	if err := fw.stop(); err != nil {
+		return err
+	}
 	if fw.n == 0 {
 		return nil
 	}
@@ -101,9 +196,10 @@ func (fw *fileWriter) Flush() error {
 			return err
 		}
 	}
-	if err := fw.writeBlock(fw.buf[:fw.n]); err != nil {
+	if err := fw.writeBlock(fw.cur[:fw.n], fw.off); err != nil {
 		return err
 	}
+	fw.written.Add(int64(fw.n))
 	fw.off += int64(fw.n)
 	fw.n = 0
 	return nil

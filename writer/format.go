@@ -96,6 +96,12 @@ const (
 	CompressionLZ4 Compression = "lz4"
 	// CompressionNone stores every chunk raw.
 	CompressionNone Compression = "none"
+	// CompressionAuto is a writer's choice, not a stored one: each chunk
+	// goes as an LZ4 block when the disk has enough queued to stay busy
+	// while the chunk is compressed, raw when the disk would wait for it
+	// (see [Writer.WritePages]). The file says "lz4": its chunks are
+	// those of a CompressionLZ4 file.
+	CompressionAuto Compression = "auto"
 )
 
 // Encoding is how one chunk is stored.

@@ -24,6 +24,7 @@ import (
 // Options tunes a [Writer]. The zero value means the defaults.
 type Options struct {
 	// Compression is how chunks are stored; "" means [CompressionLZ4].
+	// [CompressionAuto] is for [Writer] only.
 	Compression Compression
 	// ChunkPages is the number of pages per chunk; 0 means
 	// [DefaultChunkPages].
@@ -60,7 +61,7 @@ func (o Options) withDefaults() (Options, error) {
 	if o.Compression == "" {
 		o.Compression = CompressionLZ4
 	}
-	if o.Compression != CompressionLZ4 && o.Compression != CompressionNone {
+	if o.Compression != CompressionLZ4 && o.Compression != CompressionNone && o.Compression != CompressionAuto {
 		return o, fmt.Errorf("unknown compression %q", o.Compression)
 	}
 	if o.ChunkPages == 0 {
@@ -94,6 +95,52 @@ type Stats struct {
 	PageBytes, StoredBytes int64
 	// DeviceStateBytes is the size of the device state.
 	DeviceStateBytes int64
+	// Stages is where the pages' time went.
+	Stages Stages
+}
+
+// Stages is the time the pages of [Writer.WritePages] spent in each
+// stage of its pipeline. The workers' stages are summed over the
+// workers, so they add up to about Workers times the wall time when the
+// workers are the limit; Disk is the time the disk took to write, which
+// is the wall time when it is the limit.
+type Stages struct {
+	// Workers is the number of workers.
+	Workers int
+	// Read is the workers' time getting the pages: mapping them in,
+	// reading or copying them into chunk buffers.
+	Read time.Duration
+	// Hash is the workers' time hashing pages (Options.PageHashes).
+	Hash time.Duration
+	// Compress is the workers' time in LZ4, Seal their time encrypting,
+	// Checksum their time computing CRCs.
+	Compress time.Duration
+	Seal     time.Duration `json:"seal_ns"`
+	Checksum time.Duration
+	// Idle is the workers' time waiting for a chunk to work on: the
+	// writer is behind.
+	Idle time.Duration
+	// WaitChunk is the writing goroutine's time waiting for the next
+	// chunk in file order: the workers are behind.
+	WaitChunk time.Duration
+	// WaitDisk is its time waiting for a buffer the disk has written:
+	// the disk is behind.
+	WaitDisk time.Duration
+	// Disk is the time the disk's writes took.
+	Disk time.Duration
+	// RawChunks is the number of chunks CompressionAuto stored raw
+	// without trying LZ4, because the disk would have waited for them.
+	RawChunks int
+}
+
+func (s *Stages) add(o *Stages) {
+	s.Read += o.Read
+	s.Hash += o.Hash
+	s.Compress += o.Compress
+	s.Seal += o.Seal
+	s.Checksum += o.Checksum
+	s.Idle += o.Idle
+	s.RawChunks += o.RawChunks
 }
 
 type writerState uint8
@@ -212,6 +259,9 @@ func newHeader(h Header, opts Options, live bool) (Header, error) {
 	}
 	h.ChunkPages = uint32(opts.ChunkPages)
 	h.Compression = opts.Compression
+	if h.Compression == CompressionAuto {
+		h.Compression = CompressionLZ4
+	}
 	if h.Created.IsZero() {
 		h.Created = time.Now().UTC()
 	}
@@ -341,6 +391,9 @@ func (w *Writer) fail(err error) error {
 // cleanup closes and removes the temporary file and closes the directory.
 func (w *Writer) cleanup() error {
 	var errs []error
+	if c, ok := w.bw.(interface{ Close() }); ok {
+		c.Close() // no write may run on the file closed next
+	}
 	if w.f != nil {
 		w.f.Close()
 		w.f = nil
@@ -372,6 +425,20 @@ func (w *Writer) write(p []byte) {
 		return
 	}
 	w.fileCRC = crc32.Update(w.fileCRC, castagnoli, p)
+	n, err := w.bw.Write(p)
+	w.off += int64(n)
+	if err != nil {
+		w.err = fmt.Errorf("write %s: %w", w.TempPath(), err)
+	}
+}
+
+// writeCRCd is write for bytes whose CRC is known: the file's CRC is
+// combined from it rather than computed again.
+func (w *Writer) writeCRCd(p []byte, c uint32) {
+	if w.err != nil {
+		return
+	}
+	w.fileCRC = crcCombine(w.fileCRC, c, len(p))
 	n, err := w.bw.Write(p)
 	w.off += int64(n)
 	if err != nil {
@@ -501,7 +568,9 @@ type chunkJob struct {
 // waits for a free job.
 func (w *Writer) writeChunks(ctx context.Context, sp *space, used *pagemap.Bitmap, progress func(done, total uint64)) error {
 	workers := w.opts.Workers
-	nJobs := 2 * workers
+	// Room for the workers to run ahead of a chunk being compressed,
+	// so that the disk has raw chunks to write meanwhile.
+	nJobs := 4 * workers
 	free := make(chan *chunkJob, nJobs)
 	for range nJobs {
 		free <- &chunkJob{done: make(chan struct{}, 1)}
@@ -509,22 +578,34 @@ func (w *Writer) writeChunks(ctx context.Context, sp *space, used *pagemap.Bitma
 	work := make(chan *chunkJob, nJobs)
 	ordered := make(chan *chunkJob, nJobs)
 	stop := make(chan struct{})
+	w.stats.Stages.Workers = workers
+	pc := &pace{workers: float64(workers)}
+	if p, ok := w.bw.(diskPace); ok && w.opts.Compression == CompressionAuto {
+		pc.disk = p
+	}
 
 	var wg sync.WaitGroup
+	var stagesMu sync.Mutex
 	for range workers {
 		wg.Go(func() {
 			// Reading a mapping whose file shrank faults; turn that into
 			// an error rather than a crash.
 			defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-			c := compressor{lz4: w.h.Compression == CompressionLZ4, seal: w.seal, zeros: w.opts.Zeros}
+			c := compressor{lz4: w.h.Compression == CompressionLZ4, seal: w.seal, zeros: w.opts.Zeros, pace: pc}
 			if w.hashing {
 				c.sums = w.opts.InUse.Sums
 				c.chunkPages = uint64(w.h.ChunkPages)
 			}
+			t := time.Now()
 			for j := range work {
+				c.st.Idle += time.Since(t)
 				c.do(j, sp, used)
 				j.done <- struct{}{}
+				t = time.Now()
 			}
+			stagesMu.Lock()
+			w.stats.Stages.add(&c.st)
+			stagesMu.Unlock()
 		})
 	}
 	wg.Go(func() {
@@ -550,14 +631,19 @@ func (w *Writer) writeChunks(ctx context.Context, sp *space, used *pagemap.Bitma
 	var err error
 	var done uint64
 	saved := w.h.Pages.Saved
+	st := &w.stats.Stages
 	for j := range ordered {
+		t := time.Now()
 		<-j.done
+		st.WaitChunk += time.Since(t)
 		if err == nil {
 			if err = ctx.Err(); err == nil {
 				err = j.err
 			}
 			if err == nil {
+				t := time.Now()
 				err = w.writeChunk(j)
+				st.WaitDisk += time.Since(t)
 			}
 			if err != nil {
 				close(stop)
@@ -568,7 +654,90 @@ func (w *Writer) writeChunks(ctx context.Context, sp *space, used *pagemap.Bitma
 		free <- j
 	}
 	wg.Wait()
+	if fw, ok := w.bw.(*fileWriter); ok {
+		st.Disk = time.Duration(fw.busy.Load())
+	}
 	return err
+}
+
+// diskPace is what [CompressionAuto] asks of the disk: the bytes it has
+// queued and its speed (a [fileWriter]).
+type diskPace interface {
+	Rate() float64
+}
+
+// pace is what the workers of one [Writer.writeChunks] share to choose,
+// chunk by chunk, between LZ4 and raw ([CompressionAuto]). LZ4 costs the
+// workers' time and saves the disk's; the pages are written soonest when
+// both are busy to the end. With W workers, a share f of the chunks
+// compressed, and the measured rates (the disk's D bytes/s; LZ4's L raw
+// bytes/s per worker on what it compresses, to a ratio r; the rest of a
+// worker's work, b seconds per byte), the workers take b/W + f/(W·L)
+// seconds per raw byte and the disk (1 - f·(1-r))/D: equal at
+//
+//	f = (1/D - b/W) / (1/(W·L) + (1-r)/D)
+//
+// which is 1 or more on a disk slower than the workers compress (every
+// chunk compressed, as CompressionLZ4) and falls towards 0 as the disk
+// gets faster than they can compress. Chunks are offered to LZ4 at that
+// share, spread evenly; until the rates are measured, all are.
+type pace struct {
+	disk    diskPace // nil: always LZ4
+	workers float64
+	mu      sync.Mutex
+	acc     float64 // the share owed to LZ4 so far, spread over chunks
+	// The workers' sums: bytes and time of LZ4 on the chunks it
+	// compressed and what they became; bytes and time of the rest.
+	lz4In, lz4Out, baseIn int64
+	lz4Time, baseTime     time.Duration
+}
+
+// share is f above; false if it cannot be computed yet.
+func (p *pace) share() (float64, bool) {
+	d := p.disk.Rate()
+	if d == 0 || p.lz4Time == 0 || p.lz4In == 0 || p.baseIn == 0 {
+		return 0, false
+	}
+	l := float64(p.lz4In) / p.lz4Time.Seconds()
+	r := float64(p.lz4Out) / float64(p.lz4In)
+	b := p.baseTime.Seconds() / float64(p.baseIn)
+	return (1/d - b/p.workers) / (1/(p.workers*l) + (1-r)/d), true
+}
+
+// compress reports whether the next chunk should be offered to LZ4.
+func (p *pace) compress() bool {
+	if p.disk == nil {
+		return true
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	f, ok := p.share()
+	if !ok || f >= 1 {
+		return true
+	}
+	p.acc += max(f, 0)
+	if p.acc >= 1 {
+		p.acc--
+		return true
+	}
+	return false
+}
+
+// report adds a chunk's work to the sums: its raw size, the time of the
+// rest of its work, and, if LZ4 compressed it, LZ4's time and output.
+func (p *pace) report(raw int, base time.Duration, lz4 time.Duration, out int) {
+	if p.disk == nil {
+		return
+	}
+	p.mu.Lock()
+	p.baseIn += int64(raw)
+	p.baseTime += base
+	if out > 0 {
+		p.lz4In += int64(raw)
+		p.lz4Out += int64(out)
+		p.lz4Time += lz4
+	}
+	p.mu.Unlock()
 }
 
 func (w *Writer) writeChunk(j *chunkJob) error {
@@ -580,7 +749,7 @@ func (w *Writer) writeChunk(j *chunkJob) error {
 		crc:       j.crc,
 		encoding:  j.enc,
 	}
-	w.write(j.out)
+	w.writeCRCd(j.out, j.crc)
 	if w.err != nil {
 		return w.err
 	}
@@ -608,6 +777,8 @@ type compressor struct {
 	zeros      *pagemap.Bitmap // pages not to read, see [Options.Zeros]; may be nil
 	c          lz4.Compressor
 	raw        []byte
+	pace       *pace
+	st         Stages
 }
 
 // do gathers the pages of j and stores them compressed or raw in j.buf,
@@ -616,7 +787,10 @@ type compressor struct {
 // GCM tag, so sealing is in place.
 func (c *compressor) do(j *chunkJob, sp *space, used *pagemap.Bitmap) {
 	j.err = nil
+	j.out = nil
 	defer catchFault(&j.err)
+	t := time.Now()
+	begin := t
 	rawLen := j.pages * PageSize
 	bufLen := lz4.CompressBlockBound(int(rawLen))
 	if cap(j.buf) < bufLen {
@@ -681,20 +855,35 @@ func (c *compressor) do(j *chunkJob, sp *space, used *pagemap.Bitmap) {
 		src = dst
 	}
 
+	t = c.lap(t, &c.st.Read)
 	if c.sums != nil {
 		base := j.index * c.chunkPages
 		for k := range j.pages {
 			c.sums[base+k] = pagehash.Of(src[k*PageSize : (k+1)*PageSize])
 		}
+		t = c.lap(t, &c.st.Hash)
 	}
 	j.enc = EncodingRaw
-	if c.lz4 {
+	var tried, lz4Time time.Duration
+	var lz4Out int
+	if c.lz4 && c.pace != nil && !c.pace.compress() {
+		c.st.RawChunks++
+	} else if c.lz4 {
 		// Offer LZ4 only 15/16 of the raw size, so it gives up early on
 		// data where it would save less.
 		limit := int(rawLen - rawLen/16)
 		if n, _ := c.c.CompressBlock(src, j.buf[:limit]); n > 0 {
 			j.enc = EncodingLZ4
 			j.out = j.buf[:n]
+		}
+		t0 := t
+		t = c.lap(t, &c.st.Compress)
+		tried = t.Sub(t0)
+		if j.enc == EncodingLZ4 {
+			// The speed of LZ4 on what it compresses: it gives up
+			// on random data within a fraction of that time, and
+			// such a chunk is better raw anyway.
+			lz4Time, lz4Out = t.Sub(t0), len(j.out)
 		}
 	}
 	if j.enc == EncodingRaw {
@@ -710,11 +899,25 @@ func (c *compressor) do(j *chunkJob, sp *space, used *pagemap.Bitmap) {
 			copy(j.buf, src)
 		}
 		j.out = j.buf[:rawLen]
+		t = c.lap(t, &c.st.Read)
 	}
 	if c.seal != nil {
 		j.out = c.seal.seal(j.out[:0], j.out, PartChunk, j.index, true)
+		t = c.lap(t, &c.st.Seal)
 	}
 	j.crc = crc(j.out)
+	t = c.lap(t, &c.st.Checksum)
+	if c.pace != nil {
+		// The rest of the work: from the start, less LZ4's.
+		c.pace.report(int(rawLen), t.Sub(begin)-tried, lz4Time, lz4Out)
+	}
+}
+
+// lap adds the time since t to *d and returns now.
+func (c *compressor) lap(t time.Time, d *time.Duration) time.Time {
+	now := time.Now()
+	*d += now.Sub(t)
+	return now
 }
 
 // anyZero reports whether a page of [first, first+count) is in c.zeros.

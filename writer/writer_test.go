@@ -383,6 +383,7 @@ func TestFailingDisk(t *testing.T) {
 			// A small buffer, so that failures surface in the step that
 			// causes them.
 			require.NoError(t, setDirect(w.f, false))
+			w.bw.(*fileWriter).Close()
 			w.bw = bufio.NewWriterSize(&failingWriter{w: w.f, left: limit}, 512)
 			err = w.WritePages(ram, used, nil)
 			if err == nil {

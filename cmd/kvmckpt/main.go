@@ -2,7 +2,7 @@
 // the guest: it saves only the pages the guest kernel uses.
 //
 //	kvmckpt scan    (--qmp PATH | --domain NAME [--connect URI]) [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
-//	kvmckpt save    (--qmp PATH | --domain NAME [--connect URI]) -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--parent FILE] [--compress lz4|none] [--json]
+//	kvmckpt save    (--qmp PATH | --domain NAME [--connect URI]) -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--parent FILE] [--compress auto|lz4|none] [--json]
 //	kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH] | --domain NAME [--connect URI]) [--resume] [--json]
 //	kvmckpt ps      (--qmp PATH | --domain NAME [--connect URI] | FILE) [--threads] [--json]
 //	kvmckpt export  FILE -o OUT --format qemu|libvirt [--xml DOMAIN.xml] [--json]
@@ -39,7 +39,11 @@ func main() {
 		// cut that short.
 		cancel(fmt.Errorf("%w (signal: %v)", errInterrupted, sig))
 	}()
-	err := run(ctx, os.Stdout, os.Stderr, os.Args[1:])
+	stopProfiles, err := startProfiles()
+	if err == nil {
+		err = run(ctx, os.Stdout, os.Stderr, os.Args[1:])
+		stopProfiles()
+	}
 	if err != nil && !errors.Is(err, errSilent) {
 		if cause := context.Cause(ctx); cause != nil && !errors.Is(err, errInterrupted) {
 			err = fmt.Errorf("%w: %w", cause, err)

@@ -28,7 +28,7 @@ const usage = `kvmckpt checkpoints KVM/QEMU guests by saving only the pages the 
 
 Usage:
   kvmckpt scan    (--qmp PATH | --domain NAME [--connect URI]) [--json] [--profile auto|FILE] [--require-introspection] [--map FILE.png]
-  kvmckpt save    (--qmp PATH | --domain NAME [--connect URI]) -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--squeeze[=auto|SIZE]] [--parent FILE] [--compress lz4|none] [--encrypt-key FILE] [--json]
+  kvmckpt save    (--qmp PATH | --domain NAME [--connect URI]) -o FILE [--live [--max-pause D] [--no-predict]] [--profile auto|FILE] [--require-introspection] [--keep-paused | --quit] [--squeeze[=auto|SIZE]] [--parent FILE] [--compress auto|lz4|none] [--encrypt-key FILE] [--json]
   kvmckpt restore -i FILE (--qmp PATH | --launch [--ram-dir DIR] [--qemu PATH] | --domain NAME [--connect URI]) [--resume] [--parent FILE]... [--encrypt-key FILE] [--json]
   kvmckpt ps      (--qmp PATH | --domain NAME [--connect URI] | FILE) [--threads] [--json]
   kvmckpt core    (--qmp PATH | --domain NAME [--connect URI] | FILE) --pid N -o CORE [--json]
