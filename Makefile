@@ -17,7 +17,7 @@ KVMCKPT_CACHE ?= $(or $(filter /%,$(XDG_CACHE_HOME)),$(HOME)/.cache)/kvmckpt
 export KVMCKPT_CACHE := $(abspath $(KVMCKPT_CACHE))
 export KVMCKPT_INITRAMFS := $(abspath $(BUILD)/initramfs.cpio.gz)
 
-.PHONY: all deps build initramfs test vet fuzz demo bench bench-live bench-squeeze bench-incremental bench-sweep clean matrix
+.PHONY: all deps build initramfs test vet fuzz demo bench bench-live bench-squeeze bench-incremental bench-limit bench-sweep clean matrix
 
 all: build
 
@@ -92,6 +92,18 @@ bench-squeeze: deps build
 # pages in use rewritten; INCRFLAGS go to internal/bench.
 bench-incremental: deps build
 	$(GO) run ./internal/bench -incremental -kvmckpt $(BUILD)/kvmckpt $(INCRFLAGS)
+
+# Stop-and-copy saves of the default guest against the disk's and
+# memory's limits, alternated with a kvmckpt built from OLD (a git
+# revision: the last one before the pipeline work); LIMITFLAGS go to
+# internal/bench.
+OLD ?= b9e5213
+LIMITFLAGS ?=
+bench-limit: deps build
+	rm -rf $(BUILD)/old-src && mkdir -p $(BUILD)/old-src
+	git archive $(OLD) | tar -x -C $(BUILD)/old-src
+	cd $(BUILD)/old-src && $(GO) build -o ../kvmckpt-old ./cmd/kvmckpt
+	$(GO) run ./internal/bench -limit -old $(BUILD)/kvmckpt-old -kvmckpt $(BUILD)/kvmckpt $(LIMITFLAGS)
 
 bench-sweep: deps build
 	$(GO) run ./internal/bench -sweep -kvmckpt $(BUILD)/kvmckpt $(BENCHFLAGS)

@@ -105,6 +105,10 @@ type config struct {
 	// file, "default" QEMU's own anonymous RAM, which has no file for
 	// the naive copy.
 	RAM string `json:"ram,omitempty"`
+	// Limit runs the stop-and-copy limit bench (limit.go); Old is the
+	// older kvmckpt binary it compares with.
+	Limit bool   `json:"limit,omitempty"`
+	Old   string `json:"old,omitempty"`
 }
 
 // mappedRAM reports whether the emulator has mapped-ram (QEMU 8.2 and
@@ -142,6 +146,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.RAM, "ram", "", "guest RAM: empty for a shared file (memory-backend-file share=on), default for QEMU's own anonymous RAM (-m alone; no naive copy then)")
 	fs.BoolVar(&c.Squeeze, "squeeze", false, "a guest with a balloon that read half its RAM of files, saved with and without --squeeze and by QEMU's own save")
 	fs.BoolVar(&c.Incremental, "incremental", false, "a quiet guest with half its RAM of data, 1, 10 and 50% of its pages in use rewritten, saved incrementally (--parent) and whole")
+	fs.BoolVar(&c.Limit, "limit", false, "stop-and-copy saves of the default guest, each followed by the disk's and memory's bandwidth; with -old, by an older kvmckpt too, alternated")
+	fs.StringVar(&c.Old, "old", "", "with -limit: an older kvmckpt binary to compare with")
 	rates := fs.String("rates", "", "with -live: the writer rates, MiB/s, comma-separated (0: idle; default 0,10,50,200, or 50 with -smoke)")
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -209,6 +215,20 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		if !set["reps"] {
 			c.Reps = 1
 		}
+	}
+	if c.Limit {
+		if c.Live || c.Sweep || c.Squeeze || c.Incremental {
+			return c, errors.New("-limit excludes -live, -sweep, -squeeze and -incremental")
+		}
+		if !set["out"] {
+			c.Out = "bench-results/limit.json"
+		}
+		if !set["reps"] {
+			c.Reps = 5
+		}
+	}
+	if set["old"] && !c.Limit {
+		return c, errors.New("-old needs -limit")
 	}
 	if set["rates"] && !c.Live {
 		return c, errors.New("-rates needs -live")
@@ -283,6 +303,8 @@ func run(ctx context.Context, stdout, stderr io.Writer, args []string) (*report,
 		runErr = b.squeeze(ctx, r)
 	case cfg.Incremental:
 		runErr = b.incremental(ctx, r)
+	case cfg.Limit:
+		runErr = b.limit(ctx, r)
 	case cfg.Sweep:
 		runErr = b.sweep(ctx, r)
 	default:

@@ -33,7 +33,9 @@ type report struct {
 	Squeeze *squeezeResult `json:"squeeze,omitempty"`
 	// Incremental is the incremental bench's result (-incremental).
 	Incremental *incrementalResult `json:"incremental,omitempty"`
-	Error       string             `json:"error,omitempty"`
+	// Limit is the limit bench's result (-limit).
+	Limit *limitResult `json:"limit,omitempty"`
+	Error string       `json:"error,omitempty"`
 }
 
 // machine describes the host.
@@ -128,6 +130,9 @@ func writeMarkdown(w io.Writer, r *report) {
 	}
 	if r.Squeeze != nil {
 		writeSqueeze(w, r.Squeeze)
+	}
+	if r.Limit != nil {
+		writeLimit(w, r.Limit)
 	}
 	if r.Incremental != nil {
 		writeIncremental(w, r.Incremental)
