@@ -382,8 +382,24 @@ func bootAndSave(t *testing.T, cfg vmtest.Config) (*vmtest.Guest, string, *SaveR
 	assert.LessOrEqual(t, float64(res.PagesSaved), 1.02*float64(used),
 		"checkpoint holds %d pages, guest uses %d", res.PagesSaved, used)
 	assert.Greater(t, res.PagesFree, res.PagesTotal/2, "most of the churned memory is free")
+	// Where the pages phase went: every chunk accounted for, and the
+	// stages that every save has took time.
+	if st := res.PagesStages; assert.NotNil(t, st, "pages_stages") {
+		t.Logf("pages stages: %+v", *st)
+		assert.Positive(t, st.Workers)
+		assert.Equal(t, int(ceilDiv(res.PagesSaved, 256)), st.ChunksLZ4+st.ChunksRaw, "chunks of 256 pages")
+		assert.LessOrEqual(t, st.ChunksRawByChoice, st.ChunksRaw)
+		assert.Positive(t, st.ReadMS)
+		assert.Positive(t, st.HashMS)
+		assert.Positive(t, st.ChecksumMS)
+		assert.Positive(t, st.DiskMS)
+		assert.Positive(t, st.RawMBps)
+		assert.GreaterOrEqual(t, st.RawMBps, st.StoredMBps*0.99)
+	}
 	return src, out, res
 }
+
+func ceilDiv(a, b uint64) uint64 { return (a + b - 1) / b }
 
 // restoreVerified restores the checkpoint at out into a target booted
 // like cfg and waits for two rounds of the workload's verification of

@@ -8,7 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"sort"
+	"slices"
 	"sync"
 	"time"
 
@@ -97,9 +97,9 @@ func (b *bench) limit(ctx context.Context, r *report) error {
 	}
 	defer os.RemoveAll(dir)
 	for rep := range b.cfg.Reps {
-		o := append([]string(nil), order...)
+		o := slices.Clone(order)
 		if rep%2 == 1 {
-			sort.Sort(sort.Reverse(sort.StringSlice(o)))
+			slices.Reverse(o)
 		}
 		for _, bin := range o {
 			row := limitRow{Binary: bin, Rep: rep}
