@@ -34,7 +34,7 @@ const directAlign = 4096
 // backpressure on a disk slower than its producers. An I/O error is
 // returned by a later Write or by Flush.
 //
-// Not safe for concurrent use, except Rate and Queued.
+// Not safe for concurrent use, except Rate.
 type fileWriter struct {
 	f      *os.File
 	cur    []byte // the block being filled, directBlock bytes, aligned
@@ -152,10 +152,6 @@ func (fw *fileWriter) stop() error {
 // Close stops the I/O goroutine without writing what is not yet queued:
 // for a writer given up.
 func (fw *fileWriter) Close() { fw.stop() }
-
-// Queued is the number of full blocks waiting for the disk or being
-// written. Safe for concurrent use with Write.
-func (fw *fileWriter) Queued() int { return fileBlocks - 1 - len(fw.free) }
 
 // Rate is the disk's write speed so far, bytes per second of write calls;
 // 0 before the first block is written.

@@ -35,16 +35,10 @@ func TestCRCCombine(t *testing.T) {
 	assert.Equal(t, crc32.Checksum(data, castagnoli), run)
 }
 
-// fakeDisk is a disk of a given speed for pace, with nothing queued.
+// fakeDisk is a disk of a given speed for pace.
 type fakeDisk float64
 
 func (d fakeDisk) Rate() float64 { return float64(d) }
-func (d fakeDisk) Queued() int   { return 0 }
-
-// busyDisk is a fast disk with blocks queued.
-type busyDisk struct{ fakeDisk }
-
-func (busyDisk) Queued() int { return 2 }
 
 func TestPaceShare(t *testing.T) {
 	// Two workers; LZ4 at 250 MB/s per worker to half the size; the
@@ -77,14 +71,8 @@ func TestPaceShare(t *testing.T) {
 		}
 		assert.InDelta(t, min(c.want, 1), float64(n)/chunks, 0.002, "disk %.0f MB/s", c.disk/1e6)
 	}
-	// A fast disk with blocks queued: LZ4, whatever the share.
-	p := &pace{disk: busyDisk{1e12}, workers: 2}
-	feed(p)
-	for range 10 {
-		assert.True(t, p.compress())
-	}
 	// Without a disk to pace by (not a file), always LZ4.
-	p = &pace{workers: 2}
+	p := &pace{workers: 2}
 	feed(p)
 	assert.True(t, p.compress())
 }
@@ -96,7 +84,6 @@ type pacedWriter struct {
 }
 
 func (p pacedWriter) Rate() float64 { return p.fakeDisk.Rate() }
-func (p pacedWriter) Queued() int   { return 0 }
 
 // TestAutoCompression writes compressible pages with CompressionAuto to
 // a disk that claims to be very fast, then very slow: the first stores

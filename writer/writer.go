@@ -664,7 +664,6 @@ func (w *Writer) writeChunks(ctx context.Context, sp *space, used *pagemap.Bitma
 // queued and its speed (a [fileWriter]).
 type diskPace interface {
 	Rate() float64
-	Queued() int
 }
 
 // pace is what the workers of one [Writer.writeChunks] share to choose,
@@ -681,11 +680,7 @@ type diskPace interface {
 // which is 1 or more on a disk slower than the workers compress (every
 // chunk compressed, as CompressionLZ4) and falls towards 0 as the disk
 // gets faster than they can compress. Chunks are offered to LZ4 at that
-// share, spread evenly; until the rates are measured, all are. The
-// rates are averages, and the disk's speed drifts: whenever the disk has
-// two blocks or more queued (8 MiB, several milliseconds of writing), a
-// chunk is compressed whatever the share, since the disk would not wait
-// for it.
+// share, spread evenly; until the rates are measured, all are.
 type pace struct {
 	disk    diskPace // nil: always LZ4
 	workers float64
@@ -712,9 +707,6 @@ func (p *pace) share() (float64, bool) {
 // compress reports whether the next chunk should be offered to LZ4.
 func (p *pace) compress() bool {
 	if p.disk == nil {
-		return true
-	}
-	if p.disk.Queued() >= 2 {
 		return true
 	}
 	p.mu.Lock()
