@@ -24,7 +24,8 @@ import (
 // Options tunes a [Writer]. The zero value means the defaults.
 type Options struct {
 	// Compression is how chunks are stored; "" means [CompressionLZ4].
-	// [CompressionAuto] is for [Writer] only.
+	// [CompressionAuto] paces a [Writer]'s LZ4 by its disk; a [Live]
+	// writer takes it as CompressionLZ4.
 	Compression Compression
 	// ChunkPages is the number of pages per chunk; 0 means
 	// [DefaultChunkPages].
@@ -115,7 +116,7 @@ type Stages struct {
 	// Compress is the workers' time in LZ4, Seal their time encrypting,
 	// Checksum their time computing CRCs.
 	Compress time.Duration
-	Seal     time.Duration `json:"seal_ns"`
+	Seal     time.Duration
 	Checksum time.Duration
 	// Idle is the workers' time waiting for a chunk to work on: the
 	// writer is behind.
@@ -123,8 +124,9 @@ type Stages struct {
 	// WaitChunk is the writing goroutine's time waiting for the next
 	// chunk in file order: the workers are behind.
 	WaitChunk time.Duration
-	// WaitDisk is its time waiting for a buffer the disk has written:
-	// the disk is behind.
+	// WaitDisk is its time handing chunks to the disk's buffers:
+	// copying them in, and waiting for a buffer the disk has written
+	// when the disk is behind.
 	WaitDisk time.Duration
 	// Disk is the time the disk's writes took.
 	Disk time.Duration
