@@ -196,9 +196,11 @@ func (fw *fileWriter) Flush() error {
 			return err
 		}
 	}
+	t := time.Now()
 	if err := fw.writeBlock(fw.cur[:fw.n], fw.off); err != nil {
 		return err
 	}
+	fw.busy.Add(int64(time.Since(t)))
 	fw.written.Add(int64(fw.n))
 	fw.off += int64(fw.n)
 	fw.n = 0
