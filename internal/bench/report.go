@@ -111,7 +111,11 @@ func writeJSON(path string, r *report) error {
 // writeMarkdown prints the report's tables.
 func writeMarkdown(w io.Writer, r *report) {
 	m := r.Machine
-	fmt.Fprintf(w, "# kvmckpt against QEMU's own save\n\n")
+	title := "kvmckpt against QEMU's own save"
+	if r.Limit != nil {
+		title = "kvmckpt's stop-and-copy against the disk's and memory's limits"
+	}
+	fmt.Fprintf(w, "# %s\n\n", title)
 	fmt.Fprintf(w, "- machine: %d cores (%s), %.1f GiB RAM, accelerator **%s**, QEMU %s, Linux %s, %s\n",
 		m.Cores, m.CPUModel, float64(m.MemTotalMiB)/1024, m.Accel, m.QEMU, m.Kernel, m.Go)
 	fmt.Fprintf(w, "- disk: checkpoint files in %s: %s on %s (mounted on %s)", m.Dir, m.Disk.FSType, m.Disk.Source, m.Disk.MountPoint)
