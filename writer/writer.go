@@ -555,7 +555,7 @@ func (w *Writer) writePages(ctx context.Context, sp *space, used *pagemap.Bitmap
 type chunkJob struct {
 	index        uint64 // chunk number
 	first, pages uint64
-	buf          []byte // owned by the job; out is a prefix of it
+	buf          []byte // owned by the job; out is a prefix of it, or a raw chunk in ram
 	out          []byte
 	enc          Encoding
 	crc          uint32
@@ -630,6 +630,9 @@ func (w *Writer) writeChunks(ctx context.Context, sp *space, used *pagemap.Bitma
 		}
 	})
 
+	// Chunks stored raw are copied out of ram by this goroutine: a fault
+	// there (the RAM file truncated) is an error too.
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	var err error
 	var done uint64
 	saved := w.h.Pages.Saved
@@ -644,7 +647,7 @@ func (w *Writer) writeChunks(ctx context.Context, sp *space, used *pagemap.Bitma
 			}
 			if err == nil {
 				t := time.Now()
-				err = w.writeChunk(j)
+				err = w.writeChunkSafe(j)
 				st.WaitDisk += time.Since(t)
 			}
 			if err != nil {
@@ -740,6 +743,13 @@ func (p *pace) report(raw int, base time.Duration, lz4 time.Duration, out int) {
 		p.lz4Time += lz4
 	}
 	p.mu.Unlock()
+}
+
+// writeChunkSafe is writeChunk with a memory fault, reading a chunk
+// straight out of ram, returned as an error (see catchFault).
+func (w *Writer) writeChunkSafe(j *chunkJob) (err error) {
+	defer catchFault(&err)
+	return w.writeChunk(j)
 }
 
 func (w *Writer) writeChunk(j *chunkJob) error {
@@ -889,18 +899,24 @@ func (c *compressor) do(j *chunkJob, sp *space, used *pagemap.Bitmap) {
 		}
 	}
 	if j.enc == EncodingRaw {
+		j.out = j.buf[:rawLen]
 		switch {
 		case &src[0] == &j.buf[0]:
 			// Gathered in place.
 		case &src[0] == &c.raw[0]:
 			// Gathered into scratch: trade buffers instead of copying.
 			j.buf, c.raw = c.raw, j.buf
+			j.out = j.buf[:rawLen]
+		case c.seal == nil:
+			// Straight out of ram: the writer copies it once, into
+			// the disk's buffer. ram does not change until WritePages
+			// returns (the guest is paused), so the CRC below is of
+			// the bytes written.
+			j.out = src
 		default:
-			// Copy out of ram, so that the CRC is of bytes that cannot
-			// change before they are written.
+			// Sealed in place: copied out of ram first.
 			copy(j.buf, src)
 		}
-		j.out = j.buf[:rawLen]
 		t = c.lap(t, &c.st.Read)
 	}
 	if c.seal != nil {

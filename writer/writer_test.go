@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"testing"
@@ -522,6 +523,19 @@ func TestMemoryFault(t *testing.T) {
 		err = w.WritePages([][]byte{ram}, used, nil)
 		require.ErrorContains(t, err, "memory fault")
 		assertNoTemp(t, dir)
+	})
+
+	t.Run("a raw chunk copied by the writer out of a truncated file", func(t *testing.T) {
+		// Workers leave raw chunks in ram for the writing goroutine to
+		// copy: a fault there is an error as well.
+		dir := t.TempDir()
+		ram := mapFile(t, 8*PageSize, 2*PageSize)
+		w, err := Create(filepath.Join(dir, "ckpt"), h, Options{ChunkPages: 2})
+		require.NoError(t, err)
+		defer w.Abort()
+		defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+		err = w.writeChunkSafe(&chunkJob{first: 4, pages: 2, out: ram[4*PageSize : 6*PageSize]})
+		require.ErrorContains(t, err, "memory fault")
 	})
 
 	t.Run("restore to a truncated file", func(t *testing.T) {
