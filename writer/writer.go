@@ -423,24 +423,23 @@ func (w *Writer) Abort() error {
 
 // write appends p to the file. Errors are sticky in w.err.
 func (w *Writer) write(p []byte) {
-	if w.err != nil {
-		return
-	}
-	w.fileCRC = crc32.Update(w.fileCRC, castagnoli, p)
-	n, err := w.bw.Write(p)
-	w.off += int64(n)
-	if err != nil {
-		w.err = fmt.Errorf("write %s: %w", w.TempPath(), err)
+	if w.err == nil {
+		w.fileCRC = crc32.Update(w.fileCRC, castagnoli, p)
+		w.put(p)
 	}
 }
 
 // writeCRCd is write for bytes whose CRC is known: the file's CRC is
 // combined from it rather than computed again.
 func (w *Writer) writeCRCd(p []byte, c uint32) {
-	if w.err != nil {
-		return
+	if w.err == nil {
+		w.fileCRC = crcCombine(w.fileCRC, c, len(p))
+		w.put(p)
 	}
-	w.fileCRC = crcCombine(w.fileCRC, c, len(p))
+}
+
+// put appends p to the file, its CRC already counted.
+func (w *Writer) put(p []byte) {
 	n, err := w.bw.Write(p)
 	w.off += int64(n)
 	if err != nil {

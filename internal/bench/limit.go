@@ -165,10 +165,9 @@ func (b *bench) limitSave(ctx context.Context, g *vmtest.Guest, w workload, bin,
 		return err
 	}
 	defer setRunning(context.WithoutCancel(ctx), g.QMPPath, true)
-	saved := b.kvmckpt
-	b.kvmckpt = bin
-	m, err := b.restore(ctx, w, toolKvmckpt, out)
-	b.kvmckpt = saved
+	by := *b // the same bench, restoring with bin
+	by.kvmckpt = bin
+	m, err := by.restore(ctx, w, toolKvmckpt, out)
 	if err != nil {
 		return fmt.Errorf("restore: %w", err)
 	}
