@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/kvmckpt/kvmckpt/pagehash"
@@ -25,9 +26,18 @@ import (
 func openChain(path string, key []byte, parents []string) (*writer.Chain, error) {
 	c, err := writer.OpenChain(path, writer.ChainOptions{Key: key, Parents: parents})
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return nil, invalid(err)
 	}
 	return c, nil
+}
+
+// invalid marks an error opening a checkpoint as ErrInvalid, but for a
+// store that cannot be reached: that is no fault of the checkpoint's.
+func invalid(err error) error {
+	if errors.Is(err, writer.ErrStoreAccess) {
+		return err
+	}
+	return fmt.Errorf("%w: %w", ErrInvalid, err)
 }
 
 // openWhole opens the checkpoint at path for an operation that reads one
@@ -36,7 +46,7 @@ func openChain(path string, key []byte, parents []string) (*writer.Chain, error)
 func openWhole(path string, key []byte, op string) (*writer.Reader, error) {
 	r, err := writer.OpenKey(path, key)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return nil, invalid(err)
 	}
 	if p := r.Parent(); p != nil {
 		r.Close()
@@ -87,6 +97,9 @@ func openParent(ctx context.Context, path, output string, parents []string) (*pa
 // notALink refuses an output that is a file of the chain c: writing it
 // would replace a link that the chain, or the output itself, needs.
 func notALink(output string, c *writer.Chain) error {
+	if slices.Contains(c.Paths, output) {
+		return fmt.Errorf("the output %s is a link of the chain: write to another name", output)
+	}
 	oi, err := os.Stat(output)
 	if err != nil {
 		return nil
@@ -193,7 +206,11 @@ func Flatten(ctx context.Context, opt FlattenOptions) (*FlattenResult, error) {
 	// output, then written from there: memory stays small whatever the
 	// guest's size, and only the pages in use take disk blocks.
 	h := c.Header()
-	scratch, err := os.CreateTemp(filepath.Dir(opt.Output), ".kvmckpt-flatten-*")
+	scratchDir := filepath.Dir(opt.Output)
+	if writer.IsStored(opt.Output) {
+		scratchDir = "" // the temporary directory
+	}
+	scratch, err := os.CreateTemp(scratchDir, ".kvmckpt-flatten-*")
 	if err != nil {
 		return nil, fmt.Errorf("flatten: %w", err)
 	}

@@ -72,16 +72,12 @@ type ChainLink struct {
 func Inspect(path string, key []byte, parents []string) (*Info, error) {
 	r, err := writer.OpenKey(path, key)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return nil, invalid(err)
 	}
 	defer r.Close()
 	h := r.Header()
-	st, err := os.Stat(path)
-	if err != nil {
-		return nil, err
-	}
 	info := &Info{
-		Path: path, FileBytes: st.Size(), Created: h.Created, KernelBanner: h.KernelBanner,
+		Path: path, FileBytes: r.Size(), Created: h.Created, KernelBanner: h.KernelBanner,
 		Profile: h.Profile, QEMUVersion: h.QEMUVersion, MachineType: h.MachineType,
 		Compression: string(h.Compression), FillByte: h.FillByte, Regions: h.Regions,
 		Pages: h.Pages, Chunks: r.NumChunks(), DeviceStateBytes: r.DeviceStateLen(),
@@ -146,7 +142,7 @@ func Verify(path string, key []byte, parents []string, progress func(done, total
 	}
 	defer r.Close()
 	if err := r.Verify(progress); err != nil {
-		return fmt.Errorf("%w: %w", ErrInvalid, err)
+		return invalid(err)
 	}
 	return nil
 }

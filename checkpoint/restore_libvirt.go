@@ -2,12 +2,14 @@ package checkpoint
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/kvmckpt/kvmckpt/qmp"
+	"github.com/kvmckpt/kvmckpt/writer"
 )
 
 // RestoreDomain restores a checkpoint into libvirt as domain opt.Domain
@@ -51,7 +53,10 @@ func RestoreDomain(ctx context.Context, opt RestoreOptions) (*RestoreResult, err
 	}
 	// Beside the checkpoint, where its size of space is known to be
 	// wanted; only root (libvirt's daemon) reads it.
-	dir, err := os.MkdirTemp(filepath.Dir(opt.Input), ".kvmckpt-restore-")
+	dir, err := "", errors.New("in a store")
+	if !writer.IsStored(opt.Input) {
+		dir, err = os.MkdirTemp(filepath.Dir(opt.Input), ".kvmckpt-restore-")
+	}
 	if err != nil {
 		dir, err = os.MkdirTemp("", "kvmckpt-restore-")
 		if err != nil {

@@ -135,6 +135,10 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 	if err := checkNotMapped(opt.Output, "output", "write the checkpoint elsewhere"); err != nil {
 		return nil, err
 	}
+	// A store that cannot take the checkpoint says so before the pause.
+	if err := writer.CheckTarget(opt.Output); err != nil {
+		return nil, fmt.Errorf("save: %w", err)
+	}
 	caps, err := g.sess.MigrationCapabilities(ctx)
 	if err != nil {
 		return nil, err

@@ -16,6 +16,9 @@
 #   10.0), unpacked beside the system's QEMU 7.2 with its firmware, and
 #   qemu/VERSION/bin/qemu-system-x86_64, a wrapper that runs it with its own
 #   firmware directories.
+# - bin/weed-VERSION: SeaweedFS, the S3-compatible store the object storage
+#   tests run on the loopback, built from its Go module (the version is
+#   internal/s3test's); a few minutes the first time.
 # bookworm-backports is added to apt's sources (never anything newer: apt
 # would upgrade libc and QEMU under us). Its packages have priority 100, so
 # nothing is upgraded from it unless asked for by version.
@@ -172,4 +175,25 @@ WRAP
 	rm -rf "$tmp"
 	trap - EXIT
 	"$qdir/bin/qemu-system-x86_64" --version | head -n 1 | sed 's/^/deps: /' >&2
+fi
+
+# SeaweedFS for the object storage tests. `go install module@version`
+# refuses a module whose go.mod has replace directives, as this one's has:
+# it is built as the main module, from a copy of the module's files.
+weed_version=$(sed -n 's/^const Version = "\(.*\)"$/\1/p' "$here/../internal/s3test/s3test.go")
+weed="$cache/bin/weed-$weed_version"
+if [ ! -x "$weed" ]; then
+	log "building SeaweedFS $weed_version (for the S3 tests) into $weed"
+	go=${GO:-go}
+	dir=$("$go" mod download -json "github.com/seaweedfs/seaweedfs@$weed_version" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+	[ -d "$dir" ] || { log "go mod download of SeaweedFS $weed_version failed"; exit 1; }
+	src=$(mktemp -d "${TMPDIR:-/tmp}/kvmckpt-weed.XXXXXX")
+	trap 'rm -rf "$src"' EXIT
+	cp -r "$dir/." "$src"
+	chmod -R u+w "$src"
+	mkdir -p "$cache/bin"
+	(cd "$src" && GOFLAGS=-mod=mod "$go" build -trimpath -o "$weed.tmp" ./weed)
+	mv "$weed.tmp" "$weed"
+	rm -rf "$src"
+	trap - EXIT
 fi

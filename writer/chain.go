@@ -6,7 +6,6 @@ import (
 	"io"
 	"iter"
 	"os"
-	"path/filepath"
 	"slices"
 
 	"github.com/kvmckpt/kvmckpt/pagemap"
@@ -81,7 +80,7 @@ func OpenChain(path string, opt ChainOptions) (_ *Chain, err error) {
 			return nil, fmt.Errorf("%w: more than %d links below %s", ErrChain, MaxChainDepth, path)
 		}
 		linkPath := c.Paths[len(c.Paths)-1]
-		pr, ppath, err := cand.find(p, filepath.Join(filepath.Dir(linkPath), p.Name))
+		pr, ppath, err := cand.find(p, beside(linkPath, p.Name))
 		if err != nil {
 			return nil, fmt.Errorf("%w: parent of %s: %w", ErrChain, linkPath, err)
 		}
@@ -334,5 +333,5 @@ func (c *Chain) AsParent() (*Parent, error) {
 	if depth+1 > MaxChainDepth {
 		return nil, fmt.Errorf("%w: %s is %d links deep, the most a chain may be: flatten it (kvmckpt flatten) and save a child of the flat file", ErrChain, c.Paths[0], depth)
 	}
-	return &Parent{ID: c.IDs[0], Name: filepath.Base(c.Paths[0]), Depth: depth + 1}, nil
+	return &Parent{ID: c.IDs[0], Name: baseName(c.Paths[0]), Depth: depth + 1}, nil
 }

@@ -136,6 +136,9 @@ func (d *targetDir) createTemp() (*os.File, string, error) {
 // checkpoint directory between namespaces. A reused pid keeps a stale file
 // until that process ends.
 func CleanStale(path string) ([]string, error) {
+	if IsStored(path) {
+		return nil, nil // a store's sink leaves nothing behind when aborted
+	}
 	d, err := openTargetDir(path)
 	if err != nil {
 		return nil, fmt.Errorf("clean stale checkpoints: %w", err)

@@ -118,6 +118,9 @@ func CreateLive(path string, h Header, opts Options) (*Live, error) {
 	if opts.Key != nil {
 		return nil, fmt.Errorf("create checkpoint: a live checkpoint cannot be encrypted")
 	}
+	if IsStored(path) {
+		return nil, fmt.Errorf("create checkpoint: a live checkpoint is written in place, round after round, which %s cannot take: save it to a local file, or save without --live", path)
+	}
 	if opts.InUse != nil {
 		return nil, fmt.Errorf("create checkpoint: a live checkpoint takes its pages in use at the end (Live.SetInUse)")
 	}

@@ -70,6 +70,23 @@ func Open(path string) (*Reader, error) { return OpenKey(path, nil) }
 // OpenKey is [Open] with a key, for a checkpoint that may be encrypted;
 // see [NewReaderKey]. The caller must Close the Reader.
 func OpenKey(path string, key []byte) (*Reader, error) {
+	st, err := storeOf(path)
+	if err != nil {
+		return nil, fmt.Errorf("open checkpoint: %w", err)
+	}
+	if st != nil {
+		b, err := st.Open(path)
+		if err != nil {
+			return nil, fmt.Errorf("open checkpoint: %w", err)
+		}
+		r, err := NewReaderKey(b, b.Size(), key)
+		if err != nil {
+			b.Close()
+			return nil, fmt.Errorf("open checkpoint %s: %w", path, err)
+		}
+		r.closer = b
+		return r, nil
+	}
 	f, err := safefile.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("open checkpoint: %w", err)
@@ -87,6 +104,9 @@ func OpenKey(path string, key []byte) (*Reader, error) {
 	r.closer = f
 	return r, nil
 }
+
+// Size is the checkpoint's size in bytes.
+func (r *Reader) Size() int64 { return r.size }
 
 // Close closes the file opened by [Open]. For a Reader from [NewReader] it
 // does nothing.

@@ -171,9 +171,12 @@ type flushWriter interface {
 //
 // A Writer is not safe for concurrent use.
 type Writer struct {
+	// A local file: its directory, the temporary file and its name there;
+	// or a store's sink (then dir and f are nil).
 	dir     *targetDir
 	f       *os.File
 	tmp     string // name of f in dir
+	sink    Sink
 	bw      flushWriter
 	off     int64  // bytes written to bw
 	fileCRC uint32 // of the bytes written to bw
@@ -235,20 +238,25 @@ func Create(path string, h Header, opts Options) (*Writer, error) {
 	if h, err = newHeader(h, opts, false); err != nil {
 		return nil, err
 	}
-	dir, f, tmp, err := createBeside(path)
+	w := &Writer{h: h, opts: opts, seal: seal, salt: salt}
+	st, err := storeOf(path)
 	if err != nil {
+		return nil, fmt.Errorf("create checkpoint: %w", err)
+	}
+	if st != nil {
+		// About the size of the file: every page raw, and some.
+		hint := int64(h.Pages.Total)*int64(h.PageSize) + 1<<20
+		if w.sink, err = st.Create(path, hint); err != nil {
+			return nil, fmt.Errorf("create checkpoint: %w", err)
+		}
+		w.bw = sinkWriter{w.sink}
+		return w, nil
+	}
+	if w.dir, w.f, w.tmp, err = createBeside(path); err != nil {
 		return nil, err
 	}
-	return &Writer{
-		dir:  dir,
-		f:    f,
-		tmp:  tmp,
-		bw:   newFileWriter(f),
-		h:    h,
-		opts: opts,
-		seal: seal,
-		salt: salt,
-	}, nil
+	w.bw = newFileWriter(w.f)
+	return w, nil
 }
 
 // newHeader is h as a writer with opts writes it: the fields the writer
@@ -359,8 +367,14 @@ func (w *Writer) ReleaseReplaced() {
 	}
 }
 
-// TempPath returns the path of the temporary file being written.
-func (w *Writer) TempPath() string { return w.dir.join(w.tmp) }
+// TempPath returns the path of the temporary file being written, or for a
+// checkpoint in a store, where its bytes go.
+func (w *Writer) TempPath() string {
+	if w.sink != nil {
+		return w.sink.String()
+	}
+	return w.dir.join(w.tmp)
+}
 
 // Stats returns what w has written so far.
 func (w *Writer) Stats() Stats {
@@ -392,6 +406,9 @@ func (w *Writer) fail(err error) error {
 
 // cleanup closes and removes the temporary file and closes the directory.
 func (w *Writer) cleanup() error {
+	if w.sink != nil {
+		return w.sink.Abort()
+	}
 	var errs []error
 	if c, ok := w.bw.(interface{ Close() }); ok {
 		c.Close() // no write may run on the file closed next
@@ -1108,6 +1125,14 @@ func (w *Writer) Commit() error {
 	}
 	if err := w.bw.Flush(); err != nil {
 		return w.fail(fmt.Errorf("commit checkpoint: write %s: %w", w.TempPath(), err))
+	}
+	if w.sink != nil {
+		if err := w.sink.Commit(); err != nil {
+			return w.fail(fmt.Errorf("commit checkpoint: %w", err))
+		}
+		w.state = stateCommitted
+		w.stats.BytesWritten = w.off
+		return nil
 	}
 	f := w.f
 	w.f = nil // closed by renameOver, which removes it on failure

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/kvmckpt/kvmckpt/checkpoint"
+	"github.com/kvmckpt/kvmckpt/objstore"
 	"github.com/kvmckpt/kvmckpt/writer"
 )
 
@@ -49,6 +50,7 @@ Exit codes: 0 done; 1 failed; 2 usage; 3 checkpoint invalid; 4 guest busy or in 
 type env struct {
 	stdout, stderr io.Writer
 	log            *slog.Logger
+	s3Endpoint     *string // --s3-endpoint
 }
 
 type command func(ctx context.Context, e *env, args []string) error
@@ -93,6 +95,7 @@ func (e *env) flags(name string) (*flag.FlagSet, *bool) {
 	fs := flag.NewFlagSet("kvmckpt "+name, flag.ContinueOnError)
 	fs.SetOutput(e.stderr)
 	verbose := fs.Bool("v", false, "structured logs on stderr")
+	e.s3Endpoint = fs.String("s3-endpoint", "", "URL of an S3-compatible store for s3://BUCKET/KEY names (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS); keys are addressed path-style")
 	return fs, verbose
 }
 
@@ -117,6 +120,12 @@ func (e *env) parse(fs *flag.FlagSet, verbose *bool, args []string) ([]string, e
 	if *verbose {
 		e.log = slog.New(slog.NewTextHandler(e.stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
+	// Checkpoints may be named s3://BUCKET/KEY anywhere a file is.
+	cfg := objstore.Config{}
+	if e.s3Endpoint != nil {
+		cfg.Endpoint = *e.s3Endpoint
+	}
+	objstore.Register(cfg)
 	return pos, nil
 }
 
