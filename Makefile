@@ -17,7 +17,7 @@ KVMCKPT_CACHE ?= $(or $(filter /%,$(XDG_CACHE_HOME)),$(HOME)/.cache)/kvmckpt
 export KVMCKPT_CACHE := $(abspath $(KVMCKPT_CACHE))
 export KVMCKPT_INITRAMFS := $(abspath $(BUILD)/initramfs.cpio.gz)
 
-.PHONY: all deps build initramfs test vet fuzz demo bench bench-live bench-squeeze bench-incremental bench-limit bench-sweep clean matrix
+.PHONY: all deps build initramfs test vet fuzz demo bench bench-live bench-squeeze bench-incremental bench-limit bench-s3 bench-sweep clean matrix
 
 all: build
 
@@ -104,6 +104,12 @@ bench-limit: deps build
 	git archive $(OLD) | tar -x -C $(BUILD)/old-src
 	cd $(BUILD)/old-src && $(GO) build -o ../kvmckpt-old ./cmd/kvmckpt
 	$(GO) run ./internal/bench -limit -old $(BUILD)/kvmckpt-old -kvmckpt $(BUILD)/kvmckpt $(LIMITFLAGS)
+
+# Saves to a local file and to a local S3 store (SeaweedFS), alternated,
+# each restored from where it went.
+S3FLAGS ?=
+bench-s3: deps build
+	$(GO) run ./internal/bench -s3 -kvmckpt $(BUILD)/kvmckpt $(S3FLAGS)
 
 bench-sweep: deps build
 	$(GO) run ./internal/bench -sweep -kvmckpt $(BUILD)/kvmckpt $(BENCHFLAGS)

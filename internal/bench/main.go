@@ -109,6 +109,8 @@ type config struct {
 	// older kvmckpt binary it compares with.
 	Limit bool   `json:"limit,omitempty"`
 	Old   string `json:"old,omitempty"`
+	// S3 runs the object storage bench (s3.go).
+	S3 bool `json:"s3,omitempty"`
 }
 
 // mappedRAM reports whether the emulator has mapped-ram (QEMU 8.2 and
@@ -148,6 +150,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.Incremental, "incremental", false, "a quiet guest with half its RAM of data, 1, 10 and 50% of its pages in use rewritten, saved incrementally (--parent) and whole")
 	fs.BoolVar(&c.Limit, "limit", false, "stop-and-copy saves of the default guest, each followed by the disk's and memory's bandwidth; with -old, by an older kvmckpt too, alternated")
 	fs.StringVar(&c.Old, "old", "", "with -limit: an older kvmckpt binary to compare with")
+	fs.BoolVar(&c.S3, "s3", false, "stop-and-copy saves of the default guest to a local file and to a local S3 store (SeaweedFS), alternated, each restored from where it was saved")
 	rates := fs.String("rates", "", "with -live: the writer rates, MiB/s, comma-separated (0: idle; default 0,10,50,200, or 50 with -smoke)")
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -225,6 +228,17 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		}
 		if !set["reps"] {
 			c.Reps = 5
+		}
+	}
+	if c.S3 {
+		if c.Live || c.Sweep || c.Squeeze || c.Incremental || c.Limit {
+			return c, errors.New("-s3 excludes -live, -sweep, -squeeze, -incremental and -limit")
+		}
+		if !set["out"] {
+			c.Out = "bench-results/s3.json"
+		}
+		if !set["reps"] {
+			c.Reps = 3
 		}
 	}
 	if set["old"] && !c.Limit {
@@ -305,6 +319,8 @@ func run(ctx context.Context, stdout, stderr io.Writer, args []string) (*report,
 		runErr = b.incremental(ctx, r)
 	case cfg.Limit:
 		runErr = b.limit(ctx, r)
+	case cfg.S3:
+		runErr = b.s3(ctx, r)
 	case cfg.Sweep:
 		runErr = b.sweep(ctx, r)
 	default:

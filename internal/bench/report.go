@@ -35,6 +35,8 @@ type report struct {
 	Incremental *incrementalResult `json:"incremental,omitempty"`
 	// Limit is the limit bench's result (-limit).
 	Limit *limitResult `json:"limit,omitempty"`
+	// S3 is the object storage bench's result (-s3).
+	S3 *s3Result `json:"s3,omitempty"`
 	Error string       `json:"error,omitempty"`
 }
 
@@ -115,6 +117,9 @@ func writeMarkdown(w io.Writer, r *report) {
 	if r.Limit != nil {
 		title = "kvmckpt's stop-and-copy against the disk's and memory's limits"
 	}
+	if r.S3 != nil {
+		title = "kvmckpt saving to and restoring from S3-compatible object storage"
+	}
 	fmt.Fprintf(w, "# %s\n\n", title)
 	fmt.Fprintf(w, "- machine: %d cores (%s), %.1f GiB RAM, accelerator **%s**, QEMU %s, Linux %s, %s\n",
 		m.Cores, m.CPUModel, float64(m.MemTotalMiB)/1024, m.Accel, m.QEMU, m.Kernel, m.Go)
@@ -137,6 +142,9 @@ func writeMarkdown(w io.Writer, r *report) {
 	}
 	if r.Limit != nil {
 		writeLimit(w, r.Limit)
+	}
+	if r.S3 != nil {
+		writeS3(w, r.S3)
 	}
 	if r.Incremental != nil {
 		writeIncremental(w, r.Incremental)

@@ -1,0 +1,175 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/kvmckpt/kvmckpt/internal/s3test"
+	"github.com/kvmckpt/kvmckpt/internal/vmtest"
+)
+
+// The object storage bench (-s3): the default bench guest saved by
+// kvmckpt stop-and-copy into a local file and into a local S3-compatible
+// store (SeaweedFS on the loopback, its data on the same disk as the
+// file), alternated; each checkpoint is then restored from where it was
+// saved into a new QEMU, which verifies its data.
+
+const (
+	targetFile = "file"
+	targetS3   = "s3"
+)
+
+// s3Row is one save and restore.
+type s3Row struct {
+	Target       string  `json:"target"`
+	Rep          int     `json:"rep"`
+	PauseMS      float64 `json:"pause_ms"`
+	PagesMS      float64 `json:"pages_ms"`
+	PagesSaved   float64 `json:"pages_saved"`
+	BytesWritten float64 `json:"bytes_written"`
+	RestoreMS    float64 `json:"restore_ms"`
+	RestorePgMS  float64 `json:"restore_pages_ms"`
+	Verified     bool    `json:"verified"`
+	Failure      string  `json:"failure,omitempty"`
+}
+
+// SaveBps is the pages' raw bytes over the pause: what the save moves
+// while the guest waits, the upload's completion included.
+func (r s3Row) SaveBps() float64 { return r.PagesSaved * 4096 / max(r.PauseMS/1000, 1e-3) }
+
+// RestoreBps is the pages' raw bytes over the restore's pages phase.
+func (r s3Row) RestoreBps() float64 { return r.PagesSaved * 4096 / max(r.RestorePgMS/1000, 1e-3) }
+
+type s3Result struct {
+	Workload workload `json:"workload"`
+	Rows     []s3Row  `json:"rows"`
+}
+
+func (b *bench) s3(ctx context.Context, r *report) error {
+	w := newWorkload(b.cfg, b.cfg.MemMiB, b.cfg.Churn)
+	res := &s3Result{Workload: w}
+	r.S3 = res
+	dir, err := os.MkdirTemp(b.work, "s3-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	srv, err := s3test.Start(filepath.Join(dir, "store"))
+	if err != nil {
+		return err
+	}
+	defer srv.Stop()
+	if err := srv.Bucket("bench"); err != nil {
+		return err
+	}
+	// The kvmckpt processes find the store the way an operator's do.
+	for k, v := range srv.Env() {
+		os.Setenv(k, v)
+	}
+	b.logf("boot %d MiB guest: churn %d MiB, keep %d+%d MiB, text %d MiB; S3 store at %s", w.MemMiB, w.ChurnMiB, w.AnonMiB, w.TmpfsMiB, w.TextMiB, srv.Endpoint)
+	g, err := vmtest.Start(ctx, w.guest())
+	if err != nil {
+		return fmt.Errorf("boot guest: %w", err)
+	}
+	defer g.Close()
+	if m, _, err := g.WaitSerial(ctx, readyRE, 0, bootTimeout(w.MemMiB)); err != nil || m != "KW READY" {
+		return fmt.Errorf("boot guest: %v %s", err, m)
+	}
+	if _, err := runProc(ctx, opTimeout(w.MemMiB), nil, b.kvmckpt, "scan", "--qmp", g.QMPPath, "--json"); err != nil {
+		return fmt.Errorf("warm-up scan: %w", err)
+	}
+	outs := map[string]string{targetFile: filepath.Join(dir, "vm.kvmckpt"), targetS3: "s3://bench/vm.kvmckpt"}
+	order := []string{targetFile, targetS3}
+	for rep := range b.cfg.Reps {
+		o := slices.Clone(order)
+		if rep%2 == 1 {
+			slices.Reverse(o)
+		}
+		for _, t := range o {
+			row := s3Row{Target: t, Rep: rep}
+			err := b.s3Save(ctx, g, w, outs[t], &row)
+			if err != nil {
+				row.Failure = err.Error()
+			}
+			res.Rows = append(res.Rows, row)
+			b.logf("rep %d: %s: pause %.0f ms, %.0f MB/s raw; restore pages %.0f ms, %.0f MB/s; verified %v",
+				rep+1, t, row.PauseMS, row.SaveBps()/1e6, row.RestorePgMS, row.RestoreBps()/1e6, row.Verified)
+			if err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (b *bench) s3Save(ctx context.Context, g *vmtest.Guest, w workload, out string, row *s3Row) error {
+	if err := b.settle(ctx, g, w); err != nil {
+		return err
+	}
+	pr, err := runProc(ctx, opTimeout(w.MemMiB), nil, b.kvmckpt, "save", "--qmp", g.QMPPath, "-o", out, "--json")
+	if err != nil {
+		return err
+	}
+	var js struct {
+		PauseMS      float64 `json:"pause_ms"`
+		PagesMS      float64 `json:"pages_ms"`
+		PagesSaved   float64 `json:"pages_saved"`
+		BytesWritten float64 `json:"bytes_written"`
+	}
+	if err := json.Unmarshal(pr.Stdout, &js); err != nil {
+		return fmt.Errorf("decode save output: %w", err)
+	}
+	row.PauseMS, row.PagesMS, row.PagesSaved, row.BytesWritten = js.PauseMS, js.PagesMS, js.PagesSaved, js.BytesWritten
+	// Restore into a new QEMU, the source paused meanwhile, the file
+	// (and the store's data) written out first.
+	if err := syncfs(b.work); err != nil {
+		return err
+	}
+	if err := setRunning(ctx, g.QMPPath, false); err != nil {
+		return err
+	}
+	defer setRunning(context.WithoutCancel(ctx), g.QMPPath, true)
+	m, err := b.restore(ctx, w, toolKvmckpt, out)
+	if err != nil {
+		return fmt.Errorf("restore: %w", err)
+	}
+	row.RestoreMS, row.RestorePgMS, row.Verified = m.TotalMS, m.Detail["pages_ms"], m.Verified
+	if !m.Verified {
+		return fmt.Errorf("restored guest: %s", m.Failure)
+	}
+	return setRunning(ctx, g.QMPPath, true)
+}
+
+func writeS3(w io.Writer, s *s3Result) {
+	fmt.Fprintf(w, "\n## Object storage: the default guest (%d MiB, %d MiB freed, %d+%d MiB kept, %d MiB text) saved to a local file and to a local S3 store (SeaweedFS), alternated\n\n",
+		s.Workload.MemMiB, s.Workload.ChurnMiB, s.Workload.AnonMiB, s.Workload.TmpfsMiB, s.Workload.TextMiB)
+	fmt.Fprintf(w, "Save MB/s: the pages in use (4 KiB each) over the pause (the upload's completion included). Restore MB/s: the same bytes over the restore's pages phase.\n\n")
+	fmt.Fprintf(w, "| target | rep | pause ms | pages ms | MiB written | save MB/s | restore ms | restore pages ms | restore MB/s | verified |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|---|\n")
+	for _, r := range s.Rows {
+		if r.Failure != "" {
+			fmt.Fprintf(w, "| %s | %d | failed: %s ||||||||\n", r.Target, r.Rep+1, r.Failure)
+			continue
+		}
+		fmt.Fprintf(w, "| %s | %d | %.0f | %.0f | %.1f | %.0f | %.0f | %.0f | %.0f | %v |\n",
+			r.Target, r.Rep+1, r.PauseMS, r.PagesMS, r.BytesWritten/(1<<20), r.SaveBps()/1e6, r.RestoreMS, r.RestorePgMS, r.RestoreBps()/1e6, r.Verified)
+	}
+	med := func(t string, f func(s3Row) float64) float64 {
+		var v []float64
+		for _, r := range s.Rows {
+			if r.Target == t && r.Failure == "" {
+				v = append(v, f(r))
+			}
+		}
+		return summarize(v).Median
+	}
+	sf, ss := med(targetFile, s3Row.SaveBps), med(targetS3, s3Row.SaveBps)
+	rf, rs := med(targetFile, s3Row.RestoreBps), med(targetS3, s3Row.RestoreBps)
+	fmt.Fprintf(w, "\nMedians: save %.0f MB/s to the file, %.0f MB/s to S3 (%.2fx); restore %.0f MB/s from the file, %.0f MB/s from S3 (%.2fx).\n",
+		sf/1e6, ss/1e6, ss/max(sf, 1), rf/1e6, rs/1e6, rs/max(rf, 1))
+	fmt.Fprintf(w, "Target: S3 at 0.7x of the file or more: save %s, restore %s.\n", met(ss >= 0.7*sf), met(rs >= 0.7*rf))
+}
