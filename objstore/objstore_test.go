@@ -234,3 +234,23 @@ func TestExplain(t *testing.T) {
 	err := explain(context.Canceled, loc, "read")
 	require.True(t, errors.Is(err, context.Canceled))
 }
+
+// FuzzParse: a name parses to a bucket and key that give it back, or is
+// refused; never a panic, never an empty bucket or key.
+func FuzzParse(f *testing.F) {
+	for _, s := range []string{"s3://b/k", "s3://b/dir/k.kvmckpt", "s3://", "s3:///k", "s3://b/", "b/k", "s3://b//k"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		l, err := Parse(name)
+		if err != nil {
+			return
+		}
+		if l.Bucket == "" || l.Key == "" || strings.Contains(l.Bucket, "/") || strings.HasSuffix(l.Key, "/") {
+			t.Fatalf("%q parsed to %+v", name, l)
+		}
+		if l.String() != name {
+			t.Fatalf("%q parsed to %+v, which names %q", name, l, l.String())
+		}
+	})
+}
