@@ -36,8 +36,8 @@ type report struct {
 	// Limit is the limit bench's result (-limit).
 	Limit *limitResult `json:"limit,omitempty"`
 	// S3 is the object storage bench's result (-s3).
-	S3 *s3Result `json:"s3,omitempty"`
-	Error string       `json:"error,omitempty"`
+	S3    *s3Result `json:"s3,omitempty"`
+	Error string    `json:"error,omitempty"`
 }
 
 // machine describes the host.
