@@ -3,6 +3,8 @@ package objstore
 import (
 	"context"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/kvmckpt/kvmckpt/internal/s3test"
@@ -50,18 +52,33 @@ func BenchmarkRead(b *testing.B) {
 	if err := u.Commit(); err != nil {
 		b.Fatal(err)
 	}
-	buf := make([]byte, 1<<20)
+	// As a restore reads: two workers taking chunks of about 768 KiB in
+	// turn.
+	const chunk = 768 << 10
 	b.SetBytes(int64(len(data)))
 	for b.Loop() {
 		o, err := s.Open(context.Background(), "s3://bench/obj")
 		if err != nil {
 			b.Fatal(err)
 		}
-		for off := int64(0); off < o.Size(); off += 1 << 20 {
-			if _, err := o.ReadAt(buf, off); err != nil {
-				b.Fatal(err)
-			}
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		for range 2 {
+			wg.Go(func() {
+				buf := make([]byte, chunk)
+				for {
+					off := next.Add(chunk) - chunk
+					if off >= o.Size() {
+						return
+					}
+					if _, err := o.ReadAt(buf[:min(chunk, o.Size()-off)], off); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
 		}
+		wg.Wait()
 		o.Close()
 	}
 }

@@ -171,25 +171,33 @@ func (o *Object) fetch(i int64) *block {
 	return b
 }
 
-// evict drops the least recently read finished block while more than
-// 2×Parallel are held. o.mu held.
+// evict drops finished blocks while 2×Parallel or more are held: first
+// those behind the reads (the lowest first), which a restore is done
+// with, then the least recently read; never a block being fetched, nor
+// one read ahead and not yet read while an older one can go. o.mu held.
 func (o *Object) evict() {
 	for len(o.blocks) >= 2*o.s.cfg.Parallel {
-		var old int64 = -1
+		var victim int64 = -1
+		behind := false
 		for i, b := range o.blocks {
 			select {
 			case <-b.done:
 			default:
 				continue
 			}
-			if old < 0 || b.used < o.blocks[old].used {
-				old = i
+			ib := i < o.last
+			switch {
+			case victim < 0,
+				ib && !behind,
+				ib && behind && i < victim,
+				!ib && !behind && b.used < o.blocks[victim].used:
+				victim, behind = i, ib
 			}
 		}
-		if old < 0 {
+		if victim < 0 {
 			return // all in flight: bounded by the semaphore's waiters
 		}
-		delete(o.blocks, old)
+		delete(o.blocks, victim)
 	}
 }
 

@@ -48,7 +48,7 @@ type Config struct {
 	// 0 means 16 MiB (more for an object that would need over 9,000
 	// parts).
 	PartSize int64
-	// Timeout bounds each request (a part, a range); 0 means 2 minutes.
+	// Timeout bounds each request (a part, a range); 0 means a minute.
 	Timeout time.Duration
 }
 
@@ -92,7 +92,7 @@ func New(cfg Config) *Store {
 		cfg.Parallel = 8
 	}
 	if cfg.Timeout <= 0 {
-		cfg.Timeout = 2 * time.Minute
+		cfg.Timeout = time.Minute
 	}
 	return &Store{cfg: cfg}
 }

@@ -254,3 +254,36 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// A store that hangs (stopped, its connections open) holds a Write only
+// until Cancel, which a cancelled save calls; the abort then gives up
+// after its timeout.
+func TestHungStore(t *testing.T) {
+	srv := s3test.StartT(t, "ckpt")
+	s := New(Config{PartSize: 5 << 20, Parallel: 2, Timeout: 3 * time.Second})
+	u, err := s.Create(context.Background(), "s3://ckpt/k", 100<<20)
+	require.NoError(t, err)
+	srv.Freeze()
+	defer srv.Thaw()
+	done := make(chan error, 1)
+	go func() {
+		var err error
+		for err == nil {
+			_, err = u.Write(randBytes(1<<20, 11))
+		}
+		done <- err
+	}()
+	time.Sleep(time.Second)
+	start := time.Now()
+	u.Cancel()
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, context.Canceled)
+		require.Less(t, time.Since(start), 2*time.Second)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Write still blocked 10 s after Cancel")
+	}
+	start = time.Now()
+	require.Error(t, u.Abort())
+	require.Less(t, time.Since(start), 30*time.Second)
+}

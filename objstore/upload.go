@@ -226,6 +226,18 @@ func (u *Upload) Rate() float64 {
 	return float64(sent) / time.Duration(busy).Seconds()
 }
 
+// Cancel stops the parts in flight and makes a blocked Write return an
+// error; the upload is then fit only for Abort. It is safe to call from
+// any goroutine.
+func (u *Upload) Cancel() {
+	u.mu.Lock()
+	if u.err == nil {
+		u.err = fmt.Errorf("upload %s: %w", u.loc, context.Canceled)
+	}
+	u.mu.Unlock()
+	u.cancel()
+}
+
 // Commit sends the last part, waits for all, and completes the upload:
 // the object appears whole at its key.
 func (u *Upload) Commit() error {

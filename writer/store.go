@@ -127,6 +127,14 @@ type sinkWriter struct{ Sink }
 
 func (sinkWriter) Flush() error { return nil }
 
+// Cancel stops the sink's work in flight, if it can, so that a blocked
+// Write returns: what a cancelled save asks of it. Abort still follows.
+func (s sinkWriter) Cancel() {
+	if c, ok := s.Sink.(interface{ Cancel() }); ok {
+		c.Cancel()
+	}
+}
+
 // Rate is the sink's, if it measures one (see [CompressionAuto]).
 func (s sinkWriter) Rate() float64 {
 	if p, ok := s.Sink.(diskPace); ok {

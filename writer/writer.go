@@ -515,6 +515,12 @@ func (w *Writer) WritePagesFrom(ctx context.Context, src io.ReaderAt, used *page
 }
 
 func (w *Writer) writePages(ctx context.Context, sp *space, used *pagemap.Bitmap, progress func(done, total uint64)) error {
+	// A sink that can wait long (a store's upload) gives up when ctx
+	// does, rather than holding the writer, and the paused guest, until
+	// its requests time out.
+	if c, ok := w.bw.(interface{ Cancel() }); ok {
+		defer context.AfterFunc(ctx, c.Cancel)()
+	}
 	if used.Len() != w.h.Pages.Total {
 		return fmt.Errorf("write pages: bitmap of %d pages, regions hold %d", used.Len(), w.h.Pages.Total)
 	}

@@ -156,10 +156,18 @@ func (s *Server) Stop() {
 		return
 	}
 	syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
+	syscall.Kill(-s.cmd.Process.Pid, syscall.SIGCONT)
 	<-s.exited
 	s.cmd = nil
 	s.log.Close()
 }
+
+// Freeze stops the server's processes without closing anything: a store
+// that hangs. Thaw lets them go on.
+func (s *Server) Freeze() { syscall.Kill(-s.cmd.Process.Pid, syscall.SIGSTOP) }
+
+// Thaw undoes Freeze.
+func (s *Server) Thaw() { syscall.Kill(-s.cmd.Process.Pid, syscall.SIGCONT) }
 
 // Client is an S3 client of the server with the given credentials.
 func (s *Server) Client(access, secret string) *s3.Client {
