@@ -31,7 +31,8 @@ type Object struct {
 
 	mu     sync.Mutex
 	blocks map[int64]*block
-	last   int64 // the block read last, for read-ahead
+	spare  [][]byte // buffers of evicted blocks, for the next GETs
+	last   int64    // the block read last, for read-ahead
 	clock  uint64
 	wg     sync.WaitGroup
 }
@@ -41,6 +42,9 @@ type block struct {
 	data []byte
 	err  error
 	used uint64 // when it was last read, for eviction
+	// readers are the ReadAt calls copying out of data: a block is
+	// evicted, and data reused, only when there are none. o.mu guards it.
+	readers int
 }
 
 // Open opens the object at name (s3://BUCKET/KEY). A missing object is
@@ -104,21 +108,19 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 	for n < len(want) {
 		at := off + int64(n)
 		i := at / o.block
-		b := o.get(i)
+		b := o.get(i) // counted as a reader
 		select {
 		case <-b.done:
 		case <-o.ctx.Done():
+			o.release(i, b, false)
 			return n, fmt.Errorf("read %s: closed", o.loc)
 		}
 		if b.err != nil {
-			o.mu.Lock()
-			if o.blocks[i] == b {
-				delete(o.blocks, i) // another read tries again
-			}
-			o.mu.Unlock()
+			o.release(i, b, true) // another read tries again
 			return n, b.err
 		}
 		n += copy(want[n:], b.data[at-i*o.block:])
+		o.release(i, b, false)
 	}
 	if n < len(p) {
 		return n, io.EOF
@@ -126,12 +128,23 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// get returns block i, fetching it if needed, and starts reading ahead
-// when the reads go in order.
+// release ends a read of block i; drop removes a failed block.
+func (o *Object) release(i int64, b *block, drop bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	b.readers--
+	if drop && o.blocks[i] == b {
+		delete(o.blocks, i)
+	}
+}
+
+// get returns block i, counted as read, fetching it if needed, and starts
+// reading ahead when the reads go in order.
 func (o *Object) get(i int64) *block {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	b := o.fetch(i)
+	b.readers++
 	if i == o.last || i == o.last+1 {
 		n := o.nblocks()
 		for k := i + 1; k <= i+int64(o.s.cfg.Parallel) && k < n; k++ {
@@ -157,6 +170,10 @@ func (o *Object) fetch(i int64) *block {
 	o.evict()
 	b := &block{done: make(chan struct{}), used: t}
 	o.blocks[i] = b
+	var buf []byte
+	if k := len(o.spare); k > 0 {
+		buf, o.spare = o.spare[k-1], o.spare[:k-1]
+	}
 	o.wg.Go(func() {
 		defer close(b.done)
 		select {
@@ -166,7 +183,7 @@ func (o *Object) fetch(i int64) *block {
 			return
 		}
 		defer func() { <-o.sem }()
-		b.data, b.err = o.getRange(i*o.block, min(o.block, o.size-i*o.block))
+		b.data, b.err = o.getRange(buf, i*o.block, min(o.block, o.size-i*o.block))
 	})
 	return b
 }
@@ -185,6 +202,9 @@ func (o *Object) evict() {
 			default:
 				continue
 			}
+			if b.readers > 0 {
+				continue
+			}
 			ib := i < o.last
 			switch {
 			case victim < 0,
@@ -195,14 +215,18 @@ func (o *Object) evict() {
 			}
 		}
 		if victim < 0 {
-			return // all in flight: bounded by the semaphore's waiters
+			return // all in flight or being read: bounded by the readers and the semaphore
+		}
+		if d := o.blocks[victim].data; cap(d) == int(o.block) && len(o.spare) < 2*o.s.cfg.Parallel {
+			o.spare = append(o.spare, d[:0])
 		}
 		delete(o.blocks, victim)
 	}
 }
 
-// getRange reads n bytes at off, of the version opened.
-func (o *Object) getRange(off, n int64) ([]byte, error) {
+// getRange reads n bytes at off, of the version opened, into buf if it
+// is big enough.
+func (o *Object) getRange(buf []byte, off, n int64) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(o.ctx, o.s.cfg.Timeout)
 	defer cancel()
 	in := &s3.GetObjectInput{Bucket: aws.String(o.loc.Bucket), Key: aws.String(o.loc.Key),
@@ -221,7 +245,10 @@ func (o *Object) getRange(off, n int64) ([]byte, error) {
 	if out.ContentLength != nil && *out.ContentLength != n {
 		return nil, fmt.Errorf("read %s: asked for %d bytes at %d, the store sends %d: %w", o.loc, n, off, *out.ContentLength, ErrChanged)
 	}
-	data := make([]byte, n)
+	if cap(buf) < int(o.block) {
+		buf = make([]byte, o.block)
+	}
+	data := buf[:n]
 	if _, err := io.ReadFull(out.Body, data); err != nil {
 		if err == io.ErrUnexpectedEOF || err == io.EOF {
 			return nil, fmt.Errorf("read %s: %d bytes at %d cut short: %w", o.loc, n, off, ErrChanged)
