@@ -42,8 +42,10 @@ type s3Row struct {
 	StoreBps    float64 `json:"store_upload_bytes_per_s,omitempty"`
 	RestoreMS   float64 `json:"restore_ms"`
 	RestorePgMS float64 `json:"restore_pages_ms"`
-	Verified    bool    `json:"verified"`
-	Failure     string  `json:"failure,omitempty"`
+	// RestoreCPUMS is the CPU time of the kvmckpt restore process.
+	RestoreCPUMS float64 `json:"restore_cpu_ms"`
+	Verified     bool    `json:"verified"`
+	Failure      string  `json:"failure,omitempty"`
 }
 
 // SaveBps is the pages' raw bytes over the pause: what the save moves
@@ -154,7 +156,7 @@ func (b *bench) s3Save(ctx context.Context, g *vmtest.Guest, w workload, out str
 	if err != nil {
 		return fmt.Errorf("restore: %w", err)
 	}
-	row.RestoreMS, row.RestorePgMS, row.Verified = m.TotalMS, m.Detail["pages_ms"], m.Verified
+	row.RestoreMS, row.RestorePgMS, row.RestoreCPUMS, row.Verified = m.TotalMS, m.Detail["pages_ms"], m.ToolCPUMS, m.Verified
 	if !m.Verified {
 		return fmt.Errorf("restored guest: %s", m.Failure)
 	}
@@ -188,18 +190,18 @@ func writeS3(w io.Writer, s *s3Result) {
 	fmt.Fprintf(w, "\n## Object storage: the default guest (%d MiB, %d MiB freed, %d+%d MiB kept, %d MiB text) saved to a local file and to a local S3 store (SeaweedFS), alternated\n\n",
 		s.Workload.MemMiB, s.Workload.ChurnMiB, s.Workload.AnonMiB, s.Workload.TmpfsMiB, s.Workload.TextMiB)
 	fmt.Fprintf(w, "Save MB/s: the pages in use (4 KiB each) over the pause (the upload's completion included). Store MB/s: the store's own upload rate for the same byte count, right after (random bytes, no kvmckpt work); stored MB/s: the bytes written over the pause. Restore MB/s: the pages' bytes over the restore's pages phase.\n\n")
-	fmt.Fprintf(w, "| target | rep | pause ms | pages ms | MiB written | save MB/s | stored MB/s | store MB/s | restore ms | restore pages ms | restore MB/s | verified |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n")
+	fmt.Fprintf(w, "| target | rep | pause ms | pages ms | MiB written | save MB/s | stored MB/s | store MB/s | restore ms | restore CPU ms | restore pages ms | restore MB/s | verified |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n")
 	for _, r := range s.Rows {
 		if r.Failure != "" {
-			fmt.Fprintf(w, "| %s | %d | failed: %s ||||||||||\n", r.Target, r.Rep+1, r.Failure)
+			fmt.Fprintf(w, "| %s | %d | failed: %s |||||||||||\n", r.Target, r.Rep+1, r.Failure)
 			continue
 		}
 		store := "-"
 		if r.StoreBps > 0 {
 			store = fmt.Sprintf("%.0f", r.StoreBps/1e6)
 		}
-		fmt.Fprintf(w, "| %s | %d | %.0f | %.0f | %.1f | %.0f | %.0f | %s | %.0f | %.0f | %.0f | %v |\n",
-			r.Target, r.Rep+1, r.PauseMS, r.PagesMS, r.BytesWritten/(1<<20), r.SaveBps()/1e6, r.StoredBps()/1e6, store, r.RestoreMS, r.RestorePgMS, r.RestoreBps()/1e6, r.Verified)
+		fmt.Fprintf(w, "| %s | %d | %.0f | %.0f | %.1f | %.0f | %.0f | %s | %.0f | %.0f | %.0f | %.0f | %v |\n",
+			r.Target, r.Rep+1, r.PauseMS, r.PagesMS, r.BytesWritten/(1<<20), r.SaveBps()/1e6, r.StoredBps()/1e6, store, r.RestoreMS, r.RestoreCPUMS, r.RestorePgMS, r.RestoreBps()/1e6, r.Verified)
 	}
 	med := func(t string, f func(s3Row) float64) float64 {
 		var v []float64
