@@ -12,6 +12,10 @@
 //	kvmckpt resume  (--qmp PATH | --domain NAME [--connect URI])
 //	kvmckpt profile build --kernel PATH [-o FILE] | list | show NAME|FILE
 //
+// A checkpoint FILE may be an object, s3://BUCKET/KEY, in any command;
+// --s3-endpoint URL names a store that is not AWS (credentials and region
+// come from the AWS_* variables and the shared AWS files).
+//
 // Exit codes: 0 success; 1 the operation failed; 2 usage error; 3 the
 // checkpoint is invalid or corrupt; 4 the guest is busy (another kvmckpt
 // holds it) or not in a state to be saved or restored; 130 interrupted.
