@@ -43,7 +43,7 @@ Usage:
   kvmckpt profile show NAME|FILE
 
 Every command takes -v for structured logs on stderr.
-A checkpoint FILE (or OUT, or -o of save and flatten) may be an object in an S3-compatible
+A checkpoint FILE, and -o of save and flatten, may be an object in an S3-compatible
 store, s3://BUCKET/KEY, found with the AWS_* variables and files; --s3-endpoint URL names
 a store that is not AWS.
 Exit codes: 0 done; 1 failed; 2 usage; 3 checkpoint invalid; 4 guest busy or in the wrong state; 130 interrupted.
