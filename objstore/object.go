@@ -16,7 +16,8 @@ import (
 // latency is paid once per Parallel blocks rather than per read. Every
 // GET asks for the version opened (If-Match its ETag): an object
 // replaced since is an error wrapping [ErrChanged], never a mix of two.
-// It holds at most 2×Parallel blocks. It is safe for concurrent use.
+// It holds at most 2×Parallel blocks (of 8 MiB) and 4 spare buffers. It
+// is safe for concurrent use.
 type Object struct {
 	s     *Store
 	cli   *s3.Client
@@ -36,6 +37,10 @@ type Object struct {
 	clock  uint64
 	wg     sync.WaitGroup
 }
+
+// maxSpare is how many buffers of evicted blocks an Object keeps for the
+// next GETs: enough for the fetches one read starts.
+const maxSpare = 4
 
 type block struct {
 	done chan struct{}
@@ -217,7 +222,7 @@ func (o *Object) evict() {
 		if victim < 0 {
 			return // all in flight or being read: bounded by the readers and the semaphore
 		}
-		if d := o.blocks[victim].data; cap(d) == int(o.block) && len(o.spare) < 2*o.s.cfg.Parallel {
+		if d := o.blocks[victim].data; cap(d) == int(o.block) && len(o.spare) < maxSpare {
 			o.spare = append(o.spare, d[:0])
 		}
 		delete(o.blocks, victim)

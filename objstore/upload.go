@@ -22,6 +22,7 @@ const (
 	defaultPartSize = 16 << 20
 	minPartSize     = 5 << 20 // S3's least, but for the last part
 	maxParts        = 9000    // of S3's 10,000, with room for a size hint that was low
+	maxBuffered     = 256 << 20
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -29,9 +30,10 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 // Upload is a multipart upload that becomes the object at its key only
 // when Commit completes it: until then an older object of that key is
 // what readers see, and Abort (or any failure) leaves no object. Parts
-// are sent as they fill, Parallel at a time, each with its CRC-32C, which
-// the store checks. Write blocks while every part buffer is in flight,
-// so an Upload holds at most Parallel+1 parts in memory.
+// are sent as they fill, Parallel at a time (fewer for parts so large
+// that Parallel of them would pass 256 MiB), each with its CRC-32C, which
+// the store checks. Write blocks while every part buffer is in flight, so
+// an Upload holds at most one part more than it sends at once.
 //
 // An Upload is not safe for concurrent use; its parts are.
 type Upload struct {
@@ -93,10 +95,13 @@ func (s *Store) Create(ctx context.Context, name string, sizeHint int64) (*Uploa
 	if out.UploadId == nil || *out.UploadId == "" {
 		return nil, fmt.Errorf("start the upload of %s: the store gave no upload id", loc)
 	}
+	// Parts in flight: Parallel, fewer where parts are large (a guest of
+	// terabytes), so that the buffers stay near maxBuffered.
+	par := min(s.cfg.Parallel, max(2, maxBuffered/int(ps)))
 	u := &Upload{s: s, cli: cli, loc: loc, id: *out.UploadId, partSize: int(ps),
-		free: make(chan []byte, s.cfg.Parallel+1), start: time.Now()}
+		free: make(chan []byte, par+1), start: time.Now()}
 	u.ctx, u.cancel = context.WithCancel(context.Background())
-	for range s.cfg.Parallel + 1 {
+	for range par + 1 {
 		u.free <- nil // allocated when first taken
 	}
 	return u, nil
