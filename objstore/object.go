@@ -133,6 +133,32 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
+// View lends the n bytes at off out of a block, without copying, until
+// release is called; ok is false for a range that crosses blocks or whose
+// block could not be read (ReadAt then reads it, or says why not).
+func (o *Object) View(off int64, n int) (b []byte, release func(), ok bool) {
+	if off < 0 || n < 0 || off+int64(n) > o.size {
+		return nil, nil, false
+	}
+	i := off / o.block
+	if off+int64(n) > (i+1)*o.block {
+		return nil, nil, false
+	}
+	blk := o.get(i)
+	select {
+	case <-blk.done:
+	case <-o.ctx.Done():
+		o.release(i, blk, false)
+		return nil, nil, false
+	}
+	if blk.err != nil {
+		o.release(i, blk, true)
+		return nil, nil, false
+	}
+	at := off - i*o.block
+	return blk.data[at : at+int64(n) : at+int64(n)], func() { o.release(i, blk, false) }, true
+}
+
 // release ends a read of block i; drop removes a failed block.
 func (o *Object) release(i int64, b *block, drop bool) {
 	o.mu.Lock()

@@ -97,6 +97,16 @@ func TestStore(t *testing.T) {
 		require.NoError(t, <-done)
 		require.NoError(t, <-done)
 		require.True(t, bytes.Equal(data, got))
+		// Lent without a copy within a block, refused across blocks and
+		// past the end.
+		v, release, ok := o.View(3<<20, 1<<20)
+		require.True(t, ok)
+		require.True(t, bytes.Equal(data[3<<20:4<<20], v))
+		release()
+		_, _, ok = o.View(o.block-10, 20)
+		require.False(t, ok)
+		_, _, ok = o.View(int64(len(data))-10, 20)
+		require.False(t, ok)
 		// Anywhere, and past the end.
 		r := rand.New(rand.NewPCG(2, 2))
 		for range 50 {
@@ -149,6 +159,23 @@ func TestStore(t *testing.T) {
 		require.NoError(t, u.Abort())
 		_, err = s.Open(ctx, "s3://ckpt/never")
 		require.ErrorIs(t, err, fs.ErrNotExist)
+	})
+
+	t.Run("PartsOfAHugeGuest", func(t *testing.T) {
+		// 1 TiB: parts large enough for S3's 10,000, and few of them in
+		// flight, so that the buffers stay near 256 MiB.
+		u, err := s.Create(ctx, "s3://ckpt/huge", 1<<40)
+		require.NoError(t, err)
+		defer u.Abort()
+		require.GreaterOrEqual(t, int64(u.partSize)*maxParts, int64(1<<40))
+		require.LessOrEqual(t, cap(u.free)*u.partSize, 3*(1<<40/maxParts+1<<20))
+		require.LessOrEqual(t, (cap(u.free)-1)*u.partSize, maxBuffered)
+		// A small guest: 5 MiB parts as configured, three in flight.
+		u2, err := s.Create(ctx, "s3://ckpt/small", 64<<20)
+		require.NoError(t, err)
+		defer u2.Abort()
+		require.Equal(t, 5<<20, u2.partSize)
+		require.Equal(t, 4, cap(u2.free))
 	})
 
 	t.Run("MissingObjectAndBucket", func(t *testing.T) {

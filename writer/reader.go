@@ -833,6 +833,23 @@ func (r *Reader) restore(s sink, opts RestoreOptions) error {
 	return nil
 }
 
+// storedChunk returns chunk i as stored, to be decoded and then released:
+// lent by a [Viewer] where it can (never for a sealed chunk, which is
+// opened in place), else read into b.stored.
+func (r *Reader) storedChunk(i int, b *chunkBuffers) ([]byte, func(), error) {
+	c := &r.chunks[i]
+	if v, ok := r.ra.(Viewer); ok && r.seal == nil {
+		if view, release, ok := v.View(c.Offset, int(c.StoredLen)); ok {
+			return view, release, nil
+		}
+	}
+	b.stored = grow(b.stored, c.StoredLen)
+	if err := r.readAt(PartChunk, i, b.stored, c.Offset); err != nil {
+		return nil, nil, err
+	}
+	return b.stored, func() {}, nil
+}
+
 // onlyPages returns how many of chunk c's pages only holds.
 func (r *Reader) onlyPages(c ChunkInfo, only *pagemap.Bitmap) uint64 {
 	var n uint64
@@ -859,8 +876,8 @@ func (r *Reader) restoreChunk(i int, s sink, b *chunkBuffers, only *pagemap.Bitm
 		}
 		return c.Pages, r.decodeChunk(i, direct, direct)
 	}
-	b.stored = grow(b.stored, c.StoredLen)
-	if err := r.readAt(PartChunk, i, b.stored, c.Offset); err != nil {
+	stored, release, err := r.storedChunk(i, b)
+	if err != nil {
 		return 0, err
 	}
 	raw := direct
@@ -868,7 +885,9 @@ func (r *Reader) restoreChunk(i int, s sink, b *chunkBuffers, only *pagemap.Bitm
 		b.raw = grow(b.raw, c.RawLen)
 		raw = b.raw
 	}
-	if err := r.decodeChunk(i, b.stored, raw); err != nil {
+	err = r.decodeChunk(i, stored, raw)
+	release()
+	if err != nil {
 		return 0, err
 	}
 	if direct != nil {

@@ -53,6 +53,17 @@ type Blob interface {
 	Close() error
 }
 
+// Viewer is a [Blob] (any io.ReaderAt) that can lend its bytes rather
+// than copy them, as a store's read-ahead blocks can: a restore decodes
+// a chunk straight from the view, a copy fewer.
+type Viewer interface {
+	// View returns the n bytes at off, which the caller only reads, and
+	// only until it calls release; ok false means the Viewer cannot lend
+	// them (a range across its blocks, a failed read), and the caller
+	// reads them with ReadAt instead.
+	View(off int64, n int) (b []byte, release func(), ok bool)
+}
+
 var stores struct {
 	mu sync.Mutex
 	m  map[string]Store

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -24,6 +25,8 @@ type memStore struct {
 	objects map[string][]byte
 	block   bool // Writes block until Cancel
 	aborted int
+	// Views asked of its blobs, and lent.
+	views, lent atomic.Int64
 }
 
 type memObjSink struct {
@@ -35,9 +38,24 @@ type memObjSink struct {
 	done   bool
 }
 
-type memBlob struct{ *bytes.Reader }
+// memBlob lends every other range it is asked for (a Viewer), so that a
+// restore takes both ways to a chunk's bytes.
+type memBlob struct {
+	*bytes.Reader
+	data  []byte
+	views *atomic.Int64
+	lent  *atomic.Int64
+}
 
 func (memBlob) Close() error { return nil }
+
+func (m memBlob) View(off int64, n int) ([]byte, func(), bool) {
+	if m.views.Add(1)%2 == 0 || off+int64(n) > int64(len(m.data)) {
+		return nil, nil, false
+	}
+	m.lent.Add(1)
+	return m.data[off : off+int64(n)], func() {}, true
+}
 
 func (m *memStore) Check(name string) error { return nil }
 
@@ -52,7 +70,7 @@ func (m *memStore) Open(name string) (Blob, error) {
 	if !ok {
 		return nil, fmt.Errorf("%s: %w", name, fs.ErrNotExist)
 	}
-	return memBlob{bytes.NewReader(b)}, nil
+	return memBlob{Reader: bytes.NewReader(b), data: b, views: &m.views, lent: &m.lent}, nil
 }
 
 func (s *memObjSink) Write(p []byte) (int, error) {
@@ -110,6 +128,12 @@ func TestStore(t *testing.T) {
 	p, err := c.AsParent()
 	require.NoError(t, err)
 	require.Equal(t, "a.kvmckpt", p.Name)
+	// Restored from the store, chunks lent by the blob and read from it.
+	got := make(memWriterAt, 512*PageSize)
+	require.NoError(t, c.RestorePagesTo(got, RestoreOptions{}))
+	require.True(t, bytes.Equal(concat(expectedRAM(ram, used, 0)), got))
+	require.Positive(t, st.lent.Load())
+	require.Greater(t, st.views.Load(), st.lent.Load())
 	c.Close()
 	require.Equal(t, "mem://bucket/dir/b", beside("mem://bucket/dir/a.kvmckpt", "b"))
 	_, err = OpenKey("mem://bucket/none", nil)
