@@ -55,11 +55,7 @@ type block struct {
 // Open opens the object at name (s3://BUCKET/KEY). A missing object is
 // an error wrapping fs.ErrNotExist.
 func (s *Store) Open(ctx context.Context, name string) (*Object, error) {
-	loc, err := Parse(name)
-	if err != nil {
-		return nil, err
-	}
-	cli, err := s.client()
+	loc, cli, err := s.locate(name)
 	if err != nil {
 		return nil, err
 	}

@@ -111,7 +111,7 @@ func (s *Store) client() (*s3.Client, error) {
 		}
 		endpoint := s.cfg.Endpoint
 		if endpoint == "" {
-			endpoint = cmp(os.Getenv("AWS_ENDPOINT_URL_S3"), os.Getenv("AWS_ENDPOINT_URL"))
+			endpoint = orElse(os.Getenv("AWS_ENDPOINT_URL_S3"), os.Getenv("AWS_ENDPOINT_URL"))
 		}
 		// Enough connections for the parts in flight.
 		hc := awshttp.NewBuildableClient().WithTransportOptions(func(t *http.Transport) {
@@ -133,7 +133,18 @@ func (s *Store) client() (*s3.Client, error) {
 	return s.cli, s.err
 }
 
-func cmp(a, b string) string {
+// locate parses name and returns the client to reach it.
+func (s *Store) locate(name string) (Location, *s3.Client, error) {
+	loc, err := Parse(name)
+	if err != nil {
+		return loc, nil, err
+	}
+	cli, err := s.client()
+	return loc, cli, err
+}
+
+// orElse is a, or b if a is empty.
+func orElse(a, b string) string {
 	if a != "" {
 		return a
 	}
@@ -143,11 +154,7 @@ func cmp(a, b string) string {
 // Check reports whether the bucket of name exists and the credentials
 // reach it, without writing anything.
 func (s *Store) Check(ctx context.Context, name string) error {
-	loc, err := Parse(name)
-	if err != nil {
-		return err
-	}
-	cli, err := s.client()
+	loc, cli, err := s.locate(name)
 	if err != nil {
 		return err
 	}
@@ -182,7 +189,7 @@ func explain(err error, loc Location, doing string) error {
 		return fmt.Errorf("%s %s: no such object: %w", doing, loc, fs.ErrNotExist)
 	case code == "InvalidAccessKeyId" || code == "SignatureDoesNotMatch" || code == "AccessDenied" ||
 		status == http.StatusForbidden || status == http.StatusUnauthorized:
-		return fmt.Errorf("%s %s: the store refused the credentials (%s): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or the profile's credentials file: %w: %w", doing, loc, cmp(code, http.StatusText(status)), writer.ErrStoreAccess, err)
+		return fmt.Errorf("%s %s: the store refused the credentials (%s): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or the profile's credentials file: %w: %w", doing, loc, orElse(code, http.StatusText(status)), writer.ErrStoreAccess, err)
 	case code == "PreconditionFailed" || status == http.StatusPreconditionFailed:
 		return fmt.Errorf("%s %s: the object was overwritten since it was opened: %w", doing, loc, ErrChanged)
 	}

@@ -65,11 +65,7 @@ type Upload struct {
 // Create starts a multipart upload to name (s3://BUCKET/KEY) of about
 // sizeHint bytes, which sizes the parts.
 func (s *Store) Create(ctx context.Context, name string, sizeHint int64) (*Upload, error) {
-	loc, err := Parse(name)
-	if err != nil {
-		return nil, err
-	}
-	cli, err := s.client()
+	loc, cli, err := s.locate(name)
 	if err != nil {
 		return nil, err
 	}

@@ -498,6 +498,38 @@ func numbers(js []byte) (map[string]float64, error) {
 	return out, nil
 }
 
+// bootReady boots a guest of cfg (memMiB of RAM) and waits until its
+// workload is ready. The caller closes it.
+func bootReady(ctx context.Context, cfg vmtest.Config, memMiB int) (*vmtest.Guest, error) {
+	g, err := vmtest.Start(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("boot guest: %w", err)
+	}
+	if m, _, err := g.WaitSerial(ctx, readyRE, 0, bootTimeout(memMiB)); err != nil || m != "KW READY" {
+		g.Close()
+		return nil, fmt.Errorf("boot guest: %v %s", err, m)
+	}
+	return g, nil
+}
+
+// restorePaused restores out with b's kvmckpt into a new QEMU while the
+// source guest g is paused (so that the two do not share the CPUs), and
+// lets g run again. A restored guest that does not verify is an error.
+func (b *bench) restorePaused(ctx context.Context, g *vmtest.Guest, w workload, out string) (measurement, error) {
+	if err := setRunning(ctx, g.QMPPath, false); err != nil {
+		return measurement{}, err
+	}
+	defer setRunning(context.WithoutCancel(ctx), g.QMPPath, true)
+	m, err := b.restore(ctx, w, toolKvmckpt, out)
+	if err != nil {
+		return m, fmt.Errorf("restore: %w", err)
+	}
+	if !m.Verified {
+		return m, fmt.Errorf("restored guest: %s", m.Failure)
+	}
+	return m, setRunning(ctx, g.QMPPath, true)
+}
+
 // restore starts a target QEMU like the source guest plus -incoming defer
 // -S, restores file into it with tool, and checks that the restored guest
 // verifies its data.

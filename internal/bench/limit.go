@@ -78,14 +78,11 @@ func (b *bench) limit(ctx context.Context, r *report) error {
 		order = []string{binOld, binNew}
 	}
 	b.logf("boot %d MiB guest: churn %d MiB, keep %d+%d MiB, text %d MiB", w.MemMiB, w.ChurnMiB, w.AnonMiB, w.TmpfsMiB, w.TextMiB)
-	g, err := vmtest.Start(ctx, w.guest())
+	g, err := bootReady(ctx, w.guest(), w.MemMiB)
 	if err != nil {
-		return fmt.Errorf("boot guest: %w", err)
+		return err
 	}
 	defer g.Close()
-	if m, _, err := g.WaitSerial(ctx, readyRE, 0, bootTimeout(w.MemMiB)); err != nil || m != "KW READY" {
-		return fmt.Errorf("boot guest: %v %s", err, m)
-	}
 	for _, bin := range order {
 		if _, err := runProc(ctx, opTimeout(w.MemMiB), nil, bins[bin], "scan", "--qmp", g.QMPPath, "--json"); err != nil {
 			return fmt.Errorf("warm-up scan (%s): %w", bin, err)
@@ -161,21 +158,11 @@ func (b *bench) limitSave(ctx context.Context, g *vmtest.Guest, w workload, bin,
 	if err := evict(out); err != nil {
 		return err
 	}
-	if err := setRunning(ctx, g.QMPPath, false); err != nil {
-		return err
-	}
-	defer setRunning(context.WithoutCancel(ctx), g.QMPPath, true)
 	by := *b // the same bench, restoring with bin
 	by.kvmckpt = bin
-	m, err := by.restore(ctx, w, toolKvmckpt, out)
-	if err != nil {
-		return fmt.Errorf("restore: %w", err)
-	}
+	m, err := by.restorePaused(ctx, g, w, out)
 	row.RestoreMS, row.RestorePg, row.Verified = m.TotalMS, m.Detail["pages_ms"], m.Verified
-	if !m.Verified {
-		return fmt.Errorf("restored guest: %s", m.Failure)
-	}
-	return setRunning(ctx, g.QMPPath, true)
+	return err
 }
 
 // memoryBandwidth reads n bytes of the RAM file at path through a fresh

@@ -132,14 +132,11 @@ func (b *bench) livePoint(ctx context.Context, rate int) (*livePoint, error) {
 		cfg.Workload.WSet, cfg.Workload.Rate = liveWSetMiB, rate
 	}
 	b.logf("live: boot %d MiB guest, writer %d MiB/s over %d MiB", w.MemMiB, rate, liveWSetMiB)
-	g, err := vmtest.Start(ctx, cfg)
+	g, err := bootReady(ctx, cfg, w.MemMiB)
 	if err != nil {
-		return p, fmt.Errorf("boot guest: %w", err)
+		return p, err
 	}
 	defer g.Close()
-	if m, _, err := g.WaitSerial(ctx, readyRE, 0, bootTimeout(w.MemMiB)); err != nil || m != "KW READY" {
-		return p, fmt.Errorf("boot guest: %v %s", err, m)
-	}
 	if _, err := runProc(ctx, opTimeout(w.MemMiB), nil, b.kvmckpt, "scan", "--qmp", g.QMPPath, "--json"); err != nil {
 		return p, fmt.Errorf("warm-up scan: %w", err)
 	}

@@ -85,14 +85,11 @@ func (b *bench) s3(ctx context.Context, r *report) error {
 		os.Setenv(k, v)
 	}
 	b.logf("boot %d MiB guest: churn %d MiB, keep %d+%d MiB, text %d MiB; S3 store at %s", w.MemMiB, w.ChurnMiB, w.AnonMiB, w.TmpfsMiB, w.TextMiB, srv.Endpoint)
-	g, err := vmtest.Start(ctx, w.guest())
+	g, err := bootReady(ctx, w.guest(), w.MemMiB)
 	if err != nil {
-		return fmt.Errorf("boot guest: %w", err)
+		return err
 	}
 	defer g.Close()
-	if m, _, err := g.WaitSerial(ctx, readyRE, 0, bootTimeout(w.MemMiB)); err != nil || m != "KW READY" {
-		return fmt.Errorf("boot guest: %v %s", err, m)
-	}
 	if _, err := runProc(ctx, opTimeout(w.MemMiB), nil, b.kvmckpt, "scan", "--qmp", g.QMPPath, "--json"); err != nil {
 		return fmt.Errorf("warm-up scan: %w", err)
 	}
@@ -148,19 +145,9 @@ func (b *bench) s3Save(ctx context.Context, g *vmtest.Guest, w workload, out str
 	if err := syncfs(b.work); err != nil {
 		return err
 	}
-	if err := setRunning(ctx, g.QMPPath, false); err != nil {
-		return err
-	}
-	defer setRunning(context.WithoutCancel(ctx), g.QMPPath, true)
-	m, err := b.restore(ctx, w, toolKvmckpt, out)
-	if err != nil {
-		return fmt.Errorf("restore: %w", err)
-	}
+	m, err := b.restorePaused(ctx, g, w, out)
 	row.RestoreMS, row.RestorePgMS, row.RestoreCPUMS, row.Verified = m.TotalMS, m.Detail["pages_ms"], m.ToolCPUMS, m.Verified
-	if !m.Verified {
-		return fmt.Errorf("restored guest: %s", m.Failure)
-	}
-	return setRunning(ctx, g.QMPPath, true)
+	return err
 }
 
 // storeUpload uploads n random bytes to name as a save does and returns
