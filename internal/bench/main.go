@@ -109,8 +109,11 @@ type config struct {
 	// older kvmckpt binary it compares with.
 	Limit bool   `json:"limit,omitempty"`
 	Old   string `json:"old,omitempty"`
-	// S3 runs the object storage bench (s3.go).
-	S3 bool `json:"s3,omitempty"`
+	// S3 runs the object storage bench (s3.go); S3URL is a bucket of a
+	// store of the user's (s3://BUCKET/PREFIX, reached as kvmckpt reaches
+	// one) instead of the local SeaweedFS it starts.
+	S3    bool   `json:"s3,omitempty"`
+	S3URL string `json:"s3_url,omitempty"`
 }
 
 // mappedRAM reports whether the emulator has mapped-ram (QEMU 8.2 and
@@ -150,6 +153,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.Incremental, "incremental", false, "a quiet guest with half its RAM of data, 1, 10 and 50% of its pages in use rewritten, saved incrementally (--parent) and whole")
 	fs.BoolVar(&c.Limit, "limit", false, "stop-and-copy saves of the default guest, each followed by the disk's and memory's bandwidth; with -old, by an older kvmckpt too, alternated")
 	fs.StringVar(&c.Old, "old", "", "with -limit: an older kvmckpt binary to compare with")
+	fs.StringVar(&c.S3URL, "s3-url", "", "with -s3: save to s3://BUCKET/PREFIX of a store of yours (AWS_* variables and files, AWS_ENDPOINT_URL_S3) instead of a local SeaweedFS")
 	fs.BoolVar(&c.S3, "s3", false, "stop-and-copy saves of the default guest to a local file and to a local S3 store (SeaweedFS), alternated, each restored from where it was saved")
 	rates := fs.String("rates", "", "with -live: the writer rates, MiB/s, comma-separated (0: idle; default 0,10,50,200, or 50 with -smoke)")
 	if err := fs.Parse(args); err != nil {
@@ -240,6 +244,9 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		if !set["reps"] {
 			c.Reps = 3
 		}
+	}
+	if set["s3-url"] && !c.S3 {
+		return c, errors.New("-s3-url needs -s3")
 	}
 	if set["old"] && !c.Limit {
 		return c, errors.New("-old needs -limit")

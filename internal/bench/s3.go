@@ -21,7 +21,9 @@ import (
 // kvmckpt stop-and-copy into a local file and into a local S3-compatible
 // store (SeaweedFS on the loopback, its data on the same disk as the
 // file), alternated; each checkpoint is then restored from where it was
-// saved into a new QEMU, which verifies its data.
+// saved into a new QEMU, which verifies its data. With -s3-url the store
+// is the user's: a bucket (and prefix) of any S3-compatible store, found
+// as kvmckpt finds one.
 
 const (
 	targetFile = "file"
@@ -72,19 +74,24 @@ func (b *bench) s3(ctx context.Context, r *report) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	srv, err := s3test.Start(filepath.Join(dir, "store"))
-	if err != nil {
-		return err
+	prefix := strings.TrimSuffix(b.cfg.S3URL, "/")
+	if prefix == "" {
+		srv, err := s3test.Start(filepath.Join(dir, "store"))
+		if err != nil {
+			return err
+		}
+		defer srv.Stop()
+		if err := srv.Bucket("bench"); err != nil {
+			return err
+		}
+		// The kvmckpt processes find the store the way an operator's do.
+		for k, v := range srv.Env() {
+			os.Setenv(k, v)
+		}
+		prefix = "s3://bench"
+		b.logf("S3 store: SeaweedFS at %s", srv.Endpoint)
 	}
-	defer srv.Stop()
-	if err := srv.Bucket("bench"); err != nil {
-		return err
-	}
-	// The kvmckpt processes find the store the way an operator's do.
-	for k, v := range srv.Env() {
-		os.Setenv(k, v)
-	}
-	b.logf("boot %d MiB guest: churn %d MiB, keep %d+%d MiB, text %d MiB; S3 store at %s", w.MemMiB, w.ChurnMiB, w.AnonMiB, w.TmpfsMiB, w.TextMiB, srv.Endpoint)
+	b.logf("boot %d MiB guest: churn %d MiB, keep %d+%d MiB, text %d MiB; checkpoints under %s", w.MemMiB, w.ChurnMiB, w.AnonMiB, w.TmpfsMiB, w.TextMiB, prefix)
 	g, err := bootReady(ctx, w.guest(), w.MemMiB)
 	if err != nil {
 		return err
@@ -93,7 +100,7 @@ func (b *bench) s3(ctx context.Context, r *report) error {
 	if _, err := runProc(ctx, opTimeout(w.MemMiB), nil, b.kvmckpt, "scan", "--qmp", g.QMPPath, "--json"); err != nil {
 		return fmt.Errorf("warm-up scan: %w", err)
 	}
-	outs := map[string]string{targetFile: filepath.Join(dir, "vm.kvmckpt"), targetS3: "s3://bench/vm.kvmckpt"}
+	outs := map[string]string{targetFile: filepath.Join(dir, "vm.kvmckpt"), targetS3: prefix + "/vm.kvmckpt"}
 	order := []string{targetFile, targetS3}
 	for rep := range b.cfg.Reps {
 		o := slices.Clone(order)
@@ -136,7 +143,8 @@ func (b *bench) s3Save(ctx context.Context, g *vmtest.Guest, w workload, out str
 	}
 	row.PauseMS, row.PagesMS, row.PagesSaved, row.BytesWritten = js.PauseMS, js.PagesMS, js.PagesSaved, js.BytesWritten
 	if strings.HasPrefix(out, "s3://") {
-		if row.StoreBps, err = storeUpload(ctx, "s3://bench/ceiling", int64(js.BytesWritten)); err != nil {
+		ceiling := out[:strings.LastIndexByte(out, '/')+1] + "kvmckpt-bench-ceiling"
+		if row.StoreBps, err = storeUpload(ctx, ceiling, int64(js.BytesWritten)); err != nil {
 			return fmt.Errorf("the store's upload rate: %w", err)
 		}
 	}
