@@ -27,6 +27,7 @@ import (
 	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 	"github.com/aws/smithy-go"
 
 	"github.com/kvmckpt/kvmckpt/writer"
@@ -161,6 +162,10 @@ func (s *Store) Check(ctx context.Context, name string) error {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.Timeout)
 	defer cancel()
 	_, err = cli.HeadBucket(ctx, &s3.HeadBucketInput{Bucket: aws.String(loc.Bucket)})
+	// HEAD has no body: a missing bucket is only its 404.
+	if _, missing := errors.AsType[*types.NotFound](err); missing {
+		return fmt.Errorf("reach the bucket of %s: bucket %q does not exist: create it, or name another", loc, loc.Bucket)
+	}
 	return explain(err, loc, "reach the bucket of")
 }
 
@@ -183,7 +188,7 @@ func explain(err error, loc Location, doing string) error {
 		status = re.HTTPStatusCode()
 	}
 	switch {
-	case code == "NoSuchBucket" || (doing == "reach the bucket of" && status == http.StatusNotFound):
+	case code == "NoSuchBucket":
 		return fmt.Errorf("%s %s: bucket %q does not exist: create it, or name another", doing, loc, loc.Bucket)
 	case code == "NoSuchKey" || status == http.StatusNotFound:
 		return fmt.Errorf("%s %s: no such object: %w", doing, loc, fs.ErrNotExist)

@@ -10,6 +10,7 @@ import (
 	"hash/crc32"
 	"io"
 	"iter"
+	"os"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -70,40 +71,47 @@ func Open(path string) (*Reader, error) { return OpenKey(path, nil) }
 // OpenKey is [Open] with a key, for a checkpoint that may be encrypted;
 // see [NewReaderKey]. The caller must Close the Reader.
 func OpenKey(path string, key []byte) (*Reader, error) {
-	st, err := storeOf(path)
+	b, err := openBlob(path)
 	if err != nil {
 		return nil, fmt.Errorf("open checkpoint: %w", err)
+	}
+	r, err := NewReaderKey(b, b.Size(), key)
+	if err != nil {
+		b.Close()
+		return nil, fmt.Errorf("open checkpoint %s: %w", path, err)
+	}
+	r.closer = b
+	return r, nil
+}
+
+// openBlob opens the checkpoint name in its store, or as a local file.
+func openBlob(name string) (Blob, error) {
+	st, err := storeOf(name)
+	if err != nil {
+		return nil, err
 	}
 	if st != nil {
-		b, err := st.Open(path)
-		if err != nil {
-			return nil, fmt.Errorf("open checkpoint: %w", err)
-		}
-		r, err := NewReaderKey(b, b.Size(), key)
-		if err != nil {
-			b.Close()
-			return nil, fmt.Errorf("open checkpoint %s: %w", path, err)
-		}
-		r.closer = b
-		return r, nil
+		return st.Open(name)
 	}
-	f, err := safefile.Open(path)
+	f, err := safefile.Open(name)
 	if err != nil {
-		return nil, fmt.Errorf("open checkpoint: %w", err)
+		return nil, err
 	}
 	fi, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("open checkpoint: %w", err)
+		return nil, err
 	}
-	r, err := NewReaderKey(f, fi.Size(), key)
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("open checkpoint %s: %w", path, err)
-	}
-	r.closer = f
-	return r, nil
+	return fileBlob{f, fi.Size()}, nil
 }
+
+// fileBlob is a local checkpoint file as a [Blob].
+type fileBlob struct {
+	*os.File
+	size int64
+}
+
+func (b fileBlob) Size() int64 { return b.size }
 
 // Size is the checkpoint's size in bytes.
 func (r *Reader) Size() int64 { return r.size }
