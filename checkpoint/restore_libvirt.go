@@ -2,7 +2,6 @@ package checkpoint
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -53,11 +52,11 @@ func RestoreDomain(ctx context.Context, opt RestoreOptions) (*RestoreResult, err
 	}
 	// Beside the checkpoint, where its size of space is known to be
 	// wanted; only root (libvirt's daemon) reads it.
-	dir, err := "", errors.New("in a store")
+	var dir string
 	if !writer.IsStored(opt.Input) {
-		dir, err = os.MkdirTemp(filepath.Dir(opt.Input), ".kvmckpt-restore-")
+		dir, _ = os.MkdirTemp(filepath.Dir(opt.Input), ".kvmckpt-restore-")
 	}
-	if err != nil {
+	if dir == "" {
 		dir, err = os.MkdirTemp("", "kvmckpt-restore-")
 		if err != nil {
 			return nil, fmt.Errorf("restore into libvirt: %w", err)

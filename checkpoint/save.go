@@ -117,6 +117,9 @@ func Save(ctx context.Context, opt SaveOptions) (*SaveResult, error) {
 	if opt.Output == "" {
 		return nil, errors.New("save: no output file")
 	}
+	if opt.Live && writer.IsStored(opt.Output) {
+		return nil, fmt.Errorf("save: a live checkpoint is written in place, round after round, which %s cannot take: save it to a local file, or save without --live", opt.Output)
+	}
 	log := logger(opt.Log)
 	g, err := openSaveable(ctx, opt.target(), log)
 	if err != nil {

@@ -92,6 +92,7 @@ func TestObjectStorageCommands(t *testing.T) {
 	// Live saves write in place: refused before any guest is touched.
 	code, _, stderr = cli(t, "save", "--qmp", "/nonexistent", "--live", "-o", "s3://ckpt/live.kvmckpt", ep)
 	assert.NotEqual(t, exitOK, code)
+	assert.Contains(t, stderr, "save it to a local file", "refused before the guest is reached")
 
 	// Wrong credentials.
 	t.Setenv("AWS_SECRET_ACCESS_KEY", "wrong")
