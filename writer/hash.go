@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"runtime"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -19,7 +18,7 @@ const hashSpan = 1 << 13
 // HashOptions tune [PageSums].
 type HashOptions struct {
 	// Workers is the number of goroutines hashing; 0 means
-	// runtime.GOMAXPROCS(0).
+	// the number of CPUs (GOMAXPROCS outside a pipeline).
 	Workers int
 	// Zeros, if not nil, are pages known to read as zero, not to be read
 	// (see [Options].Zeros).
@@ -56,7 +55,7 @@ func pageSums(ctx context.Context, sp *space, pages *pagemap.Bitmap, opts HashOp
 	}
 	workers := opts.Workers
 	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0)
+		workers = cpus()
 	}
 	t := pagehash.New(pages)
 	zero := pagehash.Filled(PageSize, 0)
@@ -147,7 +146,7 @@ func (r *Reader) ComputePageSums(ctx context.Context, workers int) (*pagehash.Ta
 		return r.PageSums()
 	}
 	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0)
+		workers = cpus()
 	}
 	t := pagehash.New(r.used.Clone())
 	// Chunk i's pages are the saved pages from its first page on: their

@@ -11,7 +11,6 @@ import (
 	"io"
 	"iter"
 	"os"
-	"runtime"
 	"runtime/debug"
 	"slices"
 	"sync"
@@ -690,7 +689,7 @@ func (r *Reader) decodeChunk(i int, stored, raw []byte) error {
 // RestoreOptions tunes [Reader.RestorePages].
 type RestoreOptions struct {
 	// Workers is the number of goroutines decoding chunks; 0 means
-	// runtime.GOMAXPROCS(0).
+	// the number of CPUs (GOMAXPROCS outside a pipeline).
 	Workers int
 	// Progress, if not nil, is called after each chunk with the number of
 	// pages restored and the number to restore. Calls are serialized, from
@@ -779,7 +778,7 @@ func grow(b []byte, n uint32) []byte {
 func (r *Reader) restore(s sink, opts RestoreOptions) error {
 	workers := opts.Workers
 	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0)
+		workers = cpus()
 	}
 	// The chunks to restore, and how many of their pages.
 	todo := make([]int, 0, len(r.chunks))

@@ -9,7 +9,6 @@ import (
 	"hash/crc32"
 	"io"
 	"os"
-	"runtime"
 	"runtime/debug"
 	"sync"
 	"time"
@@ -31,7 +30,7 @@ type Options struct {
 	// [DefaultChunkPages].
 	ChunkPages int
 	// Workers is the number of goroutines compressing chunks; 0 means
-	// runtime.GOMAXPROCS(0).
+	// the number of CPUs (GOMAXPROCS outside a pipeline).
 	Workers int
 	// MaxDeviceState bounds the device state in bytes; 0 means
 	// [DefaultMaxDeviceState].
@@ -72,7 +71,7 @@ func (o Options) withDefaults() (Options, error) {
 		return o, fmt.Errorf("chunk pages %d not in [1, %d]", o.ChunkPages, MaxChunkPages)
 	}
 	if o.Workers <= 0 {
-		o.Workers = runtime.GOMAXPROCS(0)
+		o.Workers = cpus()
 	}
 	if o.MaxDeviceState == 0 {
 		o.MaxDeviceState = DefaultMaxDeviceState
@@ -592,6 +591,7 @@ type chunkJob struct {
 // waits for a free job.
 func (w *Writer) writeChunks(ctx context.Context, sp *space, used *pagemap.Bitmap, progress func(done, total uint64)) error {
 	workers := w.opts.Workers
+	defer spareP()()
 	// Room for the workers to run ahead of a chunk being compressed,
 	// so that the disk has raw chunks to write meanwhile.
 	nJobs := 4 * workers
