@@ -3,6 +3,7 @@ package writer
 import (
 	"errors"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -26,36 +27,55 @@ const directAlign = 4096
 // is written after O_DIRECT is turned off again. Where O_DIRECT is refused
 // (tmpfs, some network file systems), it is an ordinary buffered writer.
 //
-// Full blocks are written by a goroutine of their own while Write fills
-// the next one, so that the disk never waits for the copying: a direct
-// write returns only when the device has the data, and a writer that
-// copied and wrote in turn would leave the disk idle for every copy.
-// Write blocks only when every block is queued for the disk: that is the
-// backpressure on a disk slower than its producers. An I/O error is
-// returned by a later Write or by Flush.
+// Full blocks are written by I/O goroutines of their own while Write
+// fills the next one, so that the disk never waits for the copying: a
+// direct write returns only when the device has the data, and a writer
+// that copied and wrote in turn would leave the disk idle for every copy.
+// Two blocks are in flight at once: the thread whose write completed
+// waits for a CPU (the workers keep them all busy) before it can issue the
+// next write, and the disk would sit idle meanwhile; with a second write
+// queued it does not. Direct writes that extend a file are serialized by
+// the file system (ext4 takes the inode's lock for them), so the file's
+// space is reserved ahead of the writes with fallocate, in steps; Flush
+// trims what was reserved beyond the end. Write blocks only when every
+// block is queued for the disk: that is the backpressure on a disk slower
+// than its producers. An I/O error is returned by a later Write or by
+// Flush.
 //
 // Not safe for concurrent use, except Rate.
 type fileWriter struct {
-	f      *os.File
-	cur    []byte // the block being filled, directBlock bytes, aligned
-	n      int    // bytes in cur
-	off    int64  // file offset of cur[0]
-	direct bool   // the I/O goroutine's; Flush's after it ended
+	f   *os.File
+	cur []byte // the block being filled, directBlock bytes, aligned
+	n   int    // bytes in cur
+	off int64  // file offset of cur[0]
 
 	free   chan []byte      // blocks to fill
-	full   chan queuedBlock // blocks for the I/O goroutine
-	ended  chan struct{}    // closed when the I/O goroutine returns
+	full   chan queuedBlock // blocks for the I/O goroutines
+	ended  chan struct{}    // closed when the I/O goroutines return
 	closed bool
 
-	written atomic.Int64 // bytes it wrote
-	busy    atomic.Int64 // nanoseconds it spent in write calls
-	err     error        // the I/O goroutine's first error; read after ended, or through errSeen
+	mu       sync.Mutex // guards what follows, shared by the I/O goroutines
+	direct   bool       // writes go with O_DIRECT
+	reserved int64      // the file's space is allocated up to here; -1: not reserving
+	err      error      // the first I/O error; read after ended, or through errSeen
+	inFlight int        // writes under way
+	since    time.Time  // when inFlight last went from 0 to 1
+
 	errSeen atomic.Bool
+	written atomic.Int64 // bytes written
+	busy    atomic.Int64 // nanoseconds with at least one write under way
 }
 
-// fileBlocks is the number of blocks of a fileWriter: one being filled,
-// the others queued or being written.
-const fileBlocks = 4
+const (
+	// fileBlocks is the number of blocks of a fileWriter: one being
+	// filled, the others queued or being written.
+	fileBlocks = 4
+	// ioDepth is the number of blocks written at once.
+	ioDepth = 2
+	// reserveStep is how much file space a fileWriter allocates at a
+	// time ahead of its direct writes.
+	reserveStep = 64 << 20
+)
 
 type queuedBlock struct {
 	b   []byte
@@ -63,6 +83,12 @@ type queuedBlock struct {
 }
 
 func newFileWriter(f *os.File) *fileWriter {
+	return newFileWriterDepth(f, ioDepth, true)
+}
+
+// newFileWriterDepth is newFileWriter with depth writes at once, reserving
+// space ahead or not: for benchmarks of the choices.
+func newFileWriterDepth(f *os.File, depth int, reserve bool) *fileWriter {
 	raw := make([]byte, fileBlocks*directBlock+directAlign)
 	skip := int(-uintptr(unsafe.Pointer(&raw[0])) & (directAlign - 1))
 	fw := &fileWriter{
@@ -76,27 +102,68 @@ func newFileWriter(f *os.File) *fileWriter {
 	}
 	fw.cur = <-fw.free
 	fw.direct = setDirect(f, true) == nil
-	go fw.io()
+	if !fw.direct || !reserve {
+		fw.reserved = -1
+	}
+	var wg sync.WaitGroup
+	for range depth {
+		wg.Go(fw.io)
+	}
+	go func() {
+		wg.Wait()
+		close(fw.ended)
+	}()
 	return fw
 }
 
-// io writes the queued blocks in order. After an error it writes no more
-// but still returns the blocks, so that Write never waits forever.
+// io writes queued blocks. After an error no more are written, but the
+// blocks are still returned, so that Write never waits forever.
 func (fw *fileWriter) io() {
-	defer close(fw.ended)
 	for q := range fw.full {
-		if fw.err == nil {
-			t := time.Now()
-			fw.err = fw.writeBlock(q.b, q.off)
-			fw.busy.Add(int64(time.Since(t)))
-			if fw.err != nil {
-				fw.errSeen.Store(true)
-			} else {
-				fw.written.Add(int64(len(q.b)))
-			}
+		if !fw.errSeen.Load() {
+			fw.begin(q.off + int64(len(q.b)))
+			err := fw.writeBlock(q.b, q.off)
+			fw.end(int64(len(q.b)), err)
 		}
 		fw.free <- q.b
 	}
+}
+
+// begin accounts for a write that ends at end, reserving the file's
+// space up to there and beyond first. A file system that cannot reserve
+// (or is out of space ahead of the data) gets plain extending writes.
+func (fw *fileWriter) begin(end int64) {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	if fw.reserved >= 0 && end > fw.reserved {
+		n := max(reserveStep, end-fw.reserved)
+		if unix.Fallocate(int(fw.f.Fd()), 0, fw.reserved, n) == nil {
+			fw.reserved += n
+		} else {
+			fw.reserved = -1
+		}
+	}
+	if fw.inFlight == 0 {
+		fw.since = time.Now()
+	}
+	fw.inFlight++
+}
+
+// end accounts for a write of n bytes that returned err.
+func (fw *fileWriter) end(n int64, err error) {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	if fw.inFlight--; fw.inFlight == 0 {
+		fw.busy.Add(int64(time.Since(fw.since)))
+	}
+	if err != nil {
+		if fw.err == nil {
+			fw.err = err
+		}
+		fw.errSeen.Store(true)
+		return
+	}
+	fw.written.Add(n)
 }
 
 // setDirect turns O_DIRECT on or off for f.
@@ -166,20 +233,29 @@ func (fw *fileWriter) Rate() float64 {
 // writeBlock writes b at off. A file system that takes the O_DIRECT flag
 // but then refuses direct writes gets buffered ones from then on.
 func (fw *fileWriter) writeBlock(b []byte, off int64) error {
+	fw.mu.Lock()
+	direct := fw.direct
+	fw.mu.Unlock()
 	_, err := fw.f.WriteAt(b, off)
-	if err != nil && fw.direct && errors.Is(err, unix.EINVAL) {
-		fw.direct = false
+	if err == nil || !direct || !errors.Is(err, unix.EINVAL) {
+		return err
+	}
+	fw.mu.Lock()
+	if fw.direct {
 		if serr := setDirect(fw.f, false); serr != nil {
+			fw.mu.Unlock()
 			return err
 		}
-		_, err = fw.f.WriteAt(b, off)
+		fw.direct = false
 	}
+	fw.mu.Unlock()
+	_, err = fw.f.WriteAt(b, off)
 	return err
 }
 
-// Flush writes what is buffered and waits for every write. It may be
-// called once, at the end: the partial block it writes leaves the file
-// unaligned for direct writes.
+// Flush writes what is buffered, waits for every write and trims the
+// space reserved beyond the end. It may be called once, at the end: the
+// partial block it writes leaves the file unaligned for direct writes.
 func (fw *fileWriter) Flush() error {
 	if fw.closed {
 		return errors.New("flush after flush")
@@ -187,22 +263,24 @@ func (fw *fileWriter) Flush() error {
 	if err := fw.stop(); err != nil {
 		return err
 	}
-	if fw.n == 0 {
-		return nil
-	}
-	if fw.direct {
-		fw.direct = false
-		if err := setDirect(fw.f, false); err != nil {
+	if fw.n > 0 {
+		if fw.direct {
+			fw.direct = false
+			if err := setDirect(fw.f, false); err != nil {
+				return err
+			}
+		}
+		t := time.Now()
+		if err := fw.writeBlock(fw.cur[:fw.n], fw.off); err != nil {
 			return err
 		}
+		fw.busy.Add(int64(time.Since(t)))
+		fw.written.Add(int64(fw.n))
+		fw.off += int64(fw.n)
+		fw.n = 0
 	}
-	t := time.Now()
-	if err := fw.writeBlock(fw.cur[:fw.n], fw.off); err != nil {
-		return err
+	if fw.reserved > fw.off {
+		return fw.f.Truncate(fw.off)
 	}
-	fw.busy.Add(int64(time.Since(t)))
-	fw.written.Add(int64(fw.n))
-	fw.off += int64(fw.n)
-	fw.n = 0
 	return nil
 }

@@ -8,10 +8,12 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unsafe"
 
+	"github.com/pierrec/lz4/v4"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
@@ -191,6 +193,76 @@ func BenchmarkPipeline(b *testing.B) {
 			sg := stats.Stages
 			b.Logf("last run: read %v, hash %v, lz4 %v, crc %v, idle %v (workers' sums); wait for chunks %v, for the disk %v; disk busy %v; %d of %d chunks raw by choice",
 				sg.Read, sg.Hash, sg.Compress, sg.Checksum, sg.Idle, sg.WaitChunk, sg.WaitDisk, sg.Disk, sg.RawChunks, stats.ChunksRaw+stats.ChunksLZ4)
+		})
+	}
+}
+
+// BenchmarkDiskBesideWorkers measures the disk as the pages pipeline's
+// I/O sees it: 512 MiB written through a fileWriter (4 MiB O_DIRECT
+// blocks) to KVMCKPT_BENCH_DIR and made durable, alone and while one
+// goroutine per CPU compresses text with LZ4 as the workers do. Beside
+// the workers it runs with GOMAXPROCS at the workers' count ("procs=W",
+// the pipeline before spareP) and with one P more ("procs=W+1", what
+// spareP gives), with one write at a time ("depth=1") and with the
+// fileWriter's two and its space reserved ahead ("depth=2"; without the
+// reservation ext4 serializes the extending writes: "unreserved"). Run
+// them together: this host's disk drifts from minute to minute.
+func BenchmarkDiskBesideWorkers(b *testing.B) {
+	const n = 512 << 20
+	src := make([]byte, 4<<20)
+	rand.NewChaCha8([32]byte{5}).Read(src)
+	text := make([]byte, DefaultChunkPages*PageSize)
+	fillPages(text, compressible, 1)
+	workers := runtime.GOMAXPROCS(0)
+	for _, c := range []struct {
+		name         string
+		busy         bool
+		procs, depth int
+		reserve      bool
+	}{
+		{"alone/depth=1", false, workers, 1, false},
+		{"alone/depth=2", false, workers, 2, true},
+		{"workers/procs=W/depth=1", true, workers, 1, false},
+		{"workers/procs=W+1/depth=1", true, workers + 1, 1, false},
+		{"workers/procs=W/depth=2", true, workers, 2, true},
+		{"workers/procs=W+1/depth=2", true, workers + 1, 2, true},
+		{"workers/procs=W+1/depth=2/unreserved", true, workers + 1, 2, false},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(c.procs))
+			var stop atomic.Bool
+			var wg sync.WaitGroup
+			for range workers {
+				if !c.busy {
+					break
+				}
+				wg.Go(func() {
+					var z lz4.Compressor
+					dst := make([]byte, lz4.CompressBlockBound(len(text)))
+					for !stop.Load() {
+						_, _ = z.CompressBlock(text, dst)
+					}
+				})
+			}
+			b.SetBytes(n)
+			for b.Loop() {
+				f, err := os.CreateTemp(pipelineDir(), "kvmckpt-disk-*")
+				require.NoError(b, err)
+				fw := newFileWriterDepth(f, c.depth, c.reserve)
+				for off := 0; off < n; off += len(src) {
+					_, err = fw.Write(src)
+					require.NoError(b, err)
+				}
+				require.NoError(b, fw.Flush())
+				require.NoError(b, unix.Fdatasync(int(f.Fd())))
+				b.StopTimer()
+				f.Close()
+				os.Remove(f.Name())
+				b.StartTimer()
+			}
+			b.StopTimer()
+			stop.Store(true)
+			wg.Wait()
 		})
 	}
 }
