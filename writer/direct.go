@@ -58,12 +58,12 @@ type fileWriter struct {
 	direct   bool       // writes go with O_DIRECT
 	reserved int64      // the file's space is allocated up to here; -1: not reserving
 	err      error      // the first I/O error; read after ended, or through errSeen
-	inFlight int        // writes under way
-	since    time.Time  // when inFlight last went from 0 to 1
+	inFlight int           // writes under way
+	since    time.Time     // when inFlight last went from 0 to 1
+	written  int64         // bytes written
+	busy     time.Duration // time with at least one write under way, but since
 
 	errSeen atomic.Bool
-	written atomic.Int64 // bytes written
-	busy    atomic.Int64 // nanoseconds with at least one write under way
 }
 
 const (
@@ -154,7 +154,7 @@ func (fw *fileWriter) end(n int64, err error) {
 	fw.mu.Lock()
 	defer fw.mu.Unlock()
 	if fw.inFlight--; fw.inFlight == 0 {
-		fw.busy.Add(int64(time.Since(fw.since)))
+		fw.busy += time.Since(fw.since)
 	}
 	if err != nil {
 		if fw.err == nil {
@@ -163,7 +163,7 @@ func (fw *fileWriter) end(n int64, err error) {
 		fw.errSeen.Store(true)
 		return
 	}
-	fw.written.Add(n)
+	fw.written += n
 }
 
 // setDirect turns O_DIRECT on or off for f.
@@ -220,14 +220,26 @@ func (fw *fileWriter) stop() error {
 // for a writer given up.
 func (fw *fileWriter) Close() { fw.stop() }
 
-// Rate is the disk's write speed so far, bytes per second of write calls;
-// 0 before the first block is written.
+// Rate is the disk's write speed so far: bytes written per second with
+// a write under way; 0 before the first block is written.
 func (fw *fileWriter) Rate() float64 {
-	busy := fw.busy.Load()
-	if busy == 0 {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	busy := fw.busy
+	if fw.inFlight > 0 {
+		busy += time.Since(fw.since)
+	}
+	if busy <= 0 || fw.written == 0 {
 		return 0
 	}
-	return float64(fw.written.Load()) / (float64(busy) / 1e9)
+	return float64(fw.written) / busy.Seconds()
+}
+
+// Busy is the time the disk had a write under way.
+func (fw *fileWriter) Busy() time.Duration {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	return fw.busy
 }
 
 // writeBlock writes b at off. A file system that takes the O_DIRECT flag
@@ -274,8 +286,8 @@ func (fw *fileWriter) Flush() error {
 		if err := fw.writeBlock(fw.cur[:fw.n], fw.off); err != nil {
 			return err
 		}
-		fw.busy.Add(int64(time.Since(t)))
-		fw.written.Add(int64(fw.n))
+		fw.busy += time.Since(t)
+		fw.written += int64(fw.n)
 		fw.off += int64(fw.n)
 		fw.n = 0
 	}

@@ -682,7 +682,7 @@ func (w *Writer) writeChunks(ctx context.Context, sp *space, used *pagemap.Bitma
 	}
 	wg.Wait()
 	if fw, ok := w.bw.(*fileWriter); ok {
-		st.Disk = time.Duration(fw.busy.Load())
+		st.Disk = fw.Busy()
 	}
 	return err
 }
