@@ -54,10 +54,10 @@ type fileWriter struct {
 	ended  chan struct{}    // closed when the I/O goroutines return
 	closed bool
 
-	mu       sync.Mutex // guards what follows, shared by the I/O goroutines
-	direct   bool       // writes go with O_DIRECT
-	reserved int64      // the file's space is allocated up to here; -1: not reserving
-	err      error      // the first I/O error; read after ended, or through errSeen
+	mu       sync.Mutex    // guards what follows, shared by the I/O goroutines
+	direct   bool          // writes go with O_DIRECT
+	reserved int64         // the file's space is allocated up to here; -1: not reserving
+	err      error         // the first I/O error; read after ended, or through errSeen
 	inFlight int           // writes under way
 	since    time.Time     // when inFlight last went from 0 to 1
 	written  int64         // bytes written
