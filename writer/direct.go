@@ -225,20 +225,27 @@ func (fw *fileWriter) Close() { fw.stop() }
 func (fw *fileWriter) Rate() float64 {
 	fw.mu.Lock()
 	defer fw.mu.Unlock()
-	busy := fw.busy
-	if fw.inFlight > 0 {
-		busy += time.Since(fw.since)
-	}
+	busy := fw.busyNow()
 	if busy <= 0 || fw.written == 0 {
 		return 0
 	}
 	return float64(fw.written) / busy.Seconds()
 }
 
-// Busy is the time the disk had a write under way.
+// Busy is the time the disk has had a write under way, so far.
 func (fw *fileWriter) Busy() time.Duration {
 	fw.mu.Lock()
 	defer fw.mu.Unlock()
+	return fw.busyNow()
+}
+
+// busyNow is Busy with fw.mu held: the closed intervals and the one
+// open, if writes are under way (with two in flight the count may not
+// fall to zero from the first write to the last).
+func (fw *fileWriter) busyNow() time.Duration {
+	if fw.inFlight > 0 {
+		return fw.busy + time.Since(fw.since)
+	}
 	return fw.busy
 }
 
