@@ -57,6 +57,7 @@ type fileWriter struct {
 	mu       sync.Mutex    // guards what follows, shared by the I/O goroutines
 	direct   bool          // writes go with O_DIRECT
 	reserved int64         // the file's space is allocated up to here; -1: not reserving
+	trim     bool          // space was reserved (maybe in part): Flush trims the file
 	err      error         // the first I/O error; read after ended, or through errSeen
 	inFlight int           // writes under way
 	since    time.Time     // when inFlight last went from 0 to 1
@@ -137,6 +138,8 @@ func (fw *fileWriter) begin(end int64) {
 	defer fw.mu.Unlock()
 	if fw.reserved >= 0 && end > fw.reserved {
 		n := max(reserveStep, end-fw.reserved)
+		// A failure may have allocated part of it, and grown the file.
+		fw.trim = true
 		if unix.Fallocate(int(fw.f.Fd()), 0, fw.reserved, n) == nil {
 			fw.reserved += n
 		} else {
@@ -298,7 +301,7 @@ func (fw *fileWriter) Flush() error {
 		fw.off += int64(fw.n)
 		fw.n = 0
 	}
-	if fw.reserved > fw.off {
+	if fw.trim {
 		return fw.f.Truncate(fw.off)
 	}
 	return nil

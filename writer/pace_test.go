@@ -173,6 +173,34 @@ func TestFileWriter(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, int64(3*directBlock), fi.Size())
 
+	// Reserving given up part way (a file system out of space ahead of
+	// the data, which may have grown the file in part): the file still
+	// ends where the data does.
+	f, err = os.Create(path)
+	require.NoError(t, err)
+	fw = newFileWriter(f)
+	_, err = fw.Write(want[:2*directBlock])
+	require.NoError(t, err)
+	for {
+		fw.mu.Lock()
+		done := fw.written == 2*directBlock
+		fw.mu.Unlock()
+		if done {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	fw.mu.Lock()
+	fw.reserved = -1
+	fw.mu.Unlock()
+	_, err = fw.Write(want[:directBlock+7])
+	require.NoError(t, err)
+	require.NoError(t, fw.Flush())
+	require.NoError(t, f.Close())
+	fi, err = os.Stat(path)
+	require.NoError(t, err)
+	assert.Equal(t, int64(3*directBlock+7), fi.Size())
+
 	// A file open read-only: every write fails.
 	ro, err := os.Open(path)
 	require.NoError(t, err)
