@@ -217,36 +217,34 @@ func TestFileWriter(t *testing.T) {
 	fw.Close()
 }
 
-// TestFileWriterRate checks the disk's rate as CompressionAuto reads it
-// while blocks are being written, two at a time: the time with a write
-// under way counts even while writes overlap, so the rate is never far
-// above the bytes written over the time taken (it was once, with no
-// interval closed while the writes overlapped, and every chunk went raw).
+// TestFileWriterRate checks the disk's rate and busy time as
+// CompressionAuto and a save's stages read them while writes overlap:
+// the time with a write under way counts as it goes, not only once no
+// write is left (with two in flight that may be never: the rate once read
+// near infinite mid-save, and every chunk went raw).
 func TestFileWriterRate(t *testing.T) {
 	f, err := os.Create(filepath.Join(t.TempDir(), "f"))
 	require.NoError(t, err)
 	defer f.Close()
 	fw := newFileWriter(f)
 	defer fw.Close()
-	block := make([]byte, directBlock)
 	start := time.Now()
-	for range 4 * fileBlocks {
-		_, err := fw.Write(block)
-		require.NoError(t, err)
-	}
-	// Every block but the ones still queued or in flight is written.
-	rate := fw.Rate()
-	elapsed := time.Since(start)
-	fw.mu.Lock()
-	written := fw.written
-	fw.mu.Unlock()
-	require.Positive(t, written)
-	require.Positive(t, rate)
-	// The disk's busy time so far, as a save's stages report it when
-	// its pages are written but blocks may still be in flight.
-	assert.GreaterOrEqual(t, fw.Busy(), time.Duration(float64(time.Second)*float64(written)/rate)/2)
-	assert.LessOrEqual(t, rate, 2*float64(written+int64(fileBlocks*directBlock))/elapsed.Seconds())
-	require.NoError(t, fw.Flush())
-	assert.Positive(t, fw.Busy())
-	assert.LessOrEqual(t, fw.Busy(), time.Since(start))
+	assert.Zero(t, fw.Rate(), "nothing written yet")
+
+	fw.begin(directBlock) // a write A
+	time.Sleep(20 * time.Millisecond)
+	fw.begin(2 * directBlock) // B, while A is under way
+	fw.end(directBlock, nil)  // A done, B under way
+	assert.GreaterOrEqual(t, fw.Busy(), 20*time.Millisecond)
+	assert.Positive(t, fw.Rate())
+	assert.LessOrEqual(t, fw.Rate(), float64(directBlock)/0.020)
+
+	time.Sleep(10 * time.Millisecond)
+	fw.end(directBlock, nil) // B done: nothing under way
+	busy := fw.Busy()
+	assert.GreaterOrEqual(t, busy, 30*time.Millisecond)
+	assert.LessOrEqual(t, busy, time.Since(start))
+	assert.LessOrEqual(t, fw.Rate(), float64(2*directBlock)/0.030)
+	time.Sleep(10 * time.Millisecond)
+	assert.Equal(t, busy, fw.Busy(), "idle time is not busy")
 }
