@@ -42,7 +42,7 @@ const directAlign = 4096
 // than its producers. An I/O error is returned by a later Write or by
 // Flush.
 //
-// Not safe for concurrent use, except Rate.
+// Not safe for concurrent use, except Rate and Busy.
 type fileWriter struct {
 	f   *os.File
 	cur []byte // the block being filled, directBlock bytes, aligned
@@ -62,7 +62,7 @@ type fileWriter struct {
 	inFlight int           // writes under way
 	since    time.Time     // when inFlight last went from 0 to 1
 	written  int64         // bytes written
-	busy     time.Duration // time with at least one write under way, but since
+	busy     time.Duration // closed spans of time with a write under way; the open one began at since
 
 	errSeen atomic.Bool
 }
