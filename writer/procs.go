@@ -11,10 +11,11 @@ import (
 // coming back from a system call (or woken by the network poller) a P to
 // run on; when every P is held by a busy worker it waits on a run queue
 // until a worker is preempted, up to 10 ms later, and the disk sits idle
-// meanwhile. Measured on this project's 2-core host: 4 MiB O_DIRECT
-// writes, one at a time, beside two busy goroutines went at 940-1214 MB/s
-// with GOMAXPROCS=2 against 1520-1800 MB/s with 3 or 4, and 1600-1830
-// MB/s alone (BENCHMARKS.md). So while a pipeline runs, the process has
+// meanwhile. BenchmarkDiskBesideWorkers measures it; on this project's
+// 2-core host (BENCHMARKS.md, "The disk beside the workers") 4 MiB
+// O_DIRECT writes, one at a time, beside two goroutines compressing went
+// at 850-1028 MB/s with GOMAXPROCS=2 against 1466-1805 MB/s with one P
+// more, and 1527-1747 MB/s alone. So while a pipeline runs, the process has
 // one P more than its workers: the blocked goroutine then finds an idle
 // P and runs at once, and the kernel, which runs a thread woken by I/O
 // promptly, shares the CPUs among the threads.
